@@ -1,0 +1,80 @@
+"""ONNX Runtime sessions: execution-provider selection, graph inspection, thread-safe runs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+Device = Literal["auto", "cuda", "cpu"]
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+class ProviderUnavailable(RuntimeError):
+    """The requested execution provider is not available in this onnxruntime build/host."""
+
+
+def select_providers(device: Device, available: Sequence[str]) -> list[str]:
+    """Providers to ask onnxruntime for, in priority order.
+
+    'auto' takes CUDA when this onnxruntime build offers it (the CPU stays as the fallback for
+    unsupported nodes); 'cuda' insists on it; 'cpu' never uses it.
+    """
+    if device == "cpu":
+        return [CPU]
+    if CUDA in available:
+        return [CUDA, CPU]
+    if device == "cuda":
+        raise ProviderUnavailable(
+            f"device 'cuda' requested but onnxruntime offers only {', '.join(available)}; "
+            "install onnxruntime-gpu on a host with an NVIDIA driver, or set device to auto/cpu"
+        )
+    return [CPU]
+
+
+@dataclass(frozen=True)
+class GraphSignature:
+    input_name: str
+    input_shape: tuple[int | str | None, ...]  # as declared, batch axis first
+    output_name: str
+    output_shape: tuple[int | str | None, ...]
+
+
+class OnnxModel:
+    """One InferenceSession. `run` is safe to call from several threads at once."""
+
+    def __init__(
+        self, path: Path, device: Device = "auto", intra_op_threads: int = 0
+    ) -> None:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if intra_op_threads:
+            opts.intra_op_num_threads = intra_op_threads
+        providers = select_providers(device, ort.get_available_providers())
+        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        # onnxruntime silently falls back to the CPU when CUDA fails to initialise: report what
+        # it actually uses, not what was asked for.
+        self.provider: str = self.session.get_providers()[0]
+        if device == "cuda" and self.provider != CUDA:
+            raise ProviderUnavailable(f"CUDA provider failed to initialise; got {self.provider}")
+        inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
+        self.signature = GraphSignature(inp.name, tuple(inp.shape), out.name, tuple(out.shape))
+
+    def run(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """(B, C, H, W) float32 -> (B, L) float32 logits fed to the softmax."""
+        out = self.session.run([self.signature.output_name], {self.signature.input_name: x})
+        return np.asarray(out[0], dtype=np.float32)
+
+    def run_batched(self, x: npt.NDArray[np.float32], batch: int = 1000) -> npt.NDArray[np.float32]:
+        """`run` over a large array in chunks of `batch` images."""
+        parts = [self.run(np.ascontiguousarray(x[i : i + batch])) for i in range(0, len(x), batch)]
+        return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)

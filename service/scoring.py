@@ -1,0 +1,128 @@
+"""The thresholding test of Pang, Du & Zhu (RCE paper), in numpy, vectorised over a batch.
+
+This is the only implementation of the formulas in the project: the service, calibration and the
+attack tool all import it. Everything is computed in log space in float64 so that CE models,
+whose non-maximal probabilities underflow float32, still get a finite non-ME.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+F64 = npt.NDArray[np.float64]
+I64 = npt.NDArray[np.int64]
+Array = npt.NDArray[np.floating]
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """Parameters of the kernel non-ME, Eq. (5)."""
+
+    mu: float
+    sigma: float
+    eta: float = 1.0
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Per-sample results of the thresholding test for a batch of B samples."""
+
+    label: I64  # (B,) argmax class, t_hat
+    probabilities: F64  # (B, L)
+    confidence: F64  # (B,) p[t_hat]
+    non_me: F64  # (B,) Eq. (1)
+    kernel_non_me: F64  # (B,) Eq. (5)
+    j_score: F64  # (B,) confidence * kernel non-ME
+    accepted: npt.NDArray[np.bool_]  # (B,) j_score >= threshold
+
+
+def log_softmax(logits: Array) -> F64:
+    """Stable log-softmax over the last axis: (B, L) -> (B, L)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def softmax(logits: Array) -> F64:
+    """Softmax over the last axis: (B, L) -> (B, L)."""
+    return np.exp(log_softmax(logits))
+
+
+def non_me_from_log_probs(log_p: Array) -> F64:
+    """Non-maximal entropy, Eq. (1): entropy of the non-maximal probabilities renormalised to 1.
+
+    Takes log-probabilities (or any logits: the result is shift-invariant) of shape (B, L).
+    """
+    lp = np.asarray(log_p, dtype=np.float64)
+    top = lp.argmax(axis=-1)
+    others = lp.copy()
+    np.put_along_axis(others, top[:, None], -np.inf, axis=-1)
+    # log q_i = log p_i - logsumexp_{j != t_hat} log p_j, for the L-1 non-maximal classes.
+    m = others.max(axis=-1, keepdims=True)
+    log_q = others - (m + np.log(np.exp(others - m).sum(axis=-1, keepdims=True)))
+    q = np.exp(log_q)
+    with np.errstate(invalid="ignore"):
+        terms = np.where(q > 0, q * log_q, 0.0)
+    return np.asarray(-terms.sum(axis=-1), dtype=np.float64)
+
+
+def non_me(p: Array) -> F64:
+    """Non-ME, Eq. (1), from probabilities p of shape (B, L)."""
+    with np.errstate(divide="ignore"):
+        return non_me_from_log_probs(np.log(np.asarray(p, dtype=np.float64)))
+
+
+def kernel_mu(num_classes: int) -> float:
+    """mu = log(L - 1), the largest possible non-ME (uniform non-maximal probabilities)."""
+    return math.log(num_classes - 1)
+
+
+def kernel_sigma(non_me_values: Array, mu: float) -> float:
+    """sigma = sqrt(mean((nonME - mu)^2)) over the training set (below Eq. (5))."""
+    v = np.asarray(non_me_values, dtype=np.float64)
+    return float(np.sqrt(np.mean((v - mu) ** 2)))
+
+
+def kernel_non_me(non_me_values: Array, kernel: Kernel) -> F64:
+    """Kernel non-ME, Eq. (5): exp(-(nonME - mu)^2 / (eta * sigma^2))."""
+    v = np.asarray(non_me_values, dtype=np.float64)
+    return np.asarray(np.exp(-((v - kernel.mu) ** 2) / (kernel.eta * kernel.sigma**2)))
+
+
+def score_logits(logits: Array, kernel: Kernel, threshold: float) -> Scores:
+    """Run the whole thresholding test on the vector fed to the softmax (B, L).
+
+    For an RCE model that vector is -Z (reverse logits), for a CE model Z.
+    """
+    lp = log_softmax(logits)
+    label = lp.argmax(axis=-1).astype(np.int64)
+    probs = np.exp(lp)
+    conf = np.take_along_axis(probs, label[:, None], axis=-1)[:, 0]
+    nme = non_me_from_log_probs(lp)
+    knme = kernel_non_me(nme, kernel)
+    j = conf * knme
+    return Scores(
+        label=label,
+        probabilities=probs,
+        confidence=conf,
+        non_me=nme,
+        kernel_non_me=knme,
+        j_score=j,
+        accepted=j >= threshold,
+    )
+
+
+def threshold_for_refuse_rate(j_scores: Array, refuse_rate: float) -> float:
+    """The threshold T that refuses (J < T) the given share of these (clean) samples."""
+    if not 0.0 <= refuse_rate < 1.0:
+        raise ValueError(f"refuse_rate must be in [0, 1), got {refuse_rate}")
+    j = np.sort(np.asarray(j_scores, dtype=np.float64))
+    if refuse_rate == 0.0 or j.size == 0:
+        return 0.0
+    # Refuse exactly the k lowest scores: T is the (k+1)-th smallest score.
+    k = int(math.floor(refuse_rate * j.size))
+    return float(j[min(k, j.size - 1)])

@@ -1,0 +1,1 @@
+"""Training side of notsure (needs the `train` extra: torch, torchvision, onnx)."""

@@ -1,0 +1,125 @@
+"""`notsure export`: a trained run folder -> models/<name>/<version>/{model.onnx, weights, provenance}.
+
+The ONNX graph outputs the vector fed to the softmax at test time (-Z for RCE, Z for CE), with a
+dynamic batch axis, in one self-contained file. Parity with PyTorch is asserted on real inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from service.manifest import MODEL_FILE, WEIGHTS_FILE
+from service.scoring import softmax
+from training import data as data_mod
+from training.losses import Objective, served_logits
+from training.nets import build_net
+from training.train import CONFIG_FILE, RESULT_FILE
+
+log = logging.getLogger(__name__)
+
+PROVENANCE_FILE = "training.json"
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+PARITY_TOLERANCE = 1e-5
+
+
+class ServedNet(nn.Module):
+    """Wraps a network so that its output is what the service feeds to the softmax."""
+
+    def __init__(self, net: nn.Module, objective: Objective) -> None:
+        super().__init__()
+        self.net, self.objective = net, objective
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return served_logits(self.objective, self.net(x))  # (B, C, H, W) -> (B, L)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    run_dir: Path
+    name: str
+    version: int = 1
+    models_dir: Path = Path("models")
+    opset: int = 18
+    parity_samples: int = 256
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    model_dir: Path
+    max_prob_diff: float
+
+
+def load_run(run_dir: Path) -> tuple[nn.Module, dict[str, object], dict[str, object]]:
+    """The trained network of a run folder, in eval mode, with its config and result."""
+    cfg = json.loads((run_dir / CONFIG_FILE).read_text())
+    result = json.loads((run_dir / RESULT_FILE).read_text())
+    ds = data_mod.synthetic(1) if cfg["dry_run"] else None
+    shape = ds.input_shape if ds else _dataset_shape(str(cfg["dataset"]))
+    net = build_net(str(cfg["arch"]), shape, 10)
+    net.load_state_dict(load_file(str(run_dir / WEIGHTS_FILE)))
+    return net.eval(), cfg, result
+
+
+def _dataset_shape(name: str) -> tuple[int, int, int]:
+    return (3, 32, 32) if name == "cifar10" else (1, 28, 28)
+
+
+def parity_inputs(cfg: dict[str, object], n: int) -> torch.Tensor:
+    """Real test images when the data set is at hand, the synthetic set for dry runs."""
+    if cfg["dry_run"] or cfg["dataset"] == "synthetic":
+        return data_mod.synthetic(n, seed=3).x
+    test = data_mod.load(str(cfg["dataset"]), Path(str(cfg["data_dir"])), train=False)
+    return test.x[:n]
+
+
+def onnx_logits(path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return np.asarray(sess.run([OUTPUT_NAME], {INPUT_NAME: x.astype(np.float32)})[0])
+
+
+def export_onnx(served: ServedNet, input_shape: tuple[int, int, int], path: Path, opset: int) -> None:
+    """Export with a dynamic batch axis and check the graph fully with onnx.checker."""
+    import onnx
+
+    dummy = torch.zeros((2, *input_shape))
+    torch.onnx.export(
+        served, (dummy,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        opset_version=opset, dynamo=False, external_data=False,
+    )  # fmt: skip
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+
+
+def export(cfg: ExportConfig) -> ExportResult:
+    """Export a run folder into the model repository and check parity with PyTorch."""
+    net, train_cfg, result = load_run(cfg.run_dir)
+    objective: Objective = train_cfg["objective"]  # type: ignore[assignment]
+    served = ServedNet(net, objective).eval()
+    x = parity_inputs(train_cfg, cfg.parity_samples)
+    out = cfg.models_dir / cfg.name / str(cfg.version)
+    out.mkdir(parents=True, exist_ok=True)
+    export_onnx(served, tuple(x.shape[1:]), out / MODEL_FILE, cfg.opset)  # type: ignore[arg-type]
+
+    with torch.no_grad():
+        ref = softmax(served(x).numpy())
+    got = softmax(onnx_logits(out / MODEL_FILE, x.numpy()))
+    diff = float(np.abs(ref - got).max())
+    if diff > PARITY_TOLERANCE:
+        raise RuntimeError(f"ONNX/PyTorch parity failed: max |dp| = {diff:.2e} > {PARITY_TOLERANCE}")
+    shutil.copyfile(cfg.run_dir / WEIGHTS_FILE, out / WEIGHTS_FILE)
+    provenance = {"config": train_cfg, "result": result}
+    (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str))
+    log.info("exported %s to %s (max |dp| vs PyTorch %.2e)", cfg.run_dir, out, diff)
+    return ExportResult(model_dir=out, max_prob_diff=diff)

@@ -1,0 +1,218 @@
+"""`notsure train`: CE or RCE training with the paper's schedule, checkpoints and a JSON log."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from training import data as data_mod
+from training.losses import Objective, objective_loss, served_logits
+from training.nets import build_net, count_parameters
+from training.progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+LOG_FILE = "train_log.jsonl"
+CONFIG_FILE = "train_config.json"
+RESULT_FILE = "result.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset: str = "mnist"
+    data_dir: Path = Path("data")
+    arch: str = "resnet32"
+    objective: Objective = "rce"
+    steps: int = 20_000
+    batch_size: int = 128
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 2e-4
+    lr_drops: tuple[float, ...] = (0.5, 0.75)  # fractions of the steps where lr /= 10
+    val_size: int = 5000
+    eval_every: int = 1000
+    checkpoint_every: int = 500
+    out_dir: Path = Path("runs/train")
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0  # 0: leave torch's default
+    resume: bool = True
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    out_dir: Path
+    steps: int
+    test_accuracy: float
+    val_accuracy: float
+    wall_time_s: float
+    parameters: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def pick_device(requested: str) -> torch.device:
+    """'auto' picks CUDA when torch sees a GPU, else the CPU; 'cuda'/'cpu' force one."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(requested)
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Step schedule: lr divided by 10 at each fraction in cfg.lr_drops of the total steps."""
+    drops = sum(step >= math.floor(f * cfg.steps) for f in cfg.lr_drops)
+    return cfg.lr * (0.1**drops)
+
+
+@torch.no_grad()
+def evaluate(
+    net: nn.Module, ds: data_mod.TensorData, objective: Objective, device: torch.device
+) -> float:
+    """Accuracy of the served prediction argmax softmax(served logits)."""
+    if len(ds) == 0:
+        return float("nan")
+    net.eval()
+    correct = 0
+    for i in range(0, len(ds), 500):
+        x = ds.x[i : i + 500].to(device)
+        pred = served_logits(objective, net(x)).argmax(dim=1).cpu()
+        correct += int((pred == ds.y[i : i + 500]).sum())
+    return correct / len(ds)
+
+
+def _make_optimizer(cfg: TrainConfig, net: nn.Module) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    return torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _splits(cfg: TrainConfig) -> data_mod.Splits:
+    if cfg.dry_run or cfg.dataset == "synthetic":
+        train = data_mod.synthetic(512, seed=cfg.seed)
+        return data_mod.Splits(train, data_mod.synthetic(128, seed=cfg.seed + 1),
+                               data_mod.synthetic(256, seed=cfg.seed + 2))  # fmt: skip
+    return data_mod.load_splits(cfg.dataset, cfg.data_dir, cfg.val_size, seed=cfg.seed)
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train one network; resumes from out_dir/checkpoint.pt when present and cfg.resume."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    splits = _splits(cfg)
+    net = build_net(cfg.arch, splits.train.input_shape, len(splits.train.classes)).to(device)
+    opt = _make_optimizer(cfg, net)
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.out_dir / CONFIG_FILE).write_text(json.dumps(asdict(cfg), default=str, indent=2))
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step, elapsed = 0, 0.0
+    ckpt_path = cfg.out_dir / CHECKPOINT_FILE
+    if cfg.resume and ckpt_path.exists():
+        # weights_only=True: nothing but tensors and plain containers is unpickled.
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        net.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        gen.set_state(ckpt["generator"])
+        step, elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
+        log.info("resumed from %s at step %d", ckpt_path, step)
+
+    n_train = len(splits.train)
+    log.info("training %s/%s on %s (%d images, %d params) on %s for %d steps",
+             cfg.arch, cfg.objective, cfg.dataset, n_train, count_parameters(net), device,
+             cfg.steps)  # fmt: skip
+    history: list[dict[str, float]] = []
+    log_file = (cfg.out_dir / LOG_FILE).open("a", encoding="utf-8")
+    perm = torch.randperm(n_train, generator=gen)
+    cursor = (step * cfg.batch_size) % n_train
+    augment = cfg.dataset == "cifar10"
+    t0 = time.perf_counter() - elapsed
+    window_t, window_imgs = time.perf_counter(), 0
+
+    def save_checkpoint() -> None:
+        state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                 "elapsed": time.perf_counter() - t0, "generator": gen.get_state()}  # fmt: skip
+        torch.save(state, ckpt_path.with_suffix(".tmp"))
+        ckpt_path.with_suffix(".tmp").replace(ckpt_path)
+
+    with progress_bar(f"train {cfg.arch}/{cfg.objective}", total=cfg.steps) as bar:
+        bar.advance(step)
+        net.train()
+        while step < cfg.steps:
+            if cursor + cfg.batch_size > n_train:
+                perm, cursor = torch.randperm(n_train, generator=gen), 0
+            idx = perm[cursor : cursor + cfg.batch_size]
+            cursor += cfg.batch_size
+            x, y = splits.train.x[idx], splits.train.y[idx]
+            if augment:
+                x = data_mod.augment(x, gen)
+            lr = lr_at(cfg, step)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss = objective_loss(cfg.objective, net(x.to(device)), y.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_value = loss.item()
+            step += 1
+            window_imgs += x.shape[0]
+            now = time.perf_counter()
+            rate = window_imgs / max(now - window_t, 1e-9)
+            bar.update(step, loss=loss_value, lr=lr, rate=rate)
+            if step % 50 == 0:
+                window_t, window_imgs = now, 0
+            record: dict[str, float] = {}
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                record = {"step": step, "loss": loss_value, "lr": lr, "img_per_s": rate,
+                          "elapsed_s": now - t0,
+                          "val_accuracy": evaluate(net, splits.val, cfg.objective, device),
+                          "test_accuracy": evaluate(net, splits.test, cfg.objective, device)}  # fmt: skip
+                net.train()
+                log.info("step %d loss %.4f lr %.4g val %.4f test %.4f (%.0f img/s)", step,
+                         record["loss"], lr, record["val_accuracy"], record["test_accuracy"],
+                         rate)  # fmt: skip
+            elif step % 100 == 0:
+                record = {"step": step, "loss": loss_value, "lr": lr, "img_per_s": rate,
+                          "elapsed_s": now - t0}  # fmt: skip
+            if record:
+                history.append(record)
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+            if step % cfg.checkpoint_every == 0:
+                save_checkpoint()
+    save_checkpoint()
+    log_file.close()
+    wall = time.perf_counter() - t0
+    save_file({k: v.contiguous().cpu() for k, v in net.state_dict().items()},
+              str(cfg.out_dir / "weights.safetensors"))  # fmt: skip
+    result = TrainResult(
+        out_dir=cfg.out_dir,
+        steps=step,
+        test_accuracy=evaluate(net, splits.test, cfg.objective, device),
+        val_accuracy=evaluate(net, splits.val, cfg.objective, device),
+        wall_time_s=wall,
+        parameters=count_parameters(net),
+        history=history,
+    )
+    summary = {k: v for k, v in asdict(result).items() if k != "history"}
+    summary["train_samples"] = len(splits.train)
+    summary["config"] = asdict(cfg)
+    (cfg.out_dir / RESULT_FILE).write_text(json.dumps(summary, default=str, indent=2))
+    log.info("done: test accuracy %.4f after %d steps in %.0f s", result.test_accuracy, step, wall)
+    return result
