@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,20 +24,32 @@ class ProviderUnavailable(RuntimeError):
     """The requested execution provider is not available in this onnxruntime build/host."""
 
 
-def select_providers(device: Device, available: Sequence[str]) -> list[str]:
+def cuda_driver_present() -> bool:
+    """Whether the NVIDIA driver library can be loaded (onnxruntime-gpu lists its CUDA
+    provider as available even on hosts without a GPU, then fails noisily at session start)."""
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def select_providers(device: Device, available: Sequence[str], driver: bool) -> list[str]:
     """Providers to ask onnxruntime for, in priority order.
 
-    'auto' takes CUDA when this onnxruntime build offers it (the CPU stays as the fallback for
-    unsupported nodes); 'cuda' insists on it; 'cpu' never uses it.
+    'auto' takes CUDA when this onnxruntime build offers it and a driver is present (the CPU
+    stays as the fallback for unsupported nodes); 'cuda' insists on it; 'cpu' never uses it.
     """
     if device == "cpu":
         return [CPU]
-    if CUDA in available:
+    if CUDA in available and driver:
         return [CUDA, CPU]
     if device == "cuda":
+        why = "no NVIDIA driver (libcuda.so.1) was found" if CUDA in available else (
+            f"this onnxruntime build offers only {', '.join(available)}")
         raise ProviderUnavailable(
-            f"device 'cuda' requested but onnxruntime offers only {', '.join(available)}; "
-            "install onnxruntime-gpu on a host with an NVIDIA driver, or set device to auto/cpu"
+            f"device 'cuda' requested but {why}; install onnxruntime-gpu on a host with an "
+            "NVIDIA driver, or set device to auto/cpu"
         )
     return [CPU]
 
@@ -59,7 +72,7 @@ class OnnxModel:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads:
             opts.intra_op_num_threads = intra_op_threads
-        providers = select_providers(device, ort.get_available_providers())
+        providers = select_providers(device, ort.get_available_providers(), cuda_driver_present())
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         # onnxruntime silently falls back to the CPU when CUDA fails to initialise: report what
         # it actually uses, not what was asked for.

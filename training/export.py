@@ -93,11 +93,15 @@ def export_onnx(served: ServedNet, input_shape: tuple[int, int, int], path: Path
     import onnx
 
     dummy = torch.zeros((2, *input_shape))
-    torch.onnx.export(
-        served, (dummy,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-        opset_version=opset, dynamo=False, external_data=False,
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    program = torch.onnx.export(
+        served, (dummy,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True, verbose=False,
     )  # fmt: skip
+    if program is None:
+        raise RuntimeError("torch.onnx.export returned no program")
+    # One self-contained file: weights inline, no external data (the model is ~2 MB).
+    program.save(str(path), external_data=False)
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
 
