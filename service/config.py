@@ -1,0 +1,83 @@
+"""The service's one Settings object (environment prefix NOTSURE_). Nothing else reads os.environ."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class BatchingSettings(BaseSettings):
+    """Dynamic batching knobs (per model overrides live in Settings.batching_overrides)."""
+
+    model_config = SettingsConfigDict(frozen=True)
+
+    max_batch_size: int = Field(default=64, ge=1, le=4096)
+    max_queue_delay_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
+
+
+class Settings(BaseSettings):
+    """Everything configurable, from NOTSURE_* variables or a .env file."""
+
+    model_config = SettingsConfigDict(env_prefix="NOTSURE_", env_file=None, frozen=True)
+
+    # Where and how to serve.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    model_repository: Path = Path("models")
+    # Serve only these model names (empty: every model in the repository).
+    models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    intra_op_threads: int = Field(default=0, ge=0, description="0: onnxruntime's default")
+    log_level: str = "info"
+
+    # Decisions.
+    thresholds: dict[str, float] = Field(
+        default_factory=dict, description="per-model T overrides, e.g. {'mnist-resnet32-rce': 0.5}"
+    )
+    allow_request_threshold: bool = False
+    reveal_not_sure_labels: bool = False
+
+    # Dynamic batching and back-pressure.
+    batching: bool = True
+    max_batch_size: int = Field(default=64, ge=1, le=4096)
+    max_queue_delay_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
+    batching_overrides: dict[str, BatchingSettings] = Field(default_factory=dict)
+    max_queue_images: int = Field(default=4096, ge=1)
+    request_timeout_s: float = Field(default=10.0, gt=0)
+    retry_after_s: int = Field(default=1, ge=0)
+    inference_threads: int = Field(default=2, ge=1, le=64)
+
+    # Request limits.
+    max_instances: int = Field(default=256, ge=1)
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(default=4096 * 4096, ge=1)
+
+    # Access.
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    api_keys_file: Path | None = None  # one key a line; re-read when it changes
+    protect_metrics: bool = False
+    protect_health: bool = False
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator("models", "api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [item.strip() for item in v.split(",") if item.strip()]
+        return v
+
+    def batching_for(self, model: str) -> BatchingSettings:
+        if model in self.batching_overrides:
+            return self.batching_overrides[model]
+        return BatchingSettings(
+            max_batch_size=self.max_batch_size, max_queue_delay_ms=self.max_queue_delay_ms
+        )
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
