@@ -1,0 +1,115 @@
+"""Shared plumbing of the reproduction experiments: output paths, JSON, report sections, data."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from training import data as data_mod
+
+DEFAULT_OUT = Path("docs/reproduction")
+DEFAULT_REPORT = Path("docs/reproduction.md")
+# Dry runs never touch the committed report: they write here unless told otherwise.
+DRY_RUN_OUT = Path("runs/repro-dry-run")
+
+REPORT_HEADER = """# Reproducing the RCE paper at CPU scale
+
+Generated sections (between `BEGIN repro:` / `END repro:` markers) are rewritten by
+`notsure repro <experiment>`; the text outside them is written by hand.
+"""
+
+
+@dataclass(frozen=True)
+class Output:
+    """Where one experiment writes: JSON + PNG into `out_dir`, its section into `report`."""
+
+    out_dir: Path
+    report: Path
+
+    def json_path(self, name: str) -> Path:
+        return self.out_dir / f"{name}.json"
+
+    def png_path(self, name: str) -> Path:
+        return self.out_dir / f"{name}.png"
+
+    def link(self, path: Path) -> str:
+        """`path` relative to the report's folder, for a markdown link or image."""
+        return Path(os.path.relpath(path, self.report.parent)).as_posix()
+
+
+def resolve_output(out_dir: Path | None, report: Path | None, dry_run: bool) -> Output:
+    """Defaults: docs/ for real runs, runs/repro-dry-run/ for dry runs."""
+    base = out_dir or (DRY_RUN_OUT if dry_run else DEFAULT_OUT)
+    rep = report or (base / "reproduction.md" if dry_run else DEFAULT_REPORT)
+    base.mkdir(parents=True, exist_ok=True)
+    rep.parent.mkdir(parents=True, exist_ok=True)
+    return Output(base, rep)
+
+
+def _finite(obj: object) -> object:
+    """NaN/inf -> None and numpy scalars/arrays -> Python, so the JSON is strict."""
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _finite(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _finite(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return obj.as_posix()
+    return obj
+
+
+def write_json(path: Path, obj: dict[str, object]) -> None:
+    path.write_text(json.dumps(_finite(obj), indent=1, allow_nan=False) + "\n", encoding="utf-8")
+
+
+def update_section(report: Path, name: str, title: str, body: str) -> None:
+    """Replace the generated block `name` of the report, or append it under `## title`."""
+    begin, end = f"<!-- BEGIN repro:{name} -->", f"<!-- END repro:{name} -->"
+    block = f"{begin}\n{body.strip()}\n{end}"
+    text = report.read_text(encoding="utf-8") if report.exists() else REPORT_HEADER
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), flags=re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text, count=1)
+    else:
+        text = text.rstrip() + f"\n\n## {title}\n\n{block}\n"
+    report.write_text(text, encoding="utf-8")
+
+
+def load_splits(
+    dataset: str, data_dir: Path, val_size: int, seed: int, dry_run: bool
+) -> data_mod.Splits:
+    """The splits `training.train` trains on (the synthetic set for dry runs)."""
+    if dry_run or dataset == "synthetic":
+        return data_mod.Splits(
+            data_mod.synthetic(512, seed=seed),
+            data_mod.synthetic(128, seed=seed + 1),
+            data_mod.synthetic(256, seed=seed + 2),
+        )
+    return data_mod.load_splits(dataset, data_dir, val_size, seed=seed)
+
+
+def pct(x: float | None, digits: int = 2) -> str:
+    """0.9881 -> '98.81%'; None (no samples) -> 'n/a'."""
+    return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.{digits}f}%"
+
+
+def num(x: float | None, digits: int = 3) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)

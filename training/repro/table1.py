@@ -1,0 +1,149 @@
+"""Table 1 and Figs. 3-6: the bundled ResNet-32 models and the validation tool's report.
+
+Nothing is recomputed here: the clean test accuracies, training steps and wall times come from
+the manifests in models/ (written by `notsure calibrate`), and the adversarial results from the
+attack tool's report (docs/attack/, issue 4) when it exists. This section only collects them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.manifest import MANIFEST_FILE, Manifest
+from training.repro.common import Output, pct, table, update_section, write_json
+
+log = logging.getLogger(__name__)
+
+NAME = "table1"
+# Test error rates (%) as printed in the paper's Table 1, MNIST column.
+PAPER_TABLE1_MNIST_ERROR = {
+    ("resnet32", "ce"): 0.38,
+    ("resnet32", "rce"): 0.29,
+    ("resnet56", "ce"): 0.36,
+    ("resnet56", "rce"): 0.32,
+}
+
+
+@dataclass(frozen=True)
+class Table1Config:
+    models_dir: Path = Path("models")
+    attack_dir: Path = Path("docs/attack")
+
+
+def _manifests(models_dir: Path) -> list[tuple[Path, Manifest]]:
+    found = []
+    for path in sorted(models_dir.glob(f"*/*/{MANIFEST_FILE}")):
+        try:
+            found.append((path.parent, Manifest.load(path)))
+        except ValueError as exc:  # an invalid manifest is reported, not fatal for the table
+            log.warning("skipping %s: %s", path, exc)
+    return found
+
+
+def run(cfg: Table1Config, out: Output) -> dict[str, object]:
+    rows: list[dict[str, object]] = []
+    for folder, m in _manifests(cfg.models_dir):
+        tr = m.training
+        paper = PAPER_TABLE1_MNIST_ERROR.get((m.architecture, m.objective))
+        rows.append(
+            {
+                "model": f"{m.name}/{m.version}",
+                "folder": folder,
+                "architecture": m.architecture,
+                "objective": m.objective,
+                "dataset": tr.dataset if tr else "?",
+                "clean_test_accuracy": m.metrics.get("clean_test_accuracy"),
+                "paper_test_accuracy": None if paper is None else 1 - paper / 100,
+                "steps": tr.steps if tr else None,
+                "batch_size": tr.batch_size if tr else None,
+                "optimizer": tr.optimizer if tr else None,
+                "wall_time_s": tr.wall_time_s if tr else None,
+                "threshold": m.threshold,
+                "threshold_rule": m.threshold_rule,
+                "test_refuse_rate": m.metrics.get("test_refuse_rate"),
+            }
+        )
+    attack = _attack_report(cfg.attack_dir)
+    summary: dict[str, object] = {"experiment": NAME, "models": rows, "attack_report": attack}
+    write_json(out.json_path(NAME), summary)
+    update_section(
+        out.report,
+        NAME,
+        "Table 1 and Figs. 3-6: ResNet-32 on MNIST (bundled models)",
+        _markdown(rows, attack, out),
+    )
+    return summary
+
+
+def _attack_report(attack_dir: Path) -> dict[str, object] | None:
+    """The validation tool's report.json (kept as written) and the figures beside it."""
+    report = attack_dir / "report.json"
+    if not report.exists():
+        return None
+    return {
+        "path": report,
+        "keys": sorted(json.loads(report.read_text(encoding="utf-8"))),
+        "figures": sorted(attack_dir.glob("*.png")),
+        "summary_md": attack_dir / "report.md" if (attack_dir / "report.md").exists() else None,
+    }
+
+
+def _markdown(rows: list[dict[str, object]], attack: dict[str, object] | None, out: Output) -> str:
+    lines = []
+    if rows:
+        body = [
+            [
+                str(r["model"]),
+                str(r["dataset"]),
+                str(r["objective"]).upper(),
+                pct(r["paper_test_accuracy"]) if r["paper_test_accuracy"] else "-",
+                pct(r["clean_test_accuracy"]),
+                str(r["steps"]),
+                str(r["batch_size"]),
+                str(r["optimizer"]),
+                f"{float(r['wall_time_s']) / 60:.0f} min",
+            ]
+            for r in rows
+        ]
+        lines += [
+            "Clean test accuracy of the bundled models (from each `manifest.json`, written by "
+            "`notsure calibrate` on the 10,000 MNIST test images) next to the paper's "
+            "(100% - its Table 1 error rate):",
+            "",
+            table(
+                [
+                    "model",
+                    "data",
+                    "objective",
+                    "paper",
+                    "measured",
+                    "steps",
+                    "batch",
+                    "optimiser",
+                    "training wall time",
+                ],
+                body,
+            ),
+        ]
+    else:
+        lines.append(f"No calibrated models found in `{out.link(Path('models'))}` yet.")
+    lines.append("")
+    if attack is None:
+        lines.append("The validation tool's report (docs/attack/report.json) does not exist yet.")
+    else:
+        lines.append(
+            f"Figs. 3-6 come from the validation tool: see "
+            f"[its report]({out.link(Path(str(attack['path'])))})"
+            + (
+                f" and [summary]({out.link(Path(str(attack['summary_md'])))})"
+                if attack["summary_md"]
+                else ""
+            )
+            + "."
+        )
+        for fig in attack["figures"]:
+            lines += ["", f"![{Path(fig).stem}]({out.link(Path(fig))})"]
+    return "\n".join(lines)
