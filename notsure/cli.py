@@ -13,10 +13,12 @@ from typing import Annotated
 import typer
 from rich.logging import RichHandler
 
+from notsure.attack_cli import register as register_attack
 from notsure.repro_cli import app as repro_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.add_typer(repro_app, name="repro")
+register_attack(app)
 
 
 def _setup_logging(verbose: bool) -> None:

@@ -1,0 +1,159 @@
+"""The numbers of the attack report (paper Section 4.3-4.5), from the recorded decisions.
+
+Nothing here recomputes a model's scores: every metric is derived from what the service
+returned (label, J-score, confidence, non-ME, probabilities). Only the relaxation-factor sweep
+(Fig. 6) re-weights the returned non-ME with other kernels, through `service.scoring`.
+Normal samples are the positive class throughout: a higher metric should mean "normal".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from sklearn.metrics import roc_auc_score
+
+from service.scoring import Kernel, kernel_non_me, threshold_for_refuse_rate
+from training.attack_run import AttackRun, ModelRecord
+from training.service_client import Decisions
+
+METRICS = ("confidence", "non_me", "j_score")
+ETAS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0)  # Fig. 6
+CLEAN_REFUSE_RATES = (0.05, 0.01)
+T_GRID = tuple(float(t) for t in np.round(np.linspace(0.0, 1.0, 101), 4))
+
+Bools = npt.NDArray[np.bool_]
+
+
+def top_n(values: np.ndarray, flags: np.ndarray, n: int) -> float:
+    """Mean of `flags` over the n samples with the highest `values` (Figs. 3-4).
+
+    A CE net's confidence saturates at 1.0 in float32, so ties are common: the tie group at the
+    cut-off contributes its average, the expectation under a random order within ties.
+    """
+    v, f = np.asarray(values, np.float64), np.asarray(flags, np.float64)
+    cut = np.sort(v)[::-1][n - 1]
+    above, at = v > cut, v == cut
+    slots = n - int(above.sum())
+    return float((f[above].sum() + slots * f[at].mean()) / n)
+
+
+def auc(normal: np.ndarray, adversarial: np.ndarray) -> float | None:
+    """ROC-AUC of a metric separating normal (positive) from adversarial samples."""
+    if len(normal) == 0 or len(adversarial) == 0:
+        return None
+    labels = np.r_[np.ones(len(normal)), np.zeros(len(adversarial))]
+    return float(roc_auc_score(labels, np.r_[normal, adversarial]))
+
+
+def _accuracy(correct: Bools, accepted: Bools) -> float | None:
+    return float(correct[accepted].mean()) if accepted.any() else None
+
+
+def eps_metrics(rec: ModelRecord, clean: Decisions, adv: Decisions) -> dict[str, Any]:
+    """All numbers for one (model, cost, eps) mixed set of 2N samples."""
+    y, t = rec.y, rec.manifest.threshold
+    ok_clean, ok_adv = clean.predicted == y, adv.predicted == y
+    correct = np.r_[ok_clean, ok_adv]
+    is_normal = np.r_[np.ones(len(y), bool), np.zeros(len(y), bool)]
+    j = np.r_[clean.j_score, adv.j_score].astype(np.float64)
+    # The authors' AUC subset: clean image right, attack successful (auc_of_roc_RCE.m).
+    sub = ok_clean & ~ok_adv
+    out: dict[str, Any] = {
+        "clean_accuracy": float(ok_clean.mean()),
+        "adversarial_accuracy": float(ok_adv.mean()),
+        "attack_success_rate": float((~ok_adv[ok_clean]).mean()) if ok_clean.any() else None,
+        "pairs_correct_and_successful": int(sub.sum()),
+    }
+    # At the manifest's T, the decisions are the service's own unless it applied another T
+    # (e.g. a NOTSURE_THRESHOLDS override); J >= T then stands in for them.
+    refused = np.r_[clean.refused, adv.refused]
+    acc_t = ~refused if np.isclose(adv.threshold, t, rtol=0, atol=1e-7) else j >= t
+    out["at_manifest_T"] = {
+        "T": t,
+        "refuse_normal": float(1 - acc_t[is_normal].mean()),
+        "refuse_adversarial": float(1 - acc_t[~is_normal].mean()),
+        "accuracy_of_accepted": _accuracy(correct, acc_t),
+        "accuracy_of_accepted_adversarial": _accuracy(ok_adv, acc_t[~is_normal]),
+        "service_T": adv.threshold,
+        # Decisions that disagree with the returned J >= the returned T (expected 0; float32
+        # rounding of J could flip a sample sitting exactly at T).
+        "service_decision_mismatches": int((refused != (j < adv.threshold)).sum()),
+    }
+    out["threshold_sweep"] = [
+        {"T": tt, "accuracy_of_accepted": _accuracy(correct, j >= tt),
+         "coverage": float((j >= tt).mean()),
+         "refuse_normal": float((j[is_normal] < tt).mean()),
+         "refuse_adversarial": float((j[~is_normal] < tt).mean())}
+        for tt in T_GRID
+    ]  # fmt: skip
+    out["ranking"], out["auc"], out["auc_correct_and_successful"] = {}, {}, {}
+    out["fixed_clean_refuse"] = {f"{r:g}": {} for r in CLEAN_REFUSE_RATES}
+    for m in METRICS:
+        vc, va = getattr(clean, m).astype(np.float64), getattr(adv, m).astype(np.float64)
+        both = np.r_[vc, va]
+        out["ranking"][m] = {"top_n_accuracy": top_n(both, correct, len(y)),
+                             "top_n_normal_share": top_n(both, is_normal, len(y))}  # fmt: skip
+        out["auc"][m] = auc(vc, va)
+        out["auc_correct_and_successful"][m] = auc(vc[sub], va[sub])
+        for r in CLEAN_REFUSE_RATES:
+            # T chosen on these very clean images (an oracle choice, stated in the report).
+            tr = threshold_for_refuse_rate(vc, r)
+            out["fixed_clean_refuse"][f"{r:g}"][m] = {
+                "threshold": tr,
+                "refuse_normal": float((vc < tr).mean()),
+                "refuse_adversarial": float((va < tr).mean()),
+            }
+    k = rec.manifest.kernel
+    out["eta_sweep"] = {
+        "mean_confidence_adversarial": float(adv.confidence.astype(np.float64).mean()),
+        "mean_confidence_normal": float(clean.confidence.astype(np.float64).mean()),
+        "mean_j_adversarial": {f"{e:g}": _mean_j(adv, Kernel(k.mu, k.sigma, e)) for e in ETAS},
+        "mean_j_normal": {f"{e:g}": _mean_j(clean, Kernel(k.mu, k.sigma, e)) for e in ETAS},
+    }
+    return out
+
+
+def _mean_j(d: Decisions, kernel: Kernel) -> float:
+    """Mean J = confidence x kernel non-ME (Eq. 5) for another relaxation factor eta."""
+    return float((d.confidence * kernel_non_me(d.non_me, kernel)).mean())
+
+
+def model_report(rec: ModelRecord) -> dict[str, Any]:
+    m = rec.manifest
+    clean_t = rec.clean.j_score >= m.threshold
+    return {
+        "name": rec.name,
+        "version": rec.version,
+        "objective": m.objective,
+        "architecture": m.architecture,
+        "threshold": m.threshold,
+        "threshold_rule": m.threshold_rule,
+        "kernel": {"mu": m.kernel.mu, "sigma": m.kernel.sigma, "eta": m.kernel.eta},
+        "n": len(rec.y),
+        "clean_accuracy": float((rec.clean.predicted == rec.y).mean()),
+        "clean_refuse_at_T": float(1 - clean_t.mean()),
+        "timings_s": rec.timings,
+        "attacks": {
+            f"{cost}@{eps:g}": {"cost": cost, "eps": eps} | eps_metrics(rec, rec.clean, adv)
+            for (cost, eps), adv in rec.adv.items()
+        },
+    }
+
+
+def build_report(run: AttackRun) -> dict[str, Any]:
+    """The whole report as a JSON-serialisable dict."""
+    c = run.cfg
+    return {
+        "source": run.source,
+        "attack": {
+            "method": c.method,
+            "labels": c.labels,
+            "costs": list(c.costs),
+            "eps": list(c.eps),
+            "steps": c.steps if c.method != "fgsm" else None,
+            "n": c.n,
+        },
+        "models": [model_report(r) for r in run.records],
+    }
