@@ -164,7 +164,8 @@ def bnn(
     data_dir: DataDir = DEFAULT_DATA,
     runs_dir: RunsDir = None,
     eps: Annotated[float, typer.Option(help="FGSM eps, pixel units")] = 0.1,
-    sgnht_lr: Annotated[float, typer.Option(help="SGNHT step size h")] = 1e-3,
+    sgnht_lr: Annotated[float, typer.Option(help="SGNHT step size h")] = 3e-4,
+    diffusion: Annotated[float, typer.Option(help="SGNHT diffusion A (= friction)")] = 100.0,
     burn_in: int = 6000,
     num_samples: int = 40,
     sample_every: int = 150,
@@ -188,6 +189,7 @@ def bnn(
             num_samples=num_samples,
             sample_every=sample_every,
             prior_precision=prior_precision,
+            diffusion=diffusion,
             seed=seed,
         )
         cfg = BnnConfig(
