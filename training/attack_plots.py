@@ -37,7 +37,8 @@ def threshold_sweep(model: dict[str, Any], cost: str, path: Path) -> str:
             ax.plot(t, v, label=f"eps {a['eps']:g}")
     for ax, title in zip(axes, titles, strict=True):
         ax.axvline(model["threshold"], color="grey", ls="--", lw=1, label="manifest T")
-        ax.set(title=title, xlabel="threshold T", ylim=(-0.02, 1.02))
+        ax.set(title=title, xlabel="threshold T (symlog)", ylim=(-0.02, 1.02), xlim=(0, 1))
+        ax.set_xscale("symlog", linthresh=1e-3)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{model['name']} ({model['objective'].upper()}), FGSM {cost.upper()} cost")

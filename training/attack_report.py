@@ -21,7 +21,11 @@ from training.service_client import Decisions
 METRICS = ("confidence", "non_me", "j_score")
 ETAS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0)  # Fig. 6
 CLEAN_REFUSE_RATES = (0.05, 0.01)
-T_GRID = tuple(float(t) for t in np.round(np.linspace(0.0, 1.0, 101), 4))
+# J-scores of well-calibrated models crowd near 0 and 1, so the grid is linear plus logarithmic.
+T_GRID = tuple(
+    float(t)
+    for t in np.unique(np.round(np.r_[np.linspace(0.0, 1.0, 101), np.geomspace(1e-4, 1, 41)], 6))
+)
 
 Bools = npt.NDArray[np.bool_]
 
@@ -86,7 +90,7 @@ def eps_metrics(rec: ModelRecord, clean: Decisions, adv: Decisions) -> dict[str,
          "coverage": float((j >= tt).mean()),
          "refuse_normal": float((j[is_normal] < tt).mean()),
          "refuse_adversarial": float((j[~is_normal] < tt).mean())}
-        for tt in T_GRID
+        for tt in sorted({*T_GRID, t})
     ]  # fmt: skip
     out["ranking"], out["auc"], out["auc_correct_and_successful"] = {}, {}, {}
     out["fixed_clean_refuse"] = {f"{r:g}": {} for r in CLEAN_REFUSE_RATES}
