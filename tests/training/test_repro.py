@@ -222,11 +222,17 @@ def test_table1_collects_manifests_and_the_attack_report(model_repo: Path, tmp_p
     assert "does not exist yet" in _section(out.report, "table1")
 
     attack_dir.mkdir()
-    (attack_dir / "report.json").write_text('{"eps": [0.1]}')
-    (attack_dir / "fig5.png").write_bytes(PNG_MAGIC)
+    attack = {"name": "tiny-rce", "objective": "rce", "attacks": {"ce@0.1": {
+        "adversarial_accuracy": 0.25, "auc_correct_and_successful": {"j_score": 0.875},
+        "fixed_clean_refuse": {"0.05": {"j_score": {"refuse_adversarial": 0.5}}}}}}  # fmt: skip
+    (attack_dir / "report.json").write_text(json.dumps({"attack": {}, "models": [attack]}))
+    (attack_dir / "auc-ce.png").write_bytes(PNG_MAGIC)
+    (attack_dir / "sweep-tiny-rce-ce.png").write_bytes(PNG_MAGIC)
     table1.run(cfg, out)
     section = _section(out.report, "table1")
-    assert "(attack/report.json)" in section and "![fig5](attack/fig5.png)" in section
+    assert "(attack/report.json)" in section and "![auc-ce](attack/auc-ce.png)" in section
+    assert "sweep-tiny" not in section  # per-model figures stay in the tool's own report
+    assert "| tiny-rce | ce@0.1 | 25.0% | n/a | 0.875 | n/a | 50.0% |" in section
 
 
 def test_cli_repro_dry_run_writes_outside_docs(tmp_path: Path) -> None:

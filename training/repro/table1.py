@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.manifest import MANIFEST_FILE, Manifest
-from training.repro.common import Output, pct, table, update_section, write_json
+from training.repro.common import Output, num, pct, table, update_section, write_json
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,9 @@ PAPER_TABLE1_MNIST_ERROR = {
     ("resnet56", "ce"): 0.36,
     ("resnet56", "rce"): 0.32,
 }
+
+
+FIGURES = ("ranking", "auc")  # the attack report's summary figures shown here
 
 
 @dataclass(frozen=True)
@@ -79,16 +82,59 @@ def run(cfg: Table1Config, out: Output) -> dict[str, object]:
 
 
 def _attack_report(attack_dir: Path) -> dict[str, object] | None:
-    """The validation tool's report.json (kept as written) and the figures beside it."""
-    report = attack_dir / "report.json"
-    if not report.exists():
+    """Headline numbers of the validation tool's report.json, and the figures beside it."""
+    path = attack_dir / "report.json"
+    if not path.exists():
         return None
+    report = json.loads(path.read_text(encoding="utf-8"))
+    rows = []
+    for m in report.get("models", []):
+        for key, a in m.get("attacks", {}).items():
+            fixed = a.get("fixed_clean_refuse", {}).get("0.05", {})
+            rows.append({
+                "model": m.get("name"), "objective": m.get("objective"), "attack": key,
+                "clean_accuracy": a.get("clean_accuracy"),
+                "adversarial_accuracy": a.get("adversarial_accuracy"),
+                "auc_success": a.get("auc_correct_and_successful", {}),
+                "adv_refused_at_5pct": {k: v.get("refuse_adversarial") for k, v in fixed.items()},
+            })  # fmt: skip
     return {
-        "path": report,
-        "keys": sorted(json.loads(report.read_text(encoding="utf-8"))),
-        "figures": sorted(attack_dir.glob("*.png")),
+        "path": path,
+        "attack": report.get("attack"),
+        "rows": rows,
+        # The summary figures (ranking, AUC); per-model sweeps stay in the tool's own report.
+        "figures": sorted(p for p in attack_dir.glob("*.png") if p.stem.startswith(FIGURES)),
         "summary_md": attack_dir / "report.md" if (attack_dir / "report.md").exists() else None,
     }
+
+
+def _attack_markdown(attack: dict[str, object], out: Output) -> list[str]:
+    summary_md = attack["summary_md"]
+    settings = attack["attack"] or {}
+    how = ", ".join(f"{k} {v}" for k, v in settings.items() if v is not None)  # type: ignore[attr-defined]
+    lines = [
+        f"Figs. 3-6 come from the validation tool (`notsure attack`: {how}): [report.json]({out.link(Path(str(attack['path'])))})"
+        + (
+            f", [summary with every figure]({out.link(Path(str(summary_md)))})"
+            if summary_md
+            else ""
+        )
+        + ". Its headline numbers: AUC over pairs whose clean image is right and whose attack "
+        "succeeds; adversarial images refused at the T that refuses 5% of the clean ones.",
+        "",
+    ]
+    body = []
+    for r in attack["rows"]:  # type: ignore[attr-defined]
+        auc, ref = r["auc_success"], r["adv_refused_at_5pct"]
+        body.append([str(r["model"]), str(r["attack"]), pct(r["adversarial_accuracy"], 1),
+                     num(auc.get("confidence")), num(auc.get("j_score")),
+                     pct(ref.get("confidence"), 1), pct(ref.get("j_score"), 1)])  # fmt: skip
+    header = ["model", "cost@eps", "adv. accuracy", "AUC conf.", "AUC J", "refused (conf.)",
+              "refused (J)"]  # fmt: skip
+    lines.append(table(header, body))
+    for fig in attack["figures"]:  # type: ignore[attr-defined]
+        lines += ["", f"![{Path(fig).stem}]({out.link(Path(fig))})"]
+    return lines
 
 
 def _markdown(rows: list[dict[str, object]], attack: dict[str, object] | None, out: Output) -> str:
@@ -129,21 +175,10 @@ def _markdown(rows: list[dict[str, object]], attack: dict[str, object] | None, o
             ),
         ]
     else:
-        lines.append(f"No calibrated models found in `{out.link(Path('models'))}` yet.")
+        lines.append("No calibrated models (models/<name>/<version>/manifest.json) found yet.")
     lines.append("")
     if attack is None:
         lines.append("The validation tool's report (docs/attack/report.json) does not exist yet.")
     else:
-        lines.append(
-            f"Figs. 3-6 come from the validation tool: see "
-            f"[its report]({out.link(Path(str(attack['path'])))})"
-            + (
-                f" and [summary]({out.link(Path(str(attack['summary_md'])))})"
-                if attack["summary_md"]
-                else ""
-            )
-            + "."
-        )
-        for fig in attack["figures"]:
-            lines += ["", f"![{Path(fig).stem}]({out.link(Path(fig))})"]
+        lines += _attack_markdown(attack, out)
     return "\n".join(lines)
