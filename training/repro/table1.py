@@ -111,9 +111,10 @@ def _attack_report(attack_dir: Path) -> dict[str, object] | None:
 def _attack_markdown(attack: dict[str, object], out: Output) -> list[str]:
     summary_md = attack["summary_md"]
     settings = attack["attack"] or {}
-    how = ", ".join(f"{k} {v}" for k, v in settings.items() if v is not None)  # type: ignore[attr-defined]
+    how = ", ".join(f"{k} {v}" for k, v in settings.items() if v is not None)
     lines = [
-        f"Figs. 3-6 come from the validation tool (`notsure attack`: {how}): [report.json]({out.link(Path(str(attack['path'])))})"
+        f"Figs. 3-6 come from the validation tool (`notsure attack`: {how}): "
+        f"[report.json]({out.link(Path(str(attack['path'])))})"
         + (
             f", [summary with every figure]({out.link(Path(str(summary_md)))})"
             if summary_md
@@ -124,7 +125,7 @@ def _attack_markdown(attack: dict[str, object], out: Output) -> list[str]:
         "",
     ]
     body = []
-    for r in attack["rows"]:  # type: ignore[attr-defined]
+    for r in attack["rows"]:
         auc, ref = r["auc_success"], r["adv_refused_at_5pct"]
         body.append([str(r["model"]), str(r["attack"]), pct(r["adversarial_accuracy"], 1),
                      num(auc.get("confidence")), num(auc.get("j_score")),
@@ -132,7 +133,7 @@ def _attack_markdown(attack: dict[str, object], out: Output) -> list[str]:
     header = ["model", "cost@eps", "adv. accuracy", "AUC conf.", "AUC J", "refused (conf.)",
               "refused (J)"]  # fmt: skip
     lines.append(table(header, body))
-    for fig in attack["figures"]:  # type: ignore[attr-defined]
+    for fig in attack["figures"]:
         lines += ["", f"![{Path(fig).stem}]({out.link(Path(fig))})"]
     return lines
 
