@@ -80,9 +80,14 @@ def _device(net: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def served_predictions(net: nn.Module, objective: Objective, x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, L) served logits, on the CPU."""
-    return served_logits(objective, net(x.to(_device(net)))).cpu()
+def served_predictions(
+    net: nn.Module, objective: Objective, x: torch.Tensor, batch: int = 500
+) -> torch.Tensor:
+    """(N, C, H, W) -> (N, L) served logits, on the CPU, in batches to bound memory."""
+    device = _device(net)
+    parts = [served_logits(objective, net(x[i : i + batch].to(device))).cpu()
+             for i in range(0, len(x), batch)]  # fmt: skip
+    return torch.cat(parts) if parts else torch.zeros((0, 0))
 
 
 def input_gradient_sign(
