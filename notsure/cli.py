@@ -73,6 +73,22 @@ def train(
                f"({result.wall_time_s:.0f} s); run folder {result.out_dir}")  # fmt: skip
 
 
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="bind address (NOTSURE_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (NOTSURE_PORT)")] = None,
+    model_repository: Annotated[Path | None, typer.Option(help="NOTSURE_MODEL_REPOSITORY")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cuda or cpu (NOTSURE_DEVICE)")] = None,
+) -> None:
+    """Serve every model in the repository over HTTP (native + KServe V2 + /metrics)."""
+    from service.config import Settings
+    from service.server import run
+
+    overrides = {k: v for k, v in {"host": host, "port": port, "model_repository": model_repository,
+                                   "device": device}.items() if v is not None}  # fmt: skip
+    run(Settings(**overrides))
+
+
 def main() -> None:
     app()
 

@@ -6,6 +6,8 @@ rate(notsure_predictions_total).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (
@@ -71,3 +73,25 @@ class Metrics:
             "notsure_model_info", "Static facts about a loaded model version (value is 1).",
             [*mv, "provider", "objective", "threshold", "architecture"], registry=r,
         )  # fmt: skip
+
+
+class BatchMetrics:
+    """The batcher's observer for one model version: queue wait, batch size, inference time."""
+
+    def __init__(self, metrics: Metrics, model: str, version: str) -> None:
+        self._wait = metrics.queue_wait.labels(model, version)
+        self._size = metrics.batch_size.labels(model, version)
+        self._infer = metrics.inference_time.labels(model, version)
+        self._depth = metrics.queue_depth.labels(model, version)
+        self._failures = metrics.batch_failures.labels(model, version)
+
+    def on_dispatch(self, batch_images: int, waits_s: Sequence[float], queued: int) -> None:
+        for w in waits_s:
+            self._wait.observe(w)
+        self._size.observe(batch_images)
+        self._depth.set(queued)
+
+    def on_complete(self, seconds: float, failed: bool) -> None:
+        self._infer.observe(seconds)
+        if failed:
+            self._failures.inc()

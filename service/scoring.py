@@ -39,6 +39,15 @@ class Scores:
     j_score: F64  # (B,) confidence * kernel non-ME
     accepted: npt.NDArray[np.bool_]  # (B,) j_score >= threshold
 
+    def rows(self, start: int, stop: int) -> Scores:
+        """The samples start..stop-1 of the batch."""
+        s = slice(start, stop)
+        return Scores(self.label[s], self.probabilities[s], self.confidence[s], self.non_me[s],
+                      self.kernel_non_me[s], self.j_score[s], self.accepted[s])  # fmt: skip
+
+    def __len__(self) -> int:
+        return int(self.label.shape[0])
+
 
 def log_softmax(logits: Array) -> F64:
     """Stable log-softmax over the last axis: (B, L) -> (B, L)."""

@@ -57,3 +57,58 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         if key.startswith("NOTSURE_"):
             monkeypatch.delenv(key)
     yield
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LiveServer:
+    """A real uvicorn server for the service on 127.0.0.1, in a thread."""
+
+    def __init__(self, settings: object) -> None:
+        import threading
+
+        import uvicorn
+
+        from service.config import Settings
+        from service.server import uvicorn_config
+
+        assert isinstance(settings, Settings)
+        self.port = free_port()
+        self.settings = settings.model_copy(update={"host": "127.0.0.1", "port": self.port})
+        self.server = uvicorn.Server(uvicorn_config(self.settings))
+        self.app = self.server.config.app
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> LiveServer:
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("live server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture
+def live_server(model_repo: Path) -> Iterator[LiveServer]:
+    """The service on a free loopback port, serving the tiny repository."""
+    from service.config import Settings
+
+    with LiveServer(Settings(model_repository=model_repo)) as server:
+        yield server

@@ -1,0 +1,75 @@
+"""Shared FastAPI dependencies: settings, the app state, API-key checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from service.batching import ArrivalTracker
+from service.config import Settings
+from service.errors import Unauthorized
+from service.metrics import Metrics
+from service.repository import Repository
+from service.security import KeyRing, key_from_headers
+
+
+@dataclass
+class AppState:
+    """Everything the lifespan builds, stored on app.state.notsure."""
+
+    settings: Settings
+    metrics: Metrics
+    repository: Repository
+    keys: KeyRing
+    arrivals: ArrivalTracker
+    draining: bool = False
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.notsure
+    return state
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+def get_app_settings(state: StateDep) -> Settings:
+    return state.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+
+
+def _check_key(state: AppState, authorization: str | None, x_api_key: str | None) -> None:
+    if not state.keys.accepts(key_from_headers(authorization, x_api_key)):
+        raise Unauthorized("missing or unknown API key", field="Authorization",
+                           fix="send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")  # fmt: skip
+
+
+def require_key(
+    state: StateDep,
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+    x_api_key: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> None:
+    """Guards predict, infer and model-admin routes when API keys are configured."""
+    _check_key(state, authorization, x_api_key)
+
+
+def require_key_for_health(
+    state: StateDep,
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+    x_api_key: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> None:
+    if state.settings.protect_health:
+        _check_key(state, authorization, x_api_key)
+
+
+def require_key_for_metrics(
+    state: StateDep,
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+    x_api_key: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> None:
+    if state.settings.protect_metrics:
+        _check_key(state, authorization, x_api_key)

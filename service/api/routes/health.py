@@ -1,0 +1,48 @@
+"""Server metadata, liveness, readiness (KServe V2 paths) and Prometheus metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from notsure import __version__
+from service.api.deps import StateDep, require_key_for_health, require_key_for_metrics
+from service.schemas import V2ServerMetadata
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/v2", response_model=V2ServerMetadata, dependencies=[Depends(require_key_for_health)])
+async def server_metadata() -> dict[str, Any]:
+    return {"name": "notsure", "version": __version__, "extensions": ["binary_tensor_data"]}
+
+
+@router.get("/v2/health/live", dependencies=[Depends(require_key_for_health)])
+async def live() -> Response:
+    """200 while the process serves HTTP."""
+    return Response(status_code=200)
+
+
+@router.get("/v2/health/ready", dependencies=[Depends(require_key_for_health)],
+            responses={503: {"description": "a model failed to load, or the server is draining"}})
+async def ready(state: StateDep) -> Response:
+    """200 when every model version in the repository is loaded and the server is not draining."""
+    if state.repository.ready and not state.draining:
+        return Response(status_code=200)
+    failed = {f"{mv.name}/{mv.version}": mv.error or "not loaded"
+              for mv in state.repository.all() if not mv.ready}  # fmt: skip
+    body: dict[str, Any] = {"error": "not ready", "models": failed}
+    if state.draining:
+        body["error"] = "shutting down"
+    elif not state.repository.versions:
+        body["error"] = "no models in the repository"
+    return JSONResponse(body, status_code=503)
+
+
+@router.get("/metrics", dependencies=[Depends(require_key_for_metrics)],
+            response_class=Response)  # fmt: skip
+async def metrics(state: StateDep) -> Response:
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,242 @@
+"""Dynamic batching: requests for one model version are queued and run together.
+
+The decision of what to run next is `plan`, a pure function. The `Batcher` around it owns an
+asyncio queue and runs batches in a thread pool (onnxruntime releases the GIL), so the event
+loop keeps accepting requests while a batch runs.
+
+Unlike a fixed-delay batcher, it only waits for more requests when some are known to be on the
+way (parsed but not yet queued), so a lone request on an idle server runs at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from service.errors import DeadlineExceeded, InferenceFailed, Overloaded, ServeError, ShuttingDown
+
+R = TypeVar("R")
+F32 = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class Plan:
+    take: int  # how many queued requests to run now (0: none)
+    wait_s: float | None = None  # when take == 0: re-plan after this long (None: on arrival)
+
+
+def plan(
+    sizes: Sequence[int],
+    oldest_wait_s: float,
+    *,
+    max_batch: int,
+    max_delay_s: float,
+    arriving: int,
+) -> Plan:
+    """Decide which queued requests to run now, for a free execution slot.
+
+    Args:
+        sizes: images per queued request, oldest first.
+        oldest_wait_s: how long the oldest request has waited.
+        max_batch: images per batch at most (a larger single request runs alone).
+        max_delay_s: longest a request may wait for others to fill the batch.
+        arriving: requests being parsed right now that will be queued soon.
+    """
+    if not sizes:
+        return Plan(0, None)
+    take, images = 0, 0
+    for n in sizes:
+        if take and images + n > max_batch:
+            return Plan(take)  # the next request would overflow: the batch is as full as it gets
+        take, images = take + 1, images + n
+    if images >= max_batch or oldest_wait_s >= max_delay_s or arriving == 0:
+        return Plan(take)
+    return Plan(0, max_delay_s - oldest_wait_s)
+
+
+class BatchObserver(Protocol):
+    """Receives batching events (the service turns them into Prometheus metrics)."""
+
+    def on_dispatch(self, batch_images: int, waits_s: Sequence[float], queued: int) -> None: ...
+    def on_complete(self, seconds: float, failed: bool) -> None: ...
+
+
+class NullObserver:
+    def on_dispatch(self, batch_images: int, waits_s: Sequence[float], queued: int) -> None:
+        pass
+
+    def on_complete(self, seconds: float, failed: bool) -> None:
+        pass
+
+
+@dataclass
+class _Pending(Generic[R]):
+    x: F32  # (n, C, H, W)
+    future: asyncio.Future[R]
+    enqueued: float
+    deadline: float
+    size: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.size = int(self.x.shape[0])
+
+
+RunFn = Callable[[F32, list[int]], list[R]]
+
+
+class Batcher(Generic[R]):
+    """Queues requests of one model version and runs them in batches of up to max_batch images.
+
+    `run(x, sizes)` gets the concatenated images and the per-request counts and must return one
+    result per request; any exception (or a wrong count) fails every request of that batch.
+    """
+
+    def __init__(
+        self,
+        run: RunFn[R],
+        executor: Executor,
+        *,
+        max_batch: int,
+        max_delay_s: float,
+        max_queue_images: int,
+        slots: int = 1,
+        retry_after_s: int = 1,
+        observer: BatchObserver | None = None,
+        arrivals: ArrivalTracker | None = None,
+    ) -> None:
+        self._run, self._executor = run, executor
+        self.max_batch, self.max_delay_s = max_batch, max_delay_s
+        self.max_queue_images, self.retry_after_s = max_queue_images, retry_after_s
+        self._free_slots = self._slots = slots
+        self._observer = observer or NullObserver()
+        self._queue: deque[_Pending[R]] = deque()
+        self._queued_images = 0
+        self._arrivals = arrivals or ArrivalTracker()
+        self._running: set[asyncio.Future[list[R]]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._closing = False
+
+    # -- request side ---------------------------------------------------------------------------
+
+    @property
+    def queued_images(self) -> int:
+        return self._queued_images
+
+    async def submit(self, x: F32, timeout_s: float) -> R:
+        """Queue (n, C, H, W) images and wait for their result."""
+        if self._closing:
+            raise ShuttingDown("the server is shutting down", fix="retry on another replica")
+        n = int(x.shape[0])
+        if self._queued_images + n > self.max_queue_images:
+            raise Overloaded(
+                f"queue full ({self._queued_images} images waiting, limit "
+                f"{self.max_queue_images})", retry_after_s=self.retry_after_s,
+            )  # fmt: skip
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        item: _Pending[R] = _Pending(x, loop.create_future(), now, now + timeout_s)
+        self._queue.append(item)
+        self._queued_images += n
+        self._dispatch()
+        try:
+            return await item.future
+        finally:
+            if not item.future.done():  # the caller was cancelled (client went away)
+                item.future.cancel()
+
+    # -- dispatch side --------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        """Start as many batches as there are free slots and ready requests."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        now = time.monotonic()
+        while self._queue and self._free_slots > 0:
+            self._drop_dead(now)
+            if not self._queue:
+                break
+            decision = plan(
+                [p.size for p in self._queue], now - self._queue[0].enqueued,
+                max_batch=self.max_batch, max_delay_s=self.max_delay_s, arriving=self._arrivals.count,
+            )  # fmt: skip
+            if decision.take == 0:
+                if decision.wait_s is not None:
+                    loop = asyncio.get_running_loop()
+                    self._timer = loop.call_later(decision.wait_s, self._dispatch)
+                return
+            self._start([self._queue.popleft() for _ in range(decision.take)], now)
+
+    def _drop_dead(self, now: float) -> None:
+        """Fail queued requests past their deadline and forget cancelled ones."""
+        keep: deque[_Pending[R]] = deque()
+        for p in self._queue:
+            if p.future.done():
+                self._queued_images -= p.size
+            elif now > p.deadline:
+                self._queued_images -= p.size
+                p.future.set_exception(DeadlineExceeded(
+                    f"waited {now - p.enqueued:.2f} s in the queue, past the request timeout",
+                    fix="retry later or raise the timeout"))  # fmt: skip
+            else:
+                keep.append(p)
+        self._queue = keep
+
+    def _start(self, items: list[_Pending[R]], now: float) -> None:
+        self._free_slots -= 1
+        sizes = [p.size for p in items]
+        self._queued_images -= sum(sizes)
+        x = items[0].x if len(items) == 1 else np.concatenate([p.x for p in items])
+        self._observer.on_dispatch(int(x.shape[0]), [now - p.enqueued for p in items],
+                                   self._queued_images)  # fmt: skip
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        fut = loop.run_in_executor(self._executor, self._run, x, sizes)
+        self._running.add(fut)
+        fut.add_done_callback(lambda f: self._finish(f, items, t0))
+
+    def _finish(self, fut: asyncio.Future[list[R]], items: list[_Pending[R]], t0: float) -> None:
+        self._running.discard(fut)
+        self._free_slots += 1
+        exc = fut.exception()
+        results = None if exc else fut.result()
+        if results is not None and len(results) != len(items):
+            exc = InferenceFailed(f"batch returned {len(results)} results for {len(items)} requests")
+        self._observer.on_complete(time.perf_counter() - t0, exc is not None)
+        for i, p in enumerate(items):
+            if p.future.done():
+                continue
+            if exc is not None:
+                err = exc if isinstance(exc, ServeError) else InferenceFailed(
+                    "inference failed for this batch; the server keeps serving")
+                p.future.set_exception(err)
+            else:
+                p.future.set_result(results[i])  # type: ignore[index]
+        self._dispatch()
+
+    async def close(self, timeout_s: float = 30.0) -> None:
+        """Refuse new requests, then wait until every queued and running batch has finished."""
+        self._closing = True
+        deadline = time.monotonic() + timeout_s
+        while (self._queue or self._running) and time.monotonic() < deadline:
+            self._dispatch()
+            await asyncio.sleep(0.01)
+
+
+class ArrivalTracker:
+    """Counts inference requests that the server has started to receive but not yet queued.
+
+    An ASGI middleware increments it when a request arrives and the handler decrements it when
+    the request is queued (or fails before), so the count spans the body read.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0

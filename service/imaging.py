@@ -1,0 +1,143 @@
+"""Turn request instances (encoded images, pixel arrays) into model input tensors.
+
+Every failure is an InvalidInput that names the field and says what to send instead. The pixel
+limit is checked from the image header, before any pixel is decoded.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, UnidentifiedImageError
+
+from service.errors import InvalidInput
+
+F32 = npt.NDArray[np.float32]
+Shape = tuple[int, int, int]
+
+
+def describe(shape: Shape) -> str:
+    c, h, w = shape
+    return f"{c}x{h}x{w} float32 in [0, 1] (or {h}x{w} for one channel), or integers 0-255"
+
+
+def _b64decode(text: str, field: str) -> bytes:
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidInput(
+            "not valid base64", field=field, fix="send the file bytes base64-encoded (RFC 4648)"
+        ) from exc
+
+
+def decode_image(data: bytes, shape: Shape, field: str, *, resize: bool, max_pixels: int) -> F32:
+    """PNG/JPEG bytes -> (C, H, W) float32 in [0, 1] for a model of input shape (C, H, W)."""
+    c, h, w = shape
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            # Image.open reads the header only: refuse huge images before decoding pixels.
+            if img.width * img.height > max_pixels:
+                raise InvalidInput(
+                    f"image is {img.width}x{img.height} pixels, over the limit of {max_pixels}",
+                    field=field, fix=f"send a {w}x{h} image",
+                )  # fmt: skip
+            if img.format not in ("PNG", "JPEG"):
+                raise InvalidInput(f"unsupported image format {img.format}", field=field,
+                                   fix="send PNG or JPEG")  # fmt: skip
+            img = img.convert("L" if c == 1 else "RGB")
+    except InvalidInput:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
+            Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # fmt: skip
+        raise InvalidInput(
+            "not a readable PNG or JPEG image", field=field,
+            fix="send a complete PNG or JPEG file, base64-encoded",
+        ) from exc  # fmt: skip
+    if img.size != (w, h):
+        if not resize:
+            raise InvalidInput(
+                f"image is {img.width}x{img.height}, the model expects {w}x{h}", field=field,
+                fix=f"send {w}x{h} images, or set \"resize\": true to resize them",
+            )  # fmt: skip
+        img = img.resize((w, h), Image.Resampling.BILINEAR)
+    arr = np.asarray(img, dtype=np.float32) / np.float32(255.0)
+    return arr[None] if c == 1 else np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def pixels_to_tensor(values: Any, shape: Shape, field: str) -> F32:
+    """A nested list (HxW or CxHxW) -> (C, H, W) float32 in [0, 1]."""
+    try:
+        arr = np.asarray(values)
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput("pixel array is ragged", field=field, fix=describe(shape)) from exc
+    return check_pixels(arr, shape, field)
+
+
+def check_pixels(arr: npt.NDArray[Any], shape: Shape, field: str) -> F32:
+    """Validate one image array (HxW or CxHxW) and scale it to (C, H, W) float32 in [0, 1]."""
+    got = "x".join(map(str, arr.shape))
+    if arr.ndim == 2 and shape[0] == 1:
+        arr = arr[None]
+    if arr.shape != shape:
+        c, h, w = shape
+        raise InvalidInput(f"expected {c}x{h}x{w}, got {got}", field=field, fix=describe(shape))
+    return check_batch(arr[None], shape, field)[0]
+
+
+def check_batch(arr: npt.NDArray[Any], shape: Shape, field: str) -> F32:
+    """Validate a batch (B, C, H, W) (or (B, H, W) for one channel) -> (B, C, H, W) float32."""
+    c, h, w = shape
+    if arr.dtype.kind not in "iuf" or arr.dtype == np.bool_:
+        raise InvalidInput(f"pixel array has non-numeric values ({arr.dtype})", field=field,
+                           fix=describe(shape))  # fmt: skip
+    if arr.ndim == 3 and c == 1:
+        arr = arr[:, None]
+    if arr.ndim != 4 or arr.shape[1:] != shape:
+        got = "x".join(map(str, arr.shape))
+        raise InvalidInput(f"expected Bx{c}x{h}x{w}, got {got}", field=field, fix=describe(shape))
+    if arr.size == 0:
+        raise InvalidInput("empty batch", field=field, fix="send at least one image")
+    if arr.dtype.kind in "iu":
+        if arr.min() < 0 or arr.max() > 255:
+            raise InvalidInput("integer pixels must be in 0-255", field=field, fix=describe(shape))
+        return arr.astype(np.float32) / np.float32(255.0)
+    out = arr.astype(np.float32, copy=False)
+    lo, hi = float(out.min()), float(out.max())  # NaN propagates into min/max
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise InvalidInput("pixel array has NaN or infinite values", field=field,
+                           fix=describe(shape))  # fmt: skip
+    if lo < 0.0 or hi > 1.0:
+        raise InvalidInput(f"float pixels must be in [0, 1], got [{lo:.4g}, {hi:.4g}]",
+                           field=field, fix=describe(shape))  # fmt: skip
+    return out
+
+
+def instance_to_tensor(
+    instance: object, shape: Shape, field: str, *, resize: bool, max_pixels: int
+) -> F32:
+    """One native-API instance (base64 string, {'b64': ...} or a pixel list) -> (C, H, W)."""
+    if isinstance(instance, str):
+        return decode_image(_b64decode(instance, field), shape, field, resize=resize,
+                            max_pixels=max_pixels)  # fmt: skip
+    b64 = getattr(instance, "b64", None)
+    if isinstance(b64, str):
+        return decode_image(_b64decode(b64, f"{field}.b64"), shape, f"{field}.b64",
+                            resize=resize, max_pixels=max_pixels)  # fmt: skip
+    if isinstance(instance, list):
+        return pixels_to_tensor(instance, shape, field)
+    raise InvalidInput("unsupported instance type", field=field, fix=describe(shape))
+
+
+def batch_bytes(shape: Shape, n: int) -> int:
+    return n * math.prod(shape) * 4

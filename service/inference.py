@@ -1,0 +1,79 @@
+"""The step both APIs share: resolve T, queue the images, record the decisions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from fastapi import Request
+
+from service.api.deps import AppState
+from service.errors import InvalidInput, ModelNotReady
+from service.repository import ModelVersion
+from service.scoring import Scores
+
+ARRIVING_KEY = "notsure.arriving"
+VERSION_KEY = "notsure.version"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    scores: Scores
+    threshold: float
+
+    @property
+    def accepted(self) -> npt.NDArray[np.bool_]:
+        return self.scores.j_score >= self.threshold
+
+
+def resolve(state: AppState, request: Request, name: str, version: int | None) -> ModelVersion:
+    """The model version a request is for; noted on the request for the metrics labels."""
+    mv = state.repository.get(name, version)
+    request.scope[VERSION_KEY] = str(mv.version)
+    return mv
+
+
+def threshold_for(state: AppState, mv: ModelVersion, requested: float | None) -> float:
+    if requested is None:
+        return mv.threshold
+    if not state.settings.allow_request_threshold:
+        raise InvalidInput(
+            "this server does not accept a per-request threshold", field="threshold",
+            fix="omit it (the server applies its configured T)",
+        )  # fmt: skip
+    if not 0.0 <= requested <= 1.0:
+        raise InvalidInput(f"threshold must be in [0, 1], got {requested}", field="threshold")
+    return requested
+
+
+def mark_queued(request: Request, state: AppState) -> None:
+    """The request's body is in: it no longer counts as arriving for the batcher."""
+    if request.scope.pop(ARRIVING_KEY, False):
+        state.arrivals.count -= 1
+
+
+async def infer(
+    state: AppState,
+    request: Request,
+    mv: ModelVersion,
+    x: npt.NDArray[np.float32],
+    threshold: float,
+) -> Outcome:
+    """Run (B, C, H, W) images through the model's batcher and record the decisions."""
+    mark_queued(request, state)
+    if mv.batcher is None:
+        raise ModelNotReady(f"model {mv.name!r} version {mv.version} is not ready")
+    scores = await mv.batcher.submit(x, state.settings.request_timeout_s)
+    outcome = Outcome(scores, threshold)
+    labels = (mv.name, str(mv.version))
+    n_acc = int(outcome.accepted.sum())
+    m = state.metrics
+    if n_acc:
+        m.predictions.labels(*labels, "accepted").inc(n_acc)
+    if len(scores) - n_acc:
+        m.predictions.labels(*labels, "not_sure").inc(len(scores) - n_acc)
+    hist = m.j_score.labels(*labels)
+    for j in scores.j_score.tolist():
+        hist.observe(j)
+    return outcome

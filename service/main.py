@@ -1,0 +1,107 @@
+"""Builds the FastAPI app: `create_app(settings)`; models load in the lifespan, not at import."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+
+from notsure import __version__
+from service.api.deps import AppState
+from service.api.routes import health, native, v2
+from service.batching import ArrivalTracker
+from service.config import Settings, get_settings
+from service.errors import ServeError
+from service.metrics import Metrics
+from service.middleware import ServiceMiddleware
+from service.repository import Repository
+from service.security import KeyRing
+
+log = logging.getLogger(__name__)
+
+
+def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's request validation -> one message naming the field and the fix."""
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid request"}
+    msg = first.get("msg", "invalid value")
+    if first.get("type") == "json_invalid":  # loc is ("body", <character offset>)
+        offset = first.get("loc", ("body", "?"))[-1]
+        field, msg = "body", f"{msg} at character {offset}"
+    else:
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"] or ["body"]
+        field = ".".join(loc)
+    body = {"error": f"{field}: {msg}", "field": field, "fix": _fix_for(first)}
+    return JSONResponse(body, status_code=422)
+
+
+def _fix_for(err: dict[str, object]) -> str:
+    kind = str(err.get("type", ""))
+    if kind == "json_invalid":
+        return "send a valid JSON body"
+    if kind == "missing":
+        return "add this field"
+    if kind == "extra_forbidden":
+        return "remove this field"
+    return "see the OpenAPI schema at /docs"
+
+
+def _serve_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServeError)
+    return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers())
+
+
+def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    rid = request.scope.get("notsure.request_id", "")
+    log.exception("unhandled error (request id %s)", rid)
+    return JSONResponse({"error": "internal error; this is a bug in notsure", "request_id": rid},
+                        status_code=500)  # fmt: skip
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The ASGI app for these settings (get_settings() when None)."""
+    settings = settings or get_settings()
+    metrics = Metrics()
+    executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="infer")
+    arrivals = ArrivalTracker()
+    state = AppState(
+        settings=settings, metrics=metrics,
+        repository=Repository(settings, metrics, executor, arrivals),
+        keys=KeyRing(settings.api_keys, settings.api_keys_file), arrivals=arrivals,
+    )  # fmt: skip
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(state.repository.load_all)
+        yield
+        # uvicorn has stopped accepting connections and let in-flight requests finish; drain
+        # whatever is still queued before the process exits.
+        state.draining = True
+        await state.repository.close()
+        executor.shutdown(wait=True)
+
+    app = FastAPI(
+        title="notsure",
+        version=__version__,
+        summary="Image classification that answers NOT SURE when the J-score is below T.",
+        lifespan=lifespan,
+    )
+    app.state.notsure = state
+    app.include_router(health.router)
+    app.include_router(native.router)
+    app.include_router(v2.router)
+    app.add_exception_handler(ServeError, _serve_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["GET", "POST"], allow_headers=["*"])  # fmt: skip
+    app.add_middleware(ServiceMiddleware, state=state)
+    return app

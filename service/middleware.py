@@ -1,0 +1,112 @@
+"""Pure-ASGI middleware: request ids, body-size limit, arrival tracking, request metrics."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api.deps import AppState
+from service.errors import PayloadTooLarge
+from service.inference import ARRIVING_KEY, VERSION_KEY
+
+log = logging.getLogger("notsure.access")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_INFER_SUFFIXES = ("/predict", "/infer", "/predict/files")
+
+
+def _model_of(path: str) -> str | None:
+    parts = path.split("/")
+    if len(parts) > 3 and parts[2] == "models":
+        return parts[3]
+    return None
+
+
+class ServiceMiddleware:
+    def __init__(self, app: ASGIApp, state: AppState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = self.state
+        headers = dict(scope["headers"])
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")
+        if not _SAFE_ID.match(rid):
+            rid = uuid.uuid4().hex
+        scope["notsure.request_id"] = rid
+        start = time.perf_counter()
+        path: str = scope["path"]
+        model = _model_of(path)
+        known = model if model in state.repository.versions else None
+        status = {"code": 500}
+        limit = state.settings.max_body_bytes
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
+            await send(message)
+
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            await _send_error(send_wrapper, PayloadTooLarge(
+                f"body is {int(length)} bytes, the limit is {limit}", field="body",
+                fix="send fewer or smaller images per request"))  # fmt: skip
+            self._record(scope, known, status["code"], start, rid)
+            return
+        received = {"n": 0}
+
+        async def receive_limited() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                received["n"] += len(message.get("body", b""))
+                if received["n"] > limit:
+                    raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes", field="body")
+            return message
+
+        arriving = known is not None and scope["method"] == "POST" and path.endswith(
+            _INFER_SUFFIXES)
+        if arriving:
+            scope[ARRIVING_KEY] = True
+            state.arrivals.count += 1
+        gauge = state.metrics.inflight.labels(known or "", "") if known else None
+        if gauge is not None:
+            gauge.inc()
+        try:
+            await self.app(scope, receive_limited, send_wrapper)
+        finally:
+            if scope.pop(ARRIVING_KEY, False):
+                state.arrivals.count -= 1
+            if gauge is not None:
+                gauge.dec()
+            self._record(scope, known, status["code"], start, rid)
+
+    def _record(self, scope: Scope, model: str | None, code: int, start: float, rid: str) -> None:
+        route = scope.get("route")
+        endpoint = getattr(route, "path", None) or "unmatched"
+        version = scope.get(VERSION_KEY, "") if model else ""
+        labels = (model or "", version)
+        m = self.state.metrics
+        m.requests.labels(*labels, endpoint, str(code)).inc()
+        m.request_latency.labels(*labels, endpoint).observe(time.perf_counter() - start)
+        if code >= 400 or log.isEnabledFor(logging.DEBUG):
+            log.log(logging.INFO if code < 500 else logging.ERROR, "%s %s %s -> %d (%.1f ms) id=%s",
+                    scope["method"], scope["path"], model or "-", code,
+                    1000 * (time.perf_counter() - start), rid)  # fmt: skip
+
+
+async def _send_error(send: Send, exc: Any) -> None:
+    import json
+
+    body = json.dumps(exc.body()).encode()
+    await send({"type": "http.response.start", "status": exc.status_code,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})  # fmt: skip
+    await send({"type": "http.response.body", "body": body})

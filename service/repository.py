@@ -1,0 +1,188 @@
+"""The model repository: `<root>/<name>/<version>/{model.onnx, manifest.json}`.
+
+Each version is verified before it serves: the manifest parses, its name/version match the
+folder, model.onnx has the manifest's sha256, and the graph's input and output shapes match the
+manifest. A version that fails stays listed with its error, and readiness reports it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydantic import ValidationError
+
+from service.batching import ArrivalTracker, Batcher
+from service.config import Settings
+from service.errors import InferenceFailed, ModelNotFound, ModelNotReady
+from service.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
+from service.metrics import BatchMetrics, Metrics
+from service.runtime import OnnxModel
+from service.scoring import Kernel, Scores, score_logits
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(Exception):
+    """A model version that cannot serve; the message says why, without file paths."""
+
+
+@dataclass
+class ModelVersion:
+    """One version of a model: its manifest and, when it loaded, its session and batcher."""
+
+    name: str
+    version: int
+    path: Path
+    manifest: Manifest | None = None
+    model: OnnxModel | None = None
+    batcher: Batcher[Scores] | None = None
+    kernel: Kernel | None = None
+    threshold: float = 0.0
+    error: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.batcher is not None and self.error is None
+
+    def infer(self, x: np.ndarray, sizes: list[int]) -> list[Scores]:
+        """Run one batch (in a worker thread) and split the scores per request."""
+        assert self.model is not None and self.kernel is not None
+        logits = self.model.run(x)
+        if logits.shape[0] != x.shape[0]:
+            raise InferenceFailed(f"model returned {logits.shape[0]} rows for {x.shape[0]} images")
+        scores = score_logits(logits, self.kernel, 0.0)
+        bounds = [0, *itertools.accumulate(sizes)]
+        return [scores.rows(a, b) for a, b in itertools.pairwise(bounds)]
+
+
+def _check_graph(manifest: Manifest, model: OnnxModel) -> None:
+    sig = model.signature
+    want_in = manifest.input_shape
+    got_in = tuple(sig.input_shape[1:])
+    if len(sig.input_shape) != 4 or got_in != want_in:
+        raise ModelLoadError(f"graph input {list(sig.input_shape)} does not match the manifest's "
+                             f"input_shape {list(want_in)}")  # fmt: skip
+    if len(sig.output_shape) != 2 or sig.output_shape[1] != manifest.num_classes:
+        raise ModelLoadError(f"graph output {list(sig.output_shape)} does not have the manifest's "
+                             f"{manifest.num_classes} classes")  # fmt: skip
+
+
+def scan(root: Path) -> list[tuple[str, int, Path]]:
+    """(name, version, folder) for every `<name>/<int>/` under root, sorted."""
+    found = []
+    if root.is_dir():
+        for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+            for vdir in model_dir.iterdir():
+                if vdir.is_dir() and vdir.name.isdigit() and int(vdir.name) > 0:
+                    found.append((model_dir.name, int(vdir.name), vdir))
+    return sorted(found)
+
+
+class Repository:
+    """Loads every model version once and hands out ready ones by name and version."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, executor: Executor,
+                 arrivals: ArrivalTracker) -> None:  # fmt: skip
+        self.settings, self.metrics = settings, metrics
+        self._executor, self._arrivals = executor, arrivals
+        self.versions: dict[str, dict[int, ModelVersion]] = {}
+
+    def load_all(self) -> None:
+        wanted = set(self.settings.models)
+        for name, version, path in scan(self.settings.model_repository):
+            if wanted and name not in wanted:
+                continue
+            mv = ModelVersion(name, version, path)
+            self.versions.setdefault(name, {})[version] = mv
+            try:
+                self._load(mv)
+            except ModelLoadError as exc:
+                mv.error = str(exc)
+            except Exception as exc:  # onnxruntime and friends raise many types
+                mv.error = f"{type(exc).__name__}: failed to load"
+                log.exception("model %s/%d failed to load", name, version)
+            self.metrics.model_ready.labels(name, str(version)).set(1 if mv.ready else 0)
+            if mv.error:
+                log.error("model %s version %d NOT loaded: %s", name, version, mv.error)
+        if not self.versions:
+            log.error("no models found in %s", self.settings.model_repository)
+
+    def _load(self, mv: ModelVersion) -> None:
+        try:
+            manifest = Manifest.load(mv.path / MANIFEST_FILE)
+        except FileNotFoundError as exc:
+            raise ModelLoadError("manifest.json is missing") from exc
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(map(str, first["loc"]))
+            raise ModelLoadError(f"manifest.json is invalid at {where}: {first['msg']}") from exc
+        mv.manifest = manifest
+        if (manifest.name, manifest.version) != (mv.name, mv.version):
+            raise ModelLoadError(f"manifest says {manifest.name}/{manifest.version}, folder is "
+                                 f"{mv.name}/{mv.version}")  # fmt: skip
+        onnx_path = mv.path / MODEL_FILE
+        if not onnx_path.is_file():
+            raise ModelLoadError("model.onnx is missing")
+        if sha256_file(onnx_path) != manifest.sha256:
+            raise ModelLoadError("model.onnx does not match the manifest's sha256 (corrupt or "
+                                 "replaced); refusing to load it")  # fmt: skip
+        model = OnnxModel(onnx_path, device=self.settings.device,
+                          intra_op_threads=self.settings.intra_op_threads)  # fmt: skip
+        _check_graph(manifest, model)
+        cfg = self.settings.batching_for(mv.name)
+        for n in sorted({1, cfg.max_batch_size}):  # warm-up: first runs allocate and plan
+            model.run(np.zeros((n, *manifest.input_shape), np.float32))
+        overrides = self.settings.thresholds
+        mv.threshold = overrides.get(f"{mv.name}/{mv.version}",
+                                     overrides.get(mv.name, manifest.threshold))  # fmt: skip
+        mv.model, mv.kernel = model, manifest.kernel.to_kernel()
+        labels = (mv.name, str(mv.version))
+        mv.batcher = Batcher(
+            mv.infer, self._executor,
+            max_batch=cfg.max_batch_size if self.settings.batching else 1,
+            max_delay_s=cfg.max_queue_delay_ms / 1000.0 if self.settings.batching else 0.0,
+            max_queue_images=self.settings.max_queue_images,
+            slots=self.settings.inference_threads, retry_after_s=self.settings.retry_after_s,
+            observer=BatchMetrics(self.metrics, *labels), arrivals=self._arrivals,
+        )  # fmt: skip
+        self.metrics.model_info.labels(*labels, model.provider, manifest.objective,
+                                       f"{mv.threshold:g}", manifest.architecture).set(1)  # fmt: skip
+        log.info("model %s version %d ready on %s (T=%.4g, %s, max batch %d)", mv.name,
+                 mv.version, model.provider, mv.threshold, manifest.objective,
+                 cfg.max_batch_size)  # fmt: skip
+
+    def get(self, name: str, version: int | None = None) -> ModelVersion:
+        """A ready version; the highest ready one when version is None."""
+        versions = self.versions.get(name)
+        if not versions:
+            raise ModelNotFound(f"no model named {name!r}", field="name",
+                                fix=f"use one of: {', '.join(sorted(self.versions)) or 'none'}")  # fmt: skip
+        if version is None:
+            ready = [v for v in versions.values() if v.ready]
+            if not ready:
+                raise ModelNotReady(f"model {name!r} has no ready version")
+            return max(ready, key=lambda v: v.version)
+        mv = versions.get(version)
+        if mv is None:
+            raise ModelNotFound(f"model {name!r} has no version {version}", field="version",
+                                fix=f"use one of: {', '.join(map(str, sorted(versions)))}")  # fmt: skip
+        if not mv.ready:
+            raise ModelNotReady(f"model {name!r} version {version} is not ready: {mv.error}")
+        return mv
+
+    def all(self) -> list[ModelVersion]:
+        return [mv for vs in self.versions.values() for mv in vs.values()]
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.versions) and all(mv.ready for mv in self.all())
+
+    async def close(self) -> None:
+        for mv in self.all():
+            if mv.batcher is not None:
+                await mv.batcher.close()

@@ -1,0 +1,135 @@
+"""Request and response models of the HTTP API (they are also the OpenAPI schema)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# --- native API ------------------------------------------------------------------------------
+
+
+class B64Image(BaseModel):
+    """An encoded image, TensorFlow-Serving style."""
+
+    b64: str = Field(description="base64 of a PNG or JPEG file")
+
+
+Instance = str | B64Image | list[Any]
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    instances: list[Instance] = Field(
+        min_length=1,
+        description="Each instance is a base64 PNG/JPEG (a string, a data URL or {'b64': ...}) or "
+        "a pixel array HxW or CxHxW: floats in [0, 1] or integers 0-255.",
+    )
+    threshold: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description="T for this request; only honoured when the server allows it.",
+    )  # fmt: skip
+    resize: bool = Field(default=False, description="Resize images to the model's input size.")
+    id: str | None = Field(default=None, max_length=128, description="Echoed in the response.")
+
+
+class Prediction(BaseModel):
+    decision: Literal["accepted", "not_sure"]
+    label: int | None = Field(description="null on NOT SURE unless the server reveals it")
+    class_name: str | None
+    j_score: float = Field(description="confidence x kernel non-ME (Eq. 5)")
+    confidence: float
+    non_me: float = Field(description="non-maximal entropy (Eq. 1)")
+
+
+class PredictResponse(BaseModel):
+    id: str | None = None
+    model: str
+    version: int
+    threshold: float = Field(description="the T that was applied")
+    predictions: list[Prediction]
+
+
+class ModelSummary(BaseModel):
+    name: str
+    version: int
+    ready: bool
+    objective: str | None = None
+    threshold: float | None = None
+    provider: str | None = None
+    error: str | None = None
+
+
+class ModelList(BaseModel):
+    models: list[ModelSummary]
+
+
+class ErrorBody(BaseModel):
+    error: str
+    field: str | None = None
+    fix: str | None = None
+
+
+# --- KServe V2 / Open Inference Protocol --------------------------------------------------------
+
+
+class V2Tensor(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
+
+
+class V2RequestedOutput(BaseModel):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class V2InferRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[V2Tensor]
+    outputs: list[V2RequestedOutput] | None = None
+
+
+class V2InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    outputs: list[V2Tensor]
+
+
+class V2TensorMeta(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class V2ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[V2TensorMeta]
+    outputs: list[V2TensorMeta]
+
+
+class V2ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+API_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in {
+        401: "missing or unknown API key",
+        404: "unknown model or version",
+        413: "body or instance count over a limit",
+        422: "malformed input; the body names the field and the fix",
+        503: "model not ready, queue full (Retry-After) or shutting down",
+        504: "waited in the queue past the request timeout",
+    }.items()
+}

@@ -1,0 +1,119 @@
+"""KServe V2 (Open Inference Protocol) tensors: JSON data and the binary tensor data extension.
+
+Binary extension: the body is a JSON header of `Inference-Header-Content-Length` bytes followed
+by the raw little-endian tensors, in input order, each sized by `parameters.binary_data_size`.
+Outputs are sent the same way when a request asks for `binary_data` (per output) or
+`binary_data_output` (for all).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import ValidationError
+
+from service.errors import InvalidInput
+from service.schemas import V2InferRequest
+
+DTYPES: dict[str, np.dtype[Any]] = {
+    "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"), "FP16": np.dtype("<f2"),
+    "UINT8": np.dtype("u1"), "INT32": np.dtype("<i4"), "INT64": np.dtype("<i8"),
+}  # fmt: skip
+DATATYPE_OF = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
+
+
+@dataclass(frozen=True)
+class DecodedRequest:
+    request: V2InferRequest
+    tensors: dict[str, npt.NDArray[Any]]
+
+
+def _header_length(raw: str | None, body_len: int) -> int | None:
+    if raw is None:
+        return None
+    try:
+        n = int(raw)
+    except ValueError as exc:
+        raise InvalidInput("Inference-Header-Content-Length is not an integer",
+                           field="Inference-Header-Content-Length") from exc  # fmt: skip
+    if not 0 < n <= body_len:
+        raise InvalidInput(f"Inference-Header-Content-Length {n} is outside the body "
+                           f"({body_len} bytes)", field="Inference-Header-Content-Length")  # fmt: skip
+    return n
+
+
+def decode(body: bytes, header_length: str | None) -> DecodedRequest:
+    """Parse a V2 infer request body into its JSON part and numpy tensors."""
+    hlen = _header_length(header_length, len(body))
+    head, binary = (body, b"") if hlen is None else (body[:hlen], body[hlen:])
+    try:
+        req = V2InferRequest.model_validate_json(head)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(map(str, first["loc"])) or "body"
+        raise InvalidInput(f"invalid inference request: {first['msg']}", field=where,
+                           fix="see the KServe V2 inference request schema") from exc  # fmt: skip
+    tensors: dict[str, npt.NDArray[Any]] = {}
+    offset = 0
+    for i, t in enumerate(req.inputs):
+        field = f"inputs[{i}]"
+        dtype = DTYPES.get(t.datatype)
+        if dtype is None:
+            raise InvalidInput(f"unsupported datatype {t.datatype}", field=f"{field}.datatype",
+                               fix="send FP32 pixels in [0, 1] (or UINT8 0-255)")  # fmt: skip
+        if any(d < 0 for d in t.shape) or len(t.shape) > 8:
+            raise InvalidInput(f"invalid shape {t.shape}", field=f"{field}.shape")
+        count = math.prod(t.shape)
+        size = (t.parameters or {}).get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or size != count * dtype.itemsize:
+                raise InvalidInput(
+                    f"binary_data_size {size} does not match shape {t.shape} of {t.datatype} "
+                    f"({count * dtype.itemsize} bytes)", field=f"{field}.parameters",
+                )  # fmt: skip
+            if offset + size > len(binary):
+                raise InvalidInput("binary tensor data is shorter than declared", field=field)
+            arr = np.frombuffer(binary, dtype=dtype, count=count, offset=offset)
+            offset += size
+        elif t.data is not None:
+            try:
+                arr = np.asarray(t.data, dtype=dtype).reshape(-1)
+            except (ValueError, TypeError, OverflowError) as exc:
+                raise InvalidInput(f"data is not a list of {t.datatype} numbers",
+                                   field=f"{field}.data") from exc  # fmt: skip
+            if arr.size != count:
+                raise InvalidInput(f"data has {arr.size} elements, shape {t.shape} needs {count}",
+                                   field=f"{field}.data")  # fmt: skip
+        else:
+            raise InvalidInput("input has neither data nor binary_data_size", field=field)
+        tensors[t.name] = arr.reshape(t.shape)
+    if offset != len(binary):
+        raise InvalidInput(f"{len(binary) - offset} bytes of binary data are not claimed by any "
+                           "input", field="body")  # fmt: skip
+    return DecodedRequest(req, tensors)
+
+
+def encode(
+    header: dict[str, Any], outputs: list[tuple[str, npt.NDArray[Any]]], binary: set[str]
+) -> tuple[bytes, int | None]:
+    """The response body and, when any output is binary, the JSON header's length."""
+    out_json, blobs = [], []
+    for name, arr in outputs:
+        entry: dict[str, Any] = {"name": name, "datatype": DATATYPE_OF[arr.dtype],
+                                 "shape": list(arr.shape)}  # fmt: skip
+        if name in binary:
+            blob = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<")).tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = arr.reshape(-1).tolist()
+        out_json.append(entry)
+    head = json.dumps({**header, "outputs": out_json}, separators=(",", ":")).encode()
+    if not blobs:
+        return head, None
+    return head + b"".join(blobs), len(head)

@@ -1,0 +1,189 @@
+"""Dynamic batching: the pure planner and the asyncio batcher around it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from service.batching import ArrivalTracker, Batcher, Plan, plan
+from service.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
+
+
+def test_plan_empty_queue_waits_for_arrivals() -> None:
+    assert plan([], 0.0, max_batch=8, max_delay_s=0.01, arriving=0) == Plan(0, None)
+
+
+def test_plan_lone_request_runs_at_once_when_nobody_is_coming() -> None:
+    assert plan([1], 0.0, max_batch=8, max_delay_s=1.0, arriving=0) == Plan(1)
+
+
+def test_plan_waits_for_requests_on_the_way() -> None:
+    p = plan([1, 1], 0.002, max_batch=8, max_delay_s=0.005, arriving=3)
+    assert p.take == 0 and p.wait_s == pytest.approx(0.003)
+
+
+def test_plan_runs_when_the_oldest_waited_long_enough() -> None:
+    assert plan([1, 1], 0.006, max_batch=8, max_delay_s=0.005, arriving=3) == Plan(2)
+
+
+def test_plan_full_batch_runs_without_waiting() -> None:
+    assert plan([4, 4, 4], 0.0, max_batch=8, max_delay_s=1.0, arriving=5) == Plan(2)
+    assert plan([8], 0.0, max_batch=8, max_delay_s=1.0, arriving=5) == Plan(1)
+
+
+def test_plan_oversized_request_runs_alone() -> None:
+    assert plan([100, 1], 0.0, max_batch=8, max_delay_s=1.0, arriving=0) == Plan(1)
+
+
+def _echo(x: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+    """Returns each request's own rows: any mix-up between requests shows."""
+    bounds = np.cumsum([0, *sizes])
+    return [x[a:b, 0, 0, 0].copy() for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def _images(value: float, n: int = 1) -> np.ndarray:
+    return np.full((n, 1, 2, 2), value, np.float32)
+
+
+@pytest.fixture
+def executor() -> ThreadPoolExecutor:
+    ex = ThreadPoolExecutor(2)
+    yield ex
+    ex.shutdown()
+
+
+async def test_lone_request_does_not_wait_the_queue_delay(executor: ThreadPoolExecutor) -> None:
+    b = Batcher(_echo, executor, max_batch=64, max_delay_s=2.0, max_queue_images=100)
+    t0 = time.perf_counter()
+    out = await b.submit(_images(7.0), timeout_s=5)
+    assert time.perf_counter() - t0 < 1.0  # far below the 2 s delay
+    assert out.tolist() == [7.0]
+
+
+async def test_concurrent_requests_share_batches_and_get_their_own_rows(
+    executor: ThreadPoolExecutor,
+) -> None:
+    sizes_seen: list[list[int]] = []
+    gate = threading.Event()
+
+    def run(x: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+        gate.wait(5)  # hold the first batch so that the rest queue up behind it
+        sizes_seen.append(sizes)
+        return _echo(x, sizes)
+
+    b = Batcher(run, executor, max_batch=16, max_delay_s=0.0, max_queue_images=100, slots=1)
+    tasks = [asyncio.create_task(b.submit(_images(float(i), 2), timeout_s=5)) for i in range(9)]
+    await asyncio.sleep(0.05)
+    gate.set()
+    results = await asyncio.gather(*tasks)
+    assert [r.tolist() for r in results] == [[float(i)] * 2 for i in range(9)]
+    assert sizes_seen[0] == [2]  # the first ran alone, at once
+    assert sizes_seen[1] == [2] * 8  # the 8 that queued meanwhile ran as one batch of 16
+
+
+async def test_failed_batch_fails_each_request_and_the_batcher_recovers(
+    executor: ThreadPoolExecutor,
+) -> None:
+    calls = {"n": 0}
+
+    def flaky(x: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("onnxruntime exploded")
+        return _echo(x, sizes)
+
+    b = Batcher(flaky, executor, max_batch=8, max_delay_s=0.0, max_queue_images=100)
+    with pytest.raises(InferenceFailed):
+        await b.submit(_images(1.0), timeout_s=5)
+    assert (await b.submit(_images(2.0), timeout_s=5)).tolist() == [2.0]
+
+
+async def test_wrong_result_count_fails_every_request(executor: ThreadPoolExecutor) -> None:
+    b = Batcher(lambda x, sizes: [], executor, max_batch=8, max_delay_s=0.0,
+                max_queue_images=100)  # fmt: skip
+    with pytest.raises(InferenceFailed, match="0 results for 1 requests"):
+        await b.submit(_images(1.0), timeout_s=5)
+
+
+async def test_full_queue_sheds_with_overloaded(executor: ThreadPoolExecutor) -> None:
+    gate = threading.Event()
+
+    def slow(x: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+        gate.wait(5)
+        return _echo(x, sizes)
+
+    b = Batcher(slow, executor, max_batch=4, max_delay_s=0.0, max_queue_images=4, slots=1,
+                retry_after_s=3)  # fmt: skip
+    running = asyncio.create_task(b.submit(_images(0.0, 4), timeout_s=5))
+    await asyncio.sleep(0.02)
+    queued = asyncio.create_task(b.submit(_images(1.0, 4), timeout_s=5))
+    await asyncio.sleep(0.02)
+    with pytest.raises(Overloaded) as err:
+        await b.submit(_images(2.0), timeout_s=5)
+    assert err.value.headers() == {"Retry-After": "3"}
+    gate.set()
+    assert len(await running) == 4 and len(await queued) == 4
+
+
+async def test_request_past_its_deadline_gets_deadline_exceeded(
+    executor: ThreadPoolExecutor,
+) -> None:
+    gate = threading.Event()
+
+    def slow(x: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+        gate.wait(5)
+        return _echo(x, sizes)
+
+    b = Batcher(slow, executor, max_batch=1, max_delay_s=0.0, max_queue_images=10, slots=1)
+    first = asyncio.create_task(b.submit(_images(0.0), timeout_s=5))
+    await asyncio.sleep(0.02)
+    late = asyncio.create_task(b.submit(_images(1.0), timeout_s=0.05))
+    await asyncio.sleep(0.1)
+    gate.set()
+    await first
+    with pytest.raises(DeadlineExceeded):
+        await late
+
+
+async def test_waits_for_arrivals_then_batches(executor: ThreadPoolExecutor) -> None:
+    seen: list[list[int]] = []
+
+    def run(x: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+        seen.append(sizes)
+        return _echo(x, sizes)
+
+    arrivals = ArrivalTracker()
+    arrivals.count = 1  # a request is being received
+    b = Batcher(run, executor, max_batch=8, max_delay_s=0.2, max_queue_images=10,
+                arrivals=arrivals)  # fmt: skip
+    first = asyncio.create_task(b.submit(_images(1.0), timeout_s=5))
+    await asyncio.sleep(0.02)
+    arrivals.count = 0
+    second = asyncio.create_task(b.submit(_images(2.0), timeout_s=5))
+    assert (await first).tolist() == [1.0] and (await second).tolist() == [2.0]
+    assert seen == [[1, 1]]
+
+
+async def test_close_drains_then_refuses(executor: ThreadPoolExecutor) -> None:
+    gate = threading.Event()
+
+    def slow(x: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+        gate.wait(5)
+        return _echo(x, sizes)
+
+    b = Batcher(slow, executor, max_batch=8, max_delay_s=0.0, max_queue_images=10)
+    pending = asyncio.create_task(b.submit(_images(3.0), timeout_s=5))
+    await asyncio.sleep(0.02)  # now running, held by the gate
+    closing = asyncio.create_task(b.close())
+    await asyncio.sleep(0.02)
+    with pytest.raises(ShuttingDown):
+        await b.submit(_images(1.0), timeout_s=5)
+    assert not closing.done()  # close waits for the running batch
+    gate.set()
+    await closing
+    assert (await pending).tolist() == [3.0]
