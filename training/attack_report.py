@@ -151,6 +151,7 @@ def build_report(run: AttackRun) -> dict[str, Any]:
     c = run.cfg
     return {
         "source": run.source,
+        "wall_time_s": run.wall_time_s,
         "attack": {
             "method": c.method,
             "labels": c.labels,

@@ -84,6 +84,7 @@ class AttackRun:
     cfg: AttackRunConfig
     source: str  # the service URL or "offline"
     records: list[ModelRecord]
+    wall_time_s: float = 0.0  # this invocation, cached parts excluded
 
 
 def effective(cfg: AttackRunConfig) -> AttackRunConfig:
@@ -192,5 +193,6 @@ def run(cfg: AttackRunConfig) -> AttackRun:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     source = "offline" if cfg.offline else cfg.url
+    t0 = time.perf_counter()
     records = [run_model(cfg, name, source) for name in cfg.models]
-    return AttackRun(cfg, source, records)
+    return AttackRun(cfg, source, records, time.perf_counter() - t0)

@@ -44,7 +44,9 @@ def markdown(report: dict[str, Any], figures: dict[str, list[str]]) -> str:
         f"# Attack report: {att['method'].upper()}, decisions from {report['source']}",
         "",
         f"N = {att['n']} clean test images + N adversarial versions per (cost, eps); "
-        f"labels attacked: {att['labels']}. Scores are the service's responses.",
+        f"labels attacked: {att['labels']}. Scores are the service's responses "
+        f"(or the same ONNX graph in-process when the source is 'offline'). Wall time of the "
+        f"run that wrote this report: {report['wall_time_s']:.0f} s (cached parts excluded).",
         "",
     ]
     lines += _table(
