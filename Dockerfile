@@ -40,13 +40,14 @@ COPY service/ service/
 COPY notsure/ notsure/
 # pyproject's default dependencies (onnxruntime-gpu on linux x86_64), with onnxruntime pinned to
 # the build the CUDA base was chosen for. The CPU variant swaps in the plain onnxruntime wheel of
-# the same version: both install the same `onnxruntime` module, so they cannot coexist.
+# the same version: both install the same `onnxruntime` module, so they cannot coexist. The
+# import check runs isolated (-I) so it sees the installed packages, not /src.
 RUN echo "onnxruntime-gpu==${ORT_VERSION}" > /tmp/constraints.txt \
     && pip install --constraint /tmp/constraints.txt . \
     && if [ "${VARIANT}" = cpu ]; then \
         pip uninstall -y onnxruntime-gpu && pip install "onnxruntime==${ORT_VERSION}"; \
     fi \
-    && python -c "import onnxruntime, service.config, notsure.cli; print(onnxruntime.get_available_providers())"
+    && python -I -c "import onnxruntime, service.main, notsure.cli; print(onnxruntime.get_available_providers())"
 
 FROM ${CUDA_IMAGE} AS base-gpu
 FROM ${UBUNTU_IMAGE} AS base-cpu
@@ -64,7 +65,8 @@ LABEL org.opencontainers.image.title="notsure" \
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --uid 10001 --user-group --home-dir /app --shell /usr/sbin/nologin notsure
+    && groupadd --system --gid 10001 notsure \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /app --shell /usr/sbin/nologin notsure
 COPY --from=build /opt/venv /opt/venv
 COPY deploy/healthcheck.py /usr/local/bin/notsure-healthcheck
 # Bundled model repository, read-only for the service user (mount another one over
