@@ -73,6 +73,10 @@ def test_serving_stage_is_the_last_and_runs_notsure_serve_as_non_root() -> None:
     user = serve.all("USER")[-1].value[0]
     uid, _, gid = user.partition(":")
     assert uid.isdigit() and int(uid) != 0 and gid.isdigit() and int(gid) != 0, user
+    # ... and the image creates that user and group (the name shows in `ps`, files get an owner).
+    run = " ".join(c.value[0] for c in serve.all("RUN"))
+    assert re.search(rf"groupadd [^&]*--gid {gid}\b", run), run
+    assert re.search(rf"useradd [^&]*--uid {uid} [^&]*--gid {gid}\b", run), run
     # The bundled repository is the one the service reads by default.
     assert ("/app/models/", "models/") in serve.copies()
     assert env["NOTSURE_MODEL_REPOSITORY"].rstrip("/") == "/app/models"
