@@ -74,6 +74,43 @@ def train(
 
 
 @app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="run folder written by `notsure train`")],
+    name: Annotated[str, typer.Option(help="model name in the repository")],
+    version: int = 1,
+    models_dir: Annotated[Path, typer.Option(help="the model repository")] = Path("models"),
+    opset: int = 18,
+) -> None:
+    """Export a trained run to models/<name>/<version>/model.onnx (parity-checked)."""
+    from training.export import ExportConfig
+    from training.export import export as run_export
+
+    result = run_export(ExportConfig(run_dir=run, name=name, version=version,
+                                     models_dir=models_dir, opset=opset))  # fmt: skip
+    typer.echo(f"exported to {result.model_dir} (max |dp| vs PyTorch {result.max_prob_diff:.1e})")
+
+
+@app.command()
+def calibrate(
+    model_dir: Annotated[Path, typer.Argument(help="models/<name>/<version>")],
+    data_dir: Annotated[Path, typer.Option(help="folder in torchvision's layout")] = Path("data"),
+    target_clean_refuse: Annotated[float, typer.Option(
+        help="share of held-out clean images T should refuse")] = 0.05,
+    threshold: Annotated[float | None, typer.Option(help="set T directly instead")] = None,
+    eta: Annotated[float, typer.Option(help="relaxation factor of the kernel (Eq. 5)")] = 1.0,
+) -> None:
+    """Compute mu, sigma (training set) and T (held-out data); write manifest.json."""
+    from training.calibrate import CalibrateConfig
+    from training.calibrate import calibrate as run_calibrate
+
+    m = run_calibrate(CalibrateConfig(model_dir=model_dir, data_dir=data_dir,
+                                      target_clean_refuse=target_clean_refuse,
+                                      threshold=threshold, eta=eta))  # fmt: skip
+    typer.echo(f"{m.name}/{m.version}: sigma {m.kernel.sigma:.4g}, T {m.threshold:.4g}, "
+               f"clean test accuracy {m.metrics['clean_test_accuracy']:.4f}")
+
+
+@app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="bind address (NOTSURE_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="port (NOTSURE_PORT)")] = None,
