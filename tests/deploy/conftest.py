@@ -146,6 +146,7 @@ class ServiceProcess:
                                 **env})  # fmt: skip
         self.log_path = log_dir / f"service-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.ready_headers: dict[str, str] = {}  # e.g. an API key when health is protected
 
     @property
     def url(self) -> str:
@@ -164,7 +165,8 @@ class ServiceProcess:
                 self.__exit__()
                 pytest.fail(f"`{' '.join(self.argv)}` exited early:\n{self.log_tail()}")
             try:
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=2).status_code == 200:
+                r = httpx.get(f"{self.url}/v2/health/ready", headers=self.ready_headers, timeout=2)
+                if r.status_code == 200:
                     return self
             except httpx.TransportError:
                 pass

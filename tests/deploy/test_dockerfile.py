@@ -213,6 +213,23 @@ def test_image_command_serves_and_reports_healthy(
     assert "not ready" in probe.stderr
 
 
+@pytest.mark.integration
+def test_healthcheck_sends_a_key_when_health_is_protected(
+    no_torch: Path, model_repo: Path, tmp_path: Path
+) -> None:
+    env = {"PYTHONPATH": str(no_torch), "NOTSURE_DEVICE": "cpu",
+           "NOTSURE_MODEL_REPOSITORY": str(model_repo),
+           "NOTSURE_API_KEYS": "k-one,k-two", "NOTSURE_PROTECT_HEALTH": "true"}  # fmt: skip
+    service = ServiceProcess(tmp_path, env)
+    service.ready_headers = {"Authorization": "Bearer k-two"}
+    with service:
+        assert httpx.get(f"{service.url}/v2/health/ready", timeout=5).status_code == 401
+        probe = healthcheck(service.env)
+        assert probe.returncode == 0, probe.stderr
+        keyless = {k: v for k, v in service.env.items() if k != "NOTSURE_API_KEYS"}
+        assert healthcheck(keyless).returncode == 1
+
+
 def test_healthcheck_fails_without_a_service(tmp_path: Path) -> None:
     from tests.deploy.conftest import free_port
 

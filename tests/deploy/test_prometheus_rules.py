@@ -3,6 +3,7 @@ rules' unit tests; every alert must have a case that fires and one that must not
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -59,3 +60,15 @@ def test_unit_tests_catch_a_broken_rule(tmp_path: Path) -> None:
     r = promtool("test", "rules", "alerts_test.yml", cwd=tmp_path)
     assert r.returncode != 0
     assert 'model="quiet"' in r.stdout + r.stderr
+
+
+def test_every_alert_links_to_its_section_of_the_deployment_doc() -> None:
+    doc = (PROMETHEUS_DIR.parents[1] / "docs" / "deployment.md").read_text()
+    # GitHub's anchors: lower-case heading text, spaces to dashes, punctuation dropped.
+    anchors = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-")
+               for h in re.findall(r"^#+ (.+)$", doc, flags=re.M)}  # fmt: skip
+    rules = yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())
+    for rule in (r for g in rules["groups"] for r in g["rules"] if "alert" in r):
+        path, _, anchor = rule["annotations"]["runbook"].partition("#")
+        assert path == "docs/deployment.md" and anchor in anchors, (rule["alert"], anchor)
+        assert rule["labels"]["severity"] in {"warning", "critical"}
