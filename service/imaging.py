@@ -21,6 +21,10 @@ from service.errors import InvalidInput
 
 F32 = npt.NDArray[np.float32]
 Shape = tuple[int, int, int]
+# Modes whose convert("L"/"RGB") keeps the picture. Pillow converts 16/32-bit ("I;16", "I", "F")
+# by clipping at 255, not scaling, so a 16-bit PNG would be classified as a white square.
+_8BIT_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK",
+                         "YCbCr"})  # fmt: skip
 
 
 def describe(shape: Shape) -> str:
@@ -55,21 +59,27 @@ def decode_image(data: bytes, shape: Shape, field: str, *, resize: bool, max_pix
             if img.format not in ("PNG", "JPEG"):
                 raise InvalidInput(f"unsupported image format {img.format}", field=field,
                                    fix="send PNG or JPEG")  # fmt: skip
+            if img.size != (w, h) and not resize:  # refused from the header, never decoded
+                raise InvalidInput(
+                    f"image is {img.width}x{img.height}, the model expects {w}x{h}", field=field,
+                    fix=f"send {w}x{h} images, or set \"resize\": true to resize them",
+                )  # fmt: skip
+            if img.mode not in _8BIT_MODES:
+                raise InvalidInput(f"image mode {img.mode} is not supported", field=field,
+                                   fix="send an 8-bit grayscale or RGB image")  # fmt: skip
             img = img.convert("L" if c == 1 else "RGB")
     except InvalidInput:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
-            Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # fmt: skip
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's guard in Image.open fired before our limit (over 2x Image.MAX_IMAGE_PIXELS).
+        raise InvalidInput("image declares more pixels than allowed (decompression bomb guard)",
+                           field=field, fix=f"send a {w}x{h} image") from exc  # fmt: skip
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise InvalidInput(
             "not a readable PNG or JPEG image", field=field,
             fix="send a complete PNG or JPEG file, base64-encoded",
         ) from exc  # fmt: skip
     if img.size != (w, h):
-        if not resize:
-            raise InvalidInput(
-                f"image is {img.width}x{img.height}, the model expects {w}x{h}", field=field,
-                fix=f"send {w}x{h} images, or set \"resize\": true to resize them",
-            )  # fmt: skip
         img = img.resize((w, h), Image.Resampling.BILINEAR)
     arr = np.asarray(img, dtype=np.float32) / np.float32(255.0)
     return arr[None] if c == 1 else np.ascontiguousarray(arr.transpose(2, 0, 1))
