@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from notsure import __version__
 from service.api.deps import AppState
@@ -58,6 +59,16 @@ def _serve_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers())
 
 
+def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's own errors (unknown path, wrong method, a body json.loads cannot parse, e.g.
+    nested deeper than its recursion limit) in the same {"error", "field", "fix"} shape."""
+    assert isinstance(exc, HTTPException)
+    body = {"error": str(exc.detail), "fix": "see the OpenAPI schema at /docs"}
+    if exc.status_code == 400:
+        body.update(field="body", fix="send valid JSON nested no deeper than the schema")
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
 def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     rid = request.scope.get("notsure.request_id", "")
     log.exception("unhandled error (request id %s)", rid)
@@ -99,6 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v2.router)
     app.add_exception_handler(ServeError, _serve_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,

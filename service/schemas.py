@@ -125,6 +125,7 @@ class V2ServerMetadata(BaseModel):
 API_ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
     for code, text in {
+        400: "the body is not parseable JSON (e.g. nested too deeply)",
         401: "missing or unknown API key",
         404: "unknown model or version",
         413: "body or instance count over a limit",
