@@ -20,13 +20,17 @@ async def server_metadata() -> dict[str, Any]:
     return {"name": "notsure", "version": __version__, "extensions": ["binary_tensor_data"]}
 
 
-@router.get("/v2/health/live", dependencies=[Depends(require_key_for_health)])
+# Liveness and readiness answer with a status and no body: response_class=Response documents
+# exactly that (FastAPI's default would promise a JSON body in the OpenAPI schema).
+@router.get("/v2/health/live", dependencies=[Depends(require_key_for_health)],
+            response_class=Response)  # fmt: skip
 async def live() -> Response:
     """200 while the process serves HTTP."""
     return Response(status_code=200)
 
 
 @router.get("/v2/health/ready", dependencies=[Depends(require_key_for_health)],
+            response_class=Response,
             responses={503: {"description": "a model failed to load, or the server is draining"}})
 async def ready(state: StateDep) -> Response:
     """200 when every model version in the repository is loaded and the server is not draining."""

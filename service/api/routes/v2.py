@@ -62,13 +62,13 @@ async def version_metadata(name: NAME, version: VERSION, request: Request,
     return _metadata(resolve(state, request, name, version), state)
 
 
-@router.get("/models/{name}/ready", responses={200: {"description": "ready"}})
+@router.get("/models/{name}/ready", response_class=Response)
 async def model_ready(name: NAME, request: Request, state: StateDep) -> Response:
     resolve(state, request, name, None)  # raises 404/503 when not ready
     return Response(status_code=200)
 
 
-@router.get("/models/{name}/versions/{version}/ready")
+@router.get("/models/{name}/versions/{version}/ready", response_class=Response)
 async def version_ready(name: NAME, version: VERSION, request: Request,
                         state: StateDep) -> Response:  # fmt: skip
     resolve(state, request, name, version)
