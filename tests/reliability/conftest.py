@@ -1,0 +1,83 @@
+"""Fixtures for the reliability suite: the service as a `notsure serve` process or an in-process
+live server, models made slow or failing on purpose, and request builders."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from benchmarks.soak import ServeProcess
+from service.repository import ModelVersion
+from tests.conftest import LiveServer
+
+RCE = "tiny-rce"
+SHAPE = (1, 28, 28)
+
+
+def pixels(n: int, seed: int = 0) -> npt.NDArray[np.float32]:
+    """(n, 1, 28, 28) float32 noise in [0, 1]; decisions do not matter here, answers do."""
+    return np.random.default_rng(seed).random((n, *SHAPE), dtype=np.float32)
+
+
+def v2_binary(x: npt.NDArray[np.float32], rid: str | None = None) -> tuple[bytes, dict[str, str]]:
+    """A KServe V2 binary-extension infer body for (B, 1, 28, 28) images, and its headers."""
+    head: dict[str, object] = {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "parameters": {"binary_data_size": int(x.nbytes)},
+            }
+        ]
+    }
+    if rid is not None:
+        head["id"] = rid
+    raw = json.dumps(head).encode()
+    headers = {
+        "Inference-Header-Content-Length": str(len(raw)),
+        "Content-Type": "application/octet-stream",
+    }
+    return raw + x.tobytes(), headers
+
+
+def model_version(server: LiveServer, name: str = RCE) -> ModelVersion:
+    mv: ModelVersion = server.app.state.notsure.repository.versions[name][1]
+    return mv
+
+
+def slow_down(monkeypatch: pytest.MonkeyPatch, mv: ModelVersion, seconds: float) -> list[int]:
+    """Make every batch of this model version take at least `seconds`; returns batch sizes run."""
+    assert mv.model is not None
+    run = mv.model.run
+    sizes: list[int] = []
+
+    def slow(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        sizes.append(int(x.shape[0]))
+        time.sleep(seconds)
+        return run(x)
+
+    monkeypatch.setattr(mv.model, "run", slow)
+    return sizes
+
+
+@pytest.fixture
+def serve(model_repo: Path, tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
+    """Start `notsure serve` subprocesses on 127.0.0.1 (stopped at teardown); settings as env."""
+    started: list[ServeProcess] = []
+
+    def start(repo: Path | None = None, **settings: str) -> ServeProcess:
+        env = {f"NOTSURE_{k.upper()}": v for k, v in settings.items()}
+        proc = ServeProcess(repo or model_repo, tmp_path / f"serve-{len(started)}.log", env)
+        started.append(proc)
+        return proc.start()
+
+    yield start
+    for proc in started:
+        proc.stop()
