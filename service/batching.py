@@ -11,6 +11,7 @@ way (parsed but not yet queued), so a lone request on an idle server runs at onc
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ import numpy.typing as npt
 
 from service.errors import DeadlineExceeded, InferenceFailed, Overloaded, ServeError, ShuttingDown
 
+log = logging.getLogger(__name__)
 R = TypeVar("R")
 F32 = npt.NDArray[np.float32]
 
@@ -211,6 +213,9 @@ class Batcher(Generic[R]):
         if results is not None and len(results) != len(items):
             exc = InferenceFailed(f"batch returned {len(results)} results for {len(items)} requests")
         self._observer.on_complete(time.perf_counter() - t0, exc is not None)
+        if exc is not None and not isinstance(exc, ServeError):
+            # Clients only see a generic InferenceFailed; the cause must reach the log.
+            log.error("batch of %d requests failed", len(items), exc_info=exc)
         for i, p in enumerate(items):
             if p.future.done():
                 continue
