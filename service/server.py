@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import signal
+from types import FrameType
 
 import uvicorn
 
@@ -26,7 +28,15 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
     )
 
 
+def _drained(signum: int, frame: FrameType | None) -> None:
+    log.info("drained after signal %d; exiting", signum)
+
+
 def run(settings: Settings) -> None:
     """Serve until SIGINT/SIGTERM; in-flight requests finish before the process exits 0."""
     server = uvicorn.Server(uvicorn_config(settings))
+    # After a graceful shutdown uvicorn restores the previous SIGTERM handler and re-raises the
+    # signal; with the default action the drained process then dies with -15 (143 in a shell),
+    # which supervisors read as a crash. A handler here makes that re-raise a no-op: exit 0.
+    signal.signal(signal.SIGTERM, _drained)
     server.run()
