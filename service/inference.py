@@ -9,11 +9,14 @@ import numpy.typing as npt
 from fastapi import Request
 
 from service.api.deps import AppState
-from service.errors import InvalidInput, ModelNotReady
+from service.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overloaded, ShuttingDown
 from service.repository import ModelVersion
 from service.scoring import Scores
 
 ARRIVING_KEY = "notsure.arriving"
+# notsure_rejected_total{reason}: requests refused before inference (the dashboard's
+# "Rejections" panel and the 5xx alert point operators at it).
+REJECTED = {Overloaded: "queue_full", DeadlineExceeded: "timeout", ShuttingDown: "shutting_down"}
 VERSION_KEY = "notsure.version"
 
 
@@ -64,9 +67,13 @@ async def infer(
     mark_queued(request, state)
     if mv.batcher is None:
         raise ModelNotReady(f"model {mv.name!r} version {mv.version} is not ready")
-    scores = await mv.batcher.submit(x, state.settings.request_timeout_s)
-    outcome = Outcome(scores, threshold)
     labels = (mv.name, str(mv.version))
+    try:
+        scores = await mv.batcher.submit(x, state.settings.request_timeout_s)
+    except (Overloaded, DeadlineExceeded, ShuttingDown) as exc:
+        state.metrics.rejected.labels(*labels, REJECTED[type(exc)]).inc()
+        raise
+    outcome = Outcome(scores, threshold)
     n_acc = int(outcome.accepted.sum())
     m = state.metrics
     if n_acc:
