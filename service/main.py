@@ -11,8 +11,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from notsure import __version__
 from service.api.deps import AppState
@@ -69,6 +70,12 @@ def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
+def _client_gone(request: Request, exc: Exception) -> Response:
+    """The client hung up before its body arrived: no one to answer, and not our bug. 499
+    (nginx's "client closed request") keeps it out of the 5xx rate, the alert and the error log."""
+    return Response(status_code=499)
+
+
 def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     rid = request.scope.get("notsure.request_id", "")
     log.exception("unhandled error (request id %s)", rid)
@@ -111,6 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(ServeError, _serve_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _unexpected)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
