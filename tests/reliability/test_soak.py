@@ -1,0 +1,54 @@
+"""A bounded soak: `notsure serve` in one process, benchmarks/soak.py's load in another, mixed
+endpoints and batch sizes at concurrency 64; every request answered once with its own id and
+memory flat. The 5-minute run recorded in docs/reliability.md is the same script, longer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from benchmarks.soak import ServeProcess
+
+pytestmark = pytest.mark.slow
+SOAK = Path(__file__).resolve().parents[2] / "benchmarks" / "soak.py"
+DURATION_S, WARMUP_S = 25, 10
+RSS_GROWTH_BOUND_KIB = 48 * 1024  # after warm-up; see docs/reliability.md for the measured drift
+
+
+def test_short_soak_loses_nothing_and_memory_stays_flat(
+    serve: Callable[..., ServeProcess], tmp_path: Path
+) -> None:
+    server = serve()
+    out = tmp_path / "soak.json"
+    argv = [
+        sys.executable,
+        str(SOAK),
+        "--url",
+        server.url,
+        "--pid",
+        str(server.pid),
+        "--duration",
+        str(DURATION_S),
+        "--warmup",
+        str(WARMUP_S),
+        "--concurrency",
+        "64",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=DURATION_S + 120)
+    assert out.exists(), proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    print(f"\nsoak {DURATION_S} s: {proc.stdout.strip()}")
+    assert res["errors"] == {} and res["lost"] == 0 and res["duplicated"] == 0
+    assert res["ok"] == res["requests"] > 100
+    assert set(res["by_endpoint"]) >= {"predict_files_2", "v2_binary_128", "predict_png_8"}
+    rss = res["rss_kib"]
+    assert rss["end"] - rss["after_warmup"] < RSS_GROWTH_BOUND_KIB, rss
+    assert proc.returncode == 0
+    assert server.terminate() == 0
