@@ -119,6 +119,7 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        ("_codecs", "encode"),  # protocol-2 pickles rebuild bytes with it (str -> bytes only)
     }
 
     def find_class(self, module: str, name: str) -> object:
@@ -129,7 +130,8 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 def _read_cifar_batch(path: Path) -> dict[str, object]:
     raw = _ArrayUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
-    return {str(k): v for k, v in raw.items()}
+    # Python 2 pickles (the official release) give str keys under latin1; bytes keys also occur.
+    return {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in raw.items()}
 
 
 def _load_cifar10(data_dir: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
