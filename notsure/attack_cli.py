@@ -6,6 +6,7 @@ imported only when the command runs.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -62,6 +63,9 @@ def attack(
     """Attack models white-box and measure what the service's NOT SURE filters (issue 4)."""
     from training.attack_run import AttackRunConfig, run
     from training.attack_summary import write_report
+
+    # httpx logs every request at INFO: thousands of lines that would bury the progress bars.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
     costs = _split(cost, ("ce",))
     if bad := [c for c in costs if c not in ("ce", "rce")]:

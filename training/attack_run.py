@@ -170,7 +170,8 @@ def _adversarial(
             adv = attack(net, manifest.objective, ds.x, ds.y, acfg)
             bar.advance()
         return adv.numpy()
-    dkey = _key(*base, acfg.cost, acfg.labels)
+    # The direction depends on the weights, the images and the cost, not on who scores them.
+    dkey = _key(*base[:-1], acfg.cost, acfg.labels)
 
     def direction() -> dict[str, np.ndarray]:
         target = attack_targets(net, manifest.objective, ds.x, ds.y, acfg)
