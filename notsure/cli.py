@@ -36,14 +36,22 @@ def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> 
 
 @app.command()
 def train(
-    dataset: Annotated[str, typer.Option(help="mnist, fashion-mnist, cifar10 or synthetic")] = "mnist",
+    dataset: Annotated[
+        str, typer.Option(help="mnist, fashion-mnist, cifar10 or synthetic")
+    ] = "mnist",
     arch: Annotated[str, typer.Option(help="resnet32/56/110, cnn or mlp")] = "resnet32",
     objective: Annotated[str, typer.Option(help="rce or ce")] = "rce",
     data_dir: Annotated[Path, typer.Option(help="folder in torchvision's layout")] = Path("data"),
-    out: Annotated[Path, typer.Option(help="run folder (checkpoint, log, weights)")] = Path("runs/train"),
-    steps: Annotated[int, typer.Option(help="optimiser steps (paper: 20k MNIST, 80k CIFAR-10)")] = 20_000,
+    out: Annotated[Path, typer.Option(help="run folder (checkpoint, log, weights)")] = Path(
+        "runs/train"
+    ),
+    steps: Annotated[
+        int, typer.Option(help="optimiser steps (paper: 20k MNIST, 80k CIFAR-10)")
+    ] = 20_000,
     batch_size: int = 128,
-    optimizer: Annotated[str, typer.Option(help="sgd (paper, ResNets) or adam (appendix CNN)")] = "sgd",
+    optimizer: Annotated[
+        str, typer.Option(help="sgd (paper, ResNets) or adam (appendix CNN)")
+    ] = "sgd",
     lr: float = 0.1,
     momentum: float = 0.9,
     weight_decay: float = 2e-4,
@@ -61,16 +69,31 @@ def train(
     from training.train import train as run
 
     cfg = TrainConfig(
-        dataset="synthetic" if dry_run else dataset, data_dir=data_dir, arch=arch, objective=objective,  # type: ignore[arg-type]
-        steps=20 if dry_run else steps, batch_size=32 if dry_run else batch_size,
+        dataset="synthetic" if dry_run else dataset,
+        data_dir=data_dir,
+        arch=arch,
+        objective=objective,  # type: ignore[arg-type]
+        steps=20 if dry_run else steps,
+        batch_size=32 if dry_run else batch_size,
         optimizer=optimizer,  # type: ignore[arg-type]
-        lr=lr, momentum=momentum, weight_decay=weight_decay, val_size=val_size,
-        eval_every=10 if dry_run else eval_every, checkpoint_every=checkpoint_every,
-        out_dir=out, seed=seed, device=device, threads=threads, resume=resume, dry_run=dry_run,
-    )  # fmt: skip
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        val_size=val_size,
+        eval_every=10 if dry_run else eval_every,
+        checkpoint_every=checkpoint_every,
+        out_dir=out,
+        seed=seed,
+        device=device,
+        threads=threads,
+        resume=resume,
+        dry_run=dry_run,
+    )
     result = run(cfg)
-    typer.echo(f"test accuracy {result.test_accuracy:.4f} after {result.steps} steps "
-               f"({result.wall_time_s:.0f} s); run folder {result.out_dir}")  # fmt: skip
+    typer.echo(
+        f"test accuracy {result.test_accuracy:.4f} after {result.steps} steps "
+        f"({result.wall_time_s:.0f} s); run folder {result.out_dir}"
+    )
 
 
 @app.command()
@@ -85,8 +108,9 @@ def export(
     from training.export import ExportConfig
     from training.export import export as run_export
 
-    result = run_export(ExportConfig(run_dir=run, name=name, version=version,
-                                     models_dir=models_dir, opset=opset))  # fmt: skip
+    result = run_export(
+        ExportConfig(run_dir=run, name=name, version=version, models_dir=models_dir, opset=opset)
+    )
     typer.echo(f"exported to {result.model_dir} (max |dp| vs PyTorch {result.max_prob_diff:.1e})")
 
 
@@ -94,8 +118,9 @@ def export(
 def calibrate(
     model_dir: Annotated[Path, typer.Argument(help="models/<name>/<version>")],
     data_dir: Annotated[Path, typer.Option(help="folder in torchvision's layout")] = Path("data"),
-    target_clean_refuse: Annotated[float, typer.Option(
-        help="share of held-out clean images T should refuse")] = 0.05,
+    target_clean_refuse: Annotated[
+        float, typer.Option(help="share of held-out clean images T should refuse")
+    ] = 0.05,
     threshold: Annotated[float | None, typer.Option(help="set T directly instead")] = None,
     eta: Annotated[float, typer.Option(help="relaxation factor of the kernel (Eq. 5)")] = 1.0,
 ) -> None:
@@ -103,11 +128,19 @@ def calibrate(
     from training.calibrate import CalibrateConfig
     from training.calibrate import calibrate as run_calibrate
 
-    m = run_calibrate(CalibrateConfig(model_dir=model_dir, data_dir=data_dir,
-                                      target_clean_refuse=target_clean_refuse,
-                                      threshold=threshold, eta=eta))  # fmt: skip
-    typer.echo(f"{m.name}/{m.version}: sigma {m.kernel.sigma:.4g}, T {m.threshold:.4g}, "
-               f"clean test accuracy {m.metrics['clean_test_accuracy']:.4f}")
+    m = run_calibrate(
+        CalibrateConfig(
+            model_dir=model_dir,
+            data_dir=data_dir,
+            target_clean_refuse=target_clean_refuse,
+            threshold=threshold,
+            eta=eta,
+        )
+    )
+    typer.echo(
+        f"{m.name}/{m.version}: sigma {m.kernel.sigma:.4g}, T {m.threshold:.4g}, "
+        f"clean test accuracy {m.metrics['clean_test_accuracy']:.4f}"
+    )
 
 
 @app.command()
@@ -121,8 +154,16 @@ def serve(
     from service.config import Settings
     from service.server import run
 
-    overrides = {k: v for k, v in {"host": host, "port": port, "model_repository": model_repository,
-                                   "device": device}.items() if v is not None}  # fmt: skip
+    overrides = {
+        k: v
+        for k, v in {
+            "host": host,
+            "port": port,
+            "model_repository": model_repository,
+            "device": device,
+        }.items()
+        if v is not None
+    }
     run(Settings(**overrides))
 
 

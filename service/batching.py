@@ -139,9 +139,9 @@ class Batcher(Generic[R]):
         n = int(x.shape[0])
         if self._queued_images + n > self.max_queue_images:
             raise Overloaded(
-                f"queue full ({self._queued_images} images waiting, limit "
-                f"{self.max_queue_images})", retry_after_s=self.retry_after_s,
-            )  # fmt: skip
+                f"queue full ({self._queued_images} images waiting, limit {self.max_queue_images})",
+                retry_after_s=self.retry_after_s,
+            )
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         item: _Pending[R] = _Pending(x, loop.create_future(), now, now + timeout_s)
@@ -167,9 +167,12 @@ class Batcher(Generic[R]):
             if not self._queue:
                 break
             decision = plan(
-                [p.size for p in self._queue], now - self._queue[0].enqueued,
-                max_batch=self.max_batch, max_delay_s=self.max_delay_s, arriving=self._arrivals.count,
-            )  # fmt: skip
+                [p.size for p in self._queue],
+                now - self._queue[0].enqueued,
+                max_batch=self.max_batch,
+                max_delay_s=self.max_delay_s,
+                arriving=self._arrivals.count,
+            )
             if decision.take == 0:
                 if decision.wait_s is not None:
                     loop = asyncio.get_running_loop()
@@ -185,9 +188,12 @@ class Batcher(Generic[R]):
                 self._queued_images -= p.size
             elif now > p.deadline:
                 self._queued_images -= p.size
-                p.future.set_exception(DeadlineExceeded(
-                    f"waited {now - p.enqueued:.2f} s in the queue, past the request timeout",
-                    fix="retry later or raise the timeout"))  # fmt: skip
+                p.future.set_exception(
+                    DeadlineExceeded(
+                        f"waited {now - p.enqueued:.2f} s in the queue, past the request timeout",
+                        fix="retry later or raise the timeout",
+                    )
+                )
             else:
                 keep.append(p)
         self._queue = keep
@@ -197,8 +203,9 @@ class Batcher(Generic[R]):
         sizes = [p.size for p in items]
         self._queued_images -= sum(sizes)
         x = items[0].x if len(items) == 1 else np.concatenate([p.x for p in items])
-        self._observer.on_dispatch(int(x.shape[0]), [now - p.enqueued for p in items],
-                                   self._queued_images)  # fmt: skip
+        self._observer.on_dispatch(
+            int(x.shape[0]), [now - p.enqueued for p in items], self._queued_images
+        )
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         fut = loop.run_in_executor(self._executor, self._run, x, sizes)
@@ -211,7 +218,9 @@ class Batcher(Generic[R]):
         exc = fut.exception()
         results = None if exc else fut.result()
         if results is not None and len(results) != len(items):
-            exc = InferenceFailed(f"batch returned {len(results)} results for {len(items)} requests")
+            exc = InferenceFailed(
+                f"batch returned {len(results)} results for {len(items)} requests"
+            )
         self._observer.on_complete(time.perf_counter() - t0, exc is not None)
         if exc is not None and not isinstance(exc, ServeError):
             # Clients only see a generic InferenceFailed; the cause must reach the log.
@@ -220,8 +229,13 @@ class Batcher(Generic[R]):
             if p.future.done():
                 continue
             if exc is not None:
-                err = exc if isinstance(exc, ServeError) else InferenceFailed(
-                    "inference failed for this batch; the server keeps serving")
+                err = (
+                    exc
+                    if isinstance(exc, ServeError)
+                    else InferenceFailed(
+                        "inference failed for this batch; the server keeps serving"
+                    )
+                )
                 p.future.set_exception(err)
             else:
                 p.future.set_result(results[i])  # type: ignore[index]

@@ -1,7 +1,8 @@
-"""The service's one Settings object (environment prefix NOTSURE_). Nothing else reads os.environ."""
+"""The one Settings object (environment prefix NOTSURE_). Nothing else reads os.environ."""
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -31,7 +32,9 @@ class Settings(BaseSettings):
     # Serve only these model names (empty: every model in the repository).
     models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     device: Literal["auto", "cuda", "cpu"] = "auto"
-    intra_op_threads: int = Field(default=0, ge=0, description="0: onnxruntime's default")
+    intra_op_threads: int = Field(
+        default=0, ge=0, description="threads per onnxruntime run; 0: cores / inference_threads"
+    )
     log_level: str = "info"
 
     # Decisions.
@@ -69,6 +72,13 @@ class Settings(BaseSettings):
         if isinstance(v, str):
             return [item.strip() for item in v.split(",") if item.strip()]
         return v
+
+    def intra_threads(self) -> int:
+        """onnxruntime intra-op threads: batches run `inference_threads` at a time, so split
+        the cores between them instead of oversubscribing."""
+        if self.intra_op_threads:
+            return self.intra_op_threads
+        return max(1, (os.cpu_count() or 1) // self.inference_threads)
 
     def batching_for(self, model: str) -> BatchingSettings:
         if model in self.batching_overrides:

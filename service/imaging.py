@@ -23,8 +23,9 @@ F32 = npt.NDArray[np.float32]
 Shape = tuple[int, int, int]
 # Modes whose convert("L"/"RGB") keeps the picture. Pillow converts 16/32-bit ("I;16", "I", "F")
 # by clipping at 255, not scaling, so a 16-bit PNG would be classified as a white square.
-_8BIT_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK",
-                         "YCbCr"})  # fmt: skip
+_8BIT_MODES = frozenset(
+    {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"}
+)
 
 
 def describe(shape: Shape) -> str:
@@ -49,40 +50,51 @@ def decode_image(data: bytes, shape: Shape, field: str, *, resize: bool, max_pix
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img: Image.Image = Image.open(io.BytesIO(data))
             # Image.open reads the header only: refuse huge images before decoding pixels.
             if img.width * img.height > max_pixels:
                 raise InvalidInput(
                     f"image is {img.width}x{img.height} pixels, over the limit of {max_pixels}",
-                    field=field, fix=f"send a {w}x{h} image",
-                )  # fmt: skip
+                    field=field,
+                    fix=f"send a {w}x{h} image",
+                )
             if img.format not in ("PNG", "JPEG"):
-                raise InvalidInput(f"unsupported image format {img.format}", field=field,
-                                   fix="send PNG or JPEG")  # fmt: skip
+                raise InvalidInput(
+                    f"unsupported image format {img.format}", field=field, fix="send PNG or JPEG"
+                )
             if img.size != (w, h) and not resize:  # refused from the header, never decoded
                 raise InvalidInput(
-                    f"image is {img.width}x{img.height}, the model expects {w}x{h}", field=field,
-                    fix=f"send {w}x{h} images, or set \"resize\": true to resize them",
-                )  # fmt: skip
+                    f"image is {img.width}x{img.height}, the model expects {w}x{h}",
+                    field=field,
+                    fix=f'send {w}x{h} images, or set "resize": true to resize them',
+                )
             if img.mode not in _8BIT_MODES:
-                raise InvalidInput(f"image mode {img.mode} is not supported", field=field,
-                                   fix="send an 8-bit grayscale or RGB image")  # fmt: skip
+                raise InvalidInput(
+                    f"image mode {img.mode} is not supported",
+                    field=field,
+                    fix="send an 8-bit grayscale or RGB image",
+                )
             img = img.convert("L" if c == 1 else "RGB")
     except InvalidInput:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # Pillow's guard in Image.open fired before our limit (over 2x Image.MAX_IMAGE_PIXELS).
-        raise InvalidInput("image declares more pixels than allowed (decompression bomb guard)",
-                           field=field, fix=f"send a {w}x{h} image") from exc  # fmt: skip
+        raise InvalidInput(
+            "image declares more pixels than allowed (decompression bomb guard)",
+            field=field,
+            fix=f"send a {w}x{h} image",
+        ) from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise InvalidInput(
-            "not a readable PNG or JPEG image", field=field,
+            "not a readable PNG or JPEG image",
+            field=field,
             fix="send a complete PNG or JPEG file, base64-encoded",
-        ) from exc  # fmt: skip
+        ) from exc
     if img.size != (w, h):
         img = img.resize((w, h), Image.Resampling.BILINEAR)
     arr = np.asarray(img, dtype=np.float32) / np.float32(255.0)
-    return arr[None] if c == 1 else np.ascontiguousarray(arr.transpose(2, 0, 1))
+    out: F32 = arr[None] if c == 1 else np.ascontiguousarray(arr.transpose(2, 0, 1))
+    return out
 
 
 def pixels_to_tensor(values: Any, shape: Shape, field: str) -> F32:
@@ -102,15 +114,17 @@ def check_pixels(arr: npt.NDArray[Any], shape: Shape, field: str) -> F32:
     if arr.shape != shape:
         c, h, w = shape
         raise InvalidInput(f"expected {c}x{h}x{w}, got {got}", field=field, fix=describe(shape))
-    return check_batch(arr[None], shape, field)[0]
+    one: F32 = check_batch(arr[None], shape, field)[0]
+    return one
 
 
 def check_batch(arr: npt.NDArray[Any], shape: Shape, field: str) -> F32:
     """Validate a batch (B, C, H, W) (or (B, H, W) for one channel) -> (B, C, H, W) float32."""
     c, h, w = shape
     if arr.dtype.kind not in "iuf" or arr.dtype == np.bool_:
-        raise InvalidInput(f"pixel array has non-numeric values ({arr.dtype})", field=field,
-                           fix=describe(shape))  # fmt: skip
+        raise InvalidInput(
+            f"pixel array has non-numeric values ({arr.dtype})", field=field, fix=describe(shape)
+        )
     if arr.ndim == 3 and c == 1:
         arr = arr[:, None]
     if arr.ndim != 4 or arr.shape[1:] != shape:
@@ -125,11 +139,15 @@ def check_batch(arr: npt.NDArray[Any], shape: Shape, field: str) -> F32:
     out = arr.astype(np.float32, copy=False)
     lo, hi = float(out.min()), float(out.max())  # NaN propagates into min/max
     if not (np.isfinite(lo) and np.isfinite(hi)):
-        raise InvalidInput("pixel array has NaN or infinite values", field=field,
-                           fix=describe(shape))  # fmt: skip
+        raise InvalidInput(
+            "pixel array has NaN or infinite values", field=field, fix=describe(shape)
+        )
     if lo < 0.0 or hi > 1.0:
-        raise InvalidInput(f"float pixels must be in [0, 1], got [{lo:.4g}, {hi:.4g}]",
-                           field=field, fix=describe(shape))  # fmt: skip
+        raise InvalidInput(
+            f"float pixels must be in [0, 1], got [{lo:.4g}, {hi:.4g}]",
+            field=field,
+            fix=describe(shape),
+        )
     return out
 
 
@@ -138,12 +156,18 @@ def instance_to_tensor(
 ) -> F32:
     """One native-API instance (base64 string, {'b64': ...} or a pixel list) -> (C, H, W)."""
     if isinstance(instance, str):
-        return decode_image(_b64decode(instance, field), shape, field, resize=resize,
-                            max_pixels=max_pixels)  # fmt: skip
+        return decode_image(
+            _b64decode(instance, field), shape, field, resize=resize, max_pixels=max_pixels
+        )
     b64 = getattr(instance, "b64", None)
     if isinstance(b64, str):
-        return decode_image(_b64decode(b64, f"{field}.b64"), shape, f"{field}.b64",
-                            resize=resize, max_pixels=max_pixels)  # fmt: skip
+        return decode_image(
+            _b64decode(b64, f"{field}.b64"),
+            shape,
+            f"{field}.b64",
+            resize=resize,
+            max_pixels=max_pixels,
+        )
     if isinstance(instance, list):
         return pixels_to_tensor(instance, shape, field)
     raise InvalidInput("unsupported instance type", field=field, fix=describe(shape))

@@ -42,9 +42,10 @@ def threshold_for(state: AppState, mv: ModelVersion, requested: float | None) ->
         return mv.threshold
     if not state.settings.allow_request_threshold:
         raise InvalidInput(
-            "this server does not accept a per-request threshold", field="threshold",
+            "this server does not accept a per-request threshold",
+            field="threshold",
             fix="omit it (the server applies its configured T)",
-        )  # fmt: skip
+        )
     if not 0.0 <= requested <= 1.0:
         raise InvalidInput(f"threshold must be in [0, 1], got {requested}", field="threshold")
     return requested

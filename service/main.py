@@ -79,8 +79,9 @@ def _client_gone(request: Request, exc: Exception) -> Response:
 def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     rid = request.scope.get("notsure.request_id", "")
     log.exception("unhandled error (request id %s)", rid)
-    return JSONResponse({"error": "internal error; this is a bug in notsure", "request_id": rid},
-                        status_code=500)  # fmt: skip
+    return JSONResponse(
+        {"error": "internal error; this is a bug in notsure", "request_id": rid}, status_code=500
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -90,10 +91,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="infer")
     arrivals = ArrivalTracker()
     state = AppState(
-        settings=settings, metrics=metrics,
+        settings=settings,
+        metrics=metrics,
         repository=Repository(settings, metrics, executor, arrivals),
-        keys=KeyRing(settings.api_keys, settings.api_keys_file), arrivals=arrivals,
-    )  # fmt: skip
+        keys=KeyRing(settings.api_keys, settings.api_keys_file),
+        arrivals=arrivals,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -121,7 +124,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _unexpected)
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
-                           allow_methods=["GET", "POST"], allow_headers=["*"])  # fmt: skip
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+        )
     app.add_middleware(ServiceMiddleware, state=state)
     return app

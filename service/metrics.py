@@ -11,9 +11,25 @@ from collections.abc import Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05,
-    0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-)  # fmt: skip
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 J_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05 ... 1.0
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -25,33 +41,52 @@ class Metrics:
         r = self.registry = registry or CollectorRegistry()
         mv = ["model", "version"]
         self.requests = Counter(
-            "notsure_requests", "HTTP requests by route and status code.",
-            ["model", "version", "endpoint", "code"], registry=r,
-        )  # fmt: skip
-        self.predictions = Counter(
-            "notsure_predictions", "Images answered, by decision (accepted or not_sure).",
-            [*mv, "decision"], registry=r,
-        )  # fmt: skip
-        self.j_score = Histogram(
-            "notsure_j_score", "J-score (confidence x kernel non-ME) of each image.", mv,
-            buckets=J_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.request_latency = Histogram(
-            "notsure_request_duration_seconds", "Time from request received to response ready.",
-            ["model", "version", "endpoint"], buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.queue_wait = Histogram(
-            "notsure_queue_wait_seconds", "Time an image waited in the batching queue.", mv,
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.inference_time = Histogram(
-            "notsure_inference_duration_seconds", "onnxruntime run time of one batch.", mv,
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.batch_size = Histogram(
-            "notsure_batch_size", "Images per executed batch.", mv, buckets=BATCH_BUCKETS,
+            "notsure_requests",
+            "HTTP requests by route and status code.",
+            ["model", "version", "endpoint", "code"],
             registry=r,
-        )  # fmt: skip
+        )
+        self.predictions = Counter(
+            "notsure_predictions",
+            "Images answered, by decision (accepted or not_sure).",
+            [*mv, "decision"],
+            registry=r,
+        )
+        self.j_score = Histogram(
+            "notsure_j_score",
+            "J-score (confidence x kernel non-ME) of each image.",
+            mv,
+            buckets=J_BUCKETS,
+            registry=r,
+        )
+        self.request_latency = Histogram(
+            "notsure_request_duration_seconds",
+            "Time from request received to response ready.",
+            ["model", "version", "endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "notsure_queue_wait_seconds",
+            "Time an image waited in the batching queue.",
+            mv,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_time = Histogram(
+            "notsure_inference_duration_seconds",
+            "onnxruntime run time of one batch.",
+            mv,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "notsure_batch_size",
+            "Images per executed batch.",
+            mv,
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
         self.inflight = Gauge(
             "notsure_inflight_requests", "Requests being handled right now.", mv, registry=r
         )
@@ -59,20 +94,26 @@ class Metrics:
             "notsure_queue_images", "Images waiting in the batching queue.", mv, registry=r
         )
         self.rejected = Counter(
-            "notsure_rejected", "Requests shed or timed out before inference, by reason.",
-            [*mv, "reason"], registry=r,
-        )  # fmt: skip
+            "notsure_rejected",
+            "Requests shed or timed out before inference, by reason.",
+            [*mv, "reason"],
+            registry=r,
+        )
         self.batch_failures = Counter(
             "notsure_batch_failures", "Batches whose inference raised.", mv, registry=r
         )
         self.model_ready = Gauge(
-            "notsure_model_ready", "1 when the model version loaded and serves, else 0.", mv,
+            "notsure_model_ready",
+            "1 when the model version loaded and serves, else 0.",
+            mv,
             registry=r,
-        )  # fmt: skip
+        )
         self.model_info = Gauge(
-            "notsure_model_info", "Static facts about a loaded model version (value is 1).",
-            [*mv, "provider", "objective", "threshold", "architecture"], registry=r,
-        )  # fmt: skip
+            "notsure_model_info",
+            "Static facts about a loaded model version (value is 1).",
+            [*mv, "provider", "objective", "threshold", "architecture"],
+            registry=r,
+        )
 
 
 class BatchMetrics:

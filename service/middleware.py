@@ -56,9 +56,14 @@ class ServiceMiddleware:
 
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            await _send_error(send_wrapper, PayloadTooLarge(
-                f"body is {int(length)} bytes, the limit is {limit}", field="body",
-                fix="send fewer or smaller images per request"))  # fmt: skip
+            await _send_error(
+                send_wrapper,
+                PayloadTooLarge(
+                    f"body is {int(length)} bytes, the limit is {limit}",
+                    field="body",
+                    fix="send fewer or smaller images per request",
+                ),
+            )
             self._record(scope, known, status["code"], start, rid)
             return
         received = {"n": 0}
@@ -71,8 +76,9 @@ class ServiceMiddleware:
                     raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes", field="body")
             return message
 
-        arriving = known is not None and scope["method"] == "POST" and path.endswith(
-            _INFER_SUFFIXES)
+        arriving = (
+            known is not None and scope["method"] == "POST" and path.endswith(_INFER_SUFFIXES)
+        )
         if arriving:
             scope[ARRIVING_KEY] = True
             state.arrivals.count += 1
@@ -97,16 +103,30 @@ class ServiceMiddleware:
         m.requests.labels(*labels, endpoint, str(code)).inc()
         m.request_latency.labels(*labels, endpoint).observe(time.perf_counter() - start)
         if code >= 400 or log.isEnabledFor(logging.DEBUG):
-            log.log(logging.INFO if code < 500 else logging.ERROR, "%s %s %s -> %d (%.1f ms) id=%s",
-                    scope["method"], scope["path"], model or "-", code,
-                    1000 * (time.perf_counter() - start), rid)  # fmt: skip
+            log.log(
+                logging.INFO if code < 500 else logging.ERROR,
+                "%s %s %s -> %d (%.1f ms) id=%s",
+                scope["method"],
+                scope["path"],
+                model or "-",
+                code,
+                1000 * (time.perf_counter() - start),
+                rid,
+            )
 
 
 async def _send_error(send: Send, exc: Any) -> None:
     import json
 
     body = json.dumps(exc.body()).encode()
-    await send({"type": "http.response.start", "status": exc.status_code,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})  # fmt: skip
+    await send(
+        {
+            "type": "http.response.start",
+            "status": exc.status_code,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

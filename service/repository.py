@@ -65,11 +65,15 @@ def _check_graph(manifest: Manifest, model: OnnxModel) -> None:
     want_in = manifest.input_shape
     got_in = tuple(sig.input_shape[1:])
     if len(sig.input_shape) != 4 or got_in != want_in:
-        raise ModelLoadError(f"graph input {list(sig.input_shape)} does not match the manifest's "
-                             f"input_shape {list(want_in)}")  # fmt: skip
+        raise ModelLoadError(
+            f"graph input {list(sig.input_shape)} does not match the manifest's "
+            f"input_shape {list(want_in)}"
+        )
     if len(sig.output_shape) != 2 or sig.output_shape[1] != manifest.num_classes:
-        raise ModelLoadError(f"graph output {list(sig.output_shape)} does not have the manifest's "
-                             f"{manifest.num_classes} classes")  # fmt: skip
+        raise ModelLoadError(
+            f"graph output {list(sig.output_shape)} does not have the manifest's "
+            f"{manifest.num_classes} classes"
+        )
 
 
 def scan(root: Path) -> list[tuple[str, int, Path]]:
@@ -86,8 +90,9 @@ def scan(root: Path) -> list[tuple[str, int, Path]]:
 class Repository:
     """Loads every model version once and hands out ready ones by name and version."""
 
-    def __init__(self, settings: Settings, metrics: Metrics, executor: Executor,
-                 arrivals: ArrivalTracker) -> None:  # fmt: skip
+    def __init__(
+        self, settings: Settings, metrics: Metrics, executor: Executor, arrivals: ArrivalTracker
+    ) -> None:
         self.settings, self.metrics = settings, metrics
         self._executor, self._arrivals = executor, arrivals
         self.versions: dict[str, dict[int, ModelVersion]] = {}
@@ -123,45 +128,64 @@ class Repository:
             raise ModelLoadError(f"manifest.json is invalid at {where}: {first['msg']}") from exc
         mv.manifest = manifest
         if (manifest.name, manifest.version) != (mv.name, mv.version):
-            raise ModelLoadError(f"manifest says {manifest.name}/{manifest.version}, folder is "
-                                 f"{mv.name}/{mv.version}")  # fmt: skip
+            raise ModelLoadError(
+                f"manifest says {manifest.name}/{manifest.version}, folder is "
+                f"{mv.name}/{mv.version}"
+            )
         onnx_path = mv.path / MODEL_FILE
         if not onnx_path.is_file():
             raise ModelLoadError("model.onnx is missing")
         if sha256_file(onnx_path) != manifest.sha256:
-            raise ModelLoadError("model.onnx does not match the manifest's sha256 (corrupt or "
-                                 "replaced); refusing to load it")  # fmt: skip
-        model = OnnxModel(onnx_path, device=self.settings.device,
-                          intra_op_threads=self.settings.intra_op_threads)  # fmt: skip
+            raise ModelLoadError(
+                "model.onnx does not match the manifest's sha256 (corrupt or "
+                "replaced); refusing to load it"
+            )
+        model = OnnxModel(
+            onnx_path, device=self.settings.device, intra_op_threads=self.settings.intra_threads()
+        )
         _check_graph(manifest, model)
         cfg = self.settings.batching_for(mv.name)
         for n in sorted({1, cfg.max_batch_size}):  # warm-up: first runs allocate and plan
             model.run(np.zeros((n, *manifest.input_shape), np.float32))
         overrides = self.settings.thresholds
-        mv.threshold = overrides.get(f"{mv.name}/{mv.version}",
-                                     overrides.get(mv.name, manifest.threshold))  # fmt: skip
+        mv.threshold = overrides.get(
+            f"{mv.name}/{mv.version}", overrides.get(mv.name, manifest.threshold)
+        )
         mv.model, mv.kernel = model, manifest.kernel.to_kernel()
         labels = (mv.name, str(mv.version))
         mv.batcher = Batcher(
-            mv.infer, self._executor,
+            mv.infer,
+            self._executor,
             max_batch=cfg.max_batch_size if self.settings.batching else 1,
             max_delay_s=cfg.max_queue_delay_ms / 1000.0 if self.settings.batching else 0.0,
             max_queue_images=self.settings.max_queue_images,
-            slots=self.settings.inference_threads, retry_after_s=self.settings.retry_after_s,
-            observer=BatchMetrics(self.metrics, *labels), arrivals=self._arrivals,
-        )  # fmt: skip
-        self.metrics.model_info.labels(*labels, model.provider, manifest.objective,
-                                       f"{mv.threshold:g}", manifest.architecture).set(1)  # fmt: skip
-        log.info("model %s version %d ready on %s (T=%.4g, %s, max batch %d)", mv.name,
-                 mv.version, model.provider, mv.threshold, manifest.objective,
-                 cfg.max_batch_size)  # fmt: skip
+            slots=self.settings.inference_threads,
+            retry_after_s=self.settings.retry_after_s,
+            observer=BatchMetrics(self.metrics, *labels),
+            arrivals=self._arrivals,
+        )
+        self.metrics.model_info.labels(
+            *labels, model.provider, manifest.objective, f"{mv.threshold:g}", manifest.architecture
+        ).set(1)
+        log.info(
+            "model %s version %d ready on %s (T=%.4g, %s, max batch %d)",
+            mv.name,
+            mv.version,
+            model.provider,
+            mv.threshold,
+            manifest.objective,
+            cfg.max_batch_size,
+        )
 
     def get(self, name: str, version: int | None = None) -> ModelVersion:
         """A ready version; the highest ready one when version is None."""
         versions = self.versions.get(name)
         if not versions:
-            raise ModelNotFound(f"no model named {name!r}", field="name",
-                                fix=f"use one of: {', '.join(sorted(self.versions)) or 'none'}")  # fmt: skip
+            raise ModelNotFound(
+                f"no model named {name!r}",
+                field="name",
+                fix=f"use one of: {', '.join(sorted(self.versions)) or 'none'}",
+            )
         if version is None:
             ready = [v for v in versions.values() if v.ready]
             if not ready:
@@ -169,8 +193,11 @@ class Repository:
             return max(ready, key=lambda v: v.version)
         mv = versions.get(version)
         if mv is None:
-            raise ModelNotFound(f"model {name!r} has no version {version}", field="version",
-                                fix=f"use one of: {', '.join(map(str, sorted(versions)))}")  # fmt: skip
+            raise ModelNotFound(
+                f"model {name!r} has no version {version}",
+                field="version",
+                fix=f"use one of: {', '.join(map(str, sorted(versions)))}",
+            )
         if not mv.ready:
             raise ModelNotReady(f"model {name!r} version {version} is not ready: {mv.error}")
         return mv

@@ -45,8 +45,11 @@ def select_providers(device: Device, available: Sequence[str], driver: bool) -> 
     if CUDA in available and driver:
         return [CUDA, CPU]
     if device == "cuda":
-        why = "no NVIDIA driver (libcuda.so.1) was found" if CUDA in available else (
-            f"this onnxruntime build offers only {', '.join(available)}")
+        why = (
+            "no NVIDIA driver (libcuda.so.1) was found"
+            if CUDA in available
+            else (f"this onnxruntime build offers only {', '.join(available)}")
+        )
         raise ProviderUnavailable(
             f"device 'cuda' requested but {why}; install onnxruntime-gpu on a host with an "
             "NVIDIA driver, or set device to auto/cpu"
@@ -65,9 +68,7 @@ class GraphSignature:
 class OnnxModel:
     """One InferenceSession. `run` is safe to call from several threads at once."""
 
-    def __init__(
-        self, path: Path, device: Device = "auto", intra_op_threads: int = 0
-    ) -> None:
+    def __init__(self, path: Path, device: Device = "auto", intra_op_threads: int = 0) -> None:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads:

@@ -27,9 +27,11 @@ class PredictRequest(BaseModel):
         "a pixel array HxW or CxHxW: floats in [0, 1] or integers 0-255.",
     )
     threshold: float | None = Field(
-        default=None, ge=0.0, le=1.0,
+        default=None,
+        ge=0.0,
+        le=1.0,
         description="T for this request; only honoured when the server allows it.",
-    )  # fmt: skip
+    )
     resize: bool = Field(default=False, description="Resize images to the model's input size.")
     id: str | None = Field(default=None, max_length=128, description="Echoed in the response.")
 

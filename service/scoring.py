@@ -42,8 +42,15 @@ class Scores:
     def rows(self, start: int, stop: int) -> Scores:
         """The samples start..stop-1 of the batch."""
         s = slice(start, stop)
-        return Scores(self.label[s], self.probabilities[s], self.confidence[s], self.non_me[s],
-                      self.kernel_non_me[s], self.j_score[s], self.accepted[s])  # fmt: skip
+        return Scores(
+            self.label[s],
+            self.probabilities[s],
+            self.confidence[s],
+            self.non_me[s],
+            self.kernel_non_me[s],
+            self.j_score[s],
+            self.accepted[s],
+        )
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
@@ -53,7 +60,8 @@ def log_softmax(logits: Array) -> F64:
     """Stable log-softmax over the last axis: (B, L) -> (B, L)."""
     z = np.asarray(logits, dtype=np.float64)
     z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    out: F64 = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    return out
 
 
 def softmax(logits: Array) -> F64:
@@ -133,5 +141,5 @@ def threshold_for_refuse_rate(j_scores: Array, refuse_rate: float) -> float:
     if refuse_rate == 0.0 or j.size == 0:
         return 0.0
     # Refuse exactly the k lowest scores: T is the (k+1)-th smallest score.
-    k = int(math.floor(refuse_rate * j.size))
+    k = math.floor(refuse_rate * j.size)
     return float(j[min(k, j.size - 1)])

@@ -34,8 +34,11 @@ class KeyRing:
             return
         if mtime != self._mtime:
             lines = self._file.read_text(encoding="utf-8").splitlines()
-            self._file_keys = [ln.strip().encode() for ln in lines
-                               if ln.strip() and not ln.lstrip().startswith("#")]  # fmt: skip
+            self._file_keys = [
+                ln.strip().encode()
+                for ln in lines
+                if ln.strip() and not ln.lstrip().startswith("#")
+            ]
             self._mtime = mtime
             log.info("loaded %d API keys from the keys file", len(self._file_keys))
 

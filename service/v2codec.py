@@ -21,9 +21,13 @@ from service.errors import InvalidInput
 from service.schemas import V2InferRequest
 
 DTYPES: dict[str, np.dtype[Any]] = {
-    "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"), "FP16": np.dtype("<f2"),
-    "UINT8": np.dtype("u1"), "INT32": np.dtype("<i4"), "INT64": np.dtype("<i8"),
-}  # fmt: skip
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "FP16": np.dtype("<f2"),
+    "UINT8": np.dtype("u1"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+}
 DATATYPE_OF = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
 
 
@@ -39,11 +43,15 @@ def _header_length(raw: str | None, body_len: int) -> int | None:
     try:
         n = int(raw)
     except ValueError as exc:
-        raise InvalidInput("Inference-Header-Content-Length is not an integer",
-                           field="Inference-Header-Content-Length") from exc  # fmt: skip
+        raise InvalidInput(
+            "Inference-Header-Content-Length is not an integer",
+            field="Inference-Header-Content-Length",
+        ) from exc
     if not 0 < n <= body_len:
-        raise InvalidInput(f"Inference-Header-Content-Length {n} is outside the body "
-                           f"({body_len} bytes)", field="Inference-Header-Content-Length")  # fmt: skip
+        raise InvalidInput(
+            f"Inference-Header-Content-Length {n} is outside the body ({body_len} bytes)",
+            field="Inference-Header-Content-Length",
+        )
     return n
 
 
@@ -56,16 +64,22 @@ def decode(body: bytes, header_length: str | None) -> DecodedRequest:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(map(str, first["loc"])) or "body"
-        raise InvalidInput(f"invalid inference request: {first['msg']}", field=where,
-                           fix="see the KServe V2 inference request schema") from exc  # fmt: skip
+        raise InvalidInput(
+            f"invalid inference request: {first['msg']}",
+            field=where,
+            fix="see the KServe V2 inference request schema",
+        ) from exc
     tensors: dict[str, npt.NDArray[Any]] = {}
     offset = 0
     for i, t in enumerate(req.inputs):
         field = f"inputs[{i}]"
         dtype = DTYPES.get(t.datatype)
         if dtype is None:
-            raise InvalidInput(f"unsupported datatype {t.datatype}", field=f"{field}.datatype",
-                               fix="send FP32 pixels in [0, 1] (or UINT8 0-255)")  # fmt: skip
+            raise InvalidInput(
+                f"unsupported datatype {t.datatype}",
+                field=f"{field}.datatype",
+                fix="send FP32 pixels in [0, 1] (or UINT8 0-255)",
+            )
         if any(d < 0 for d in t.shape) or len(t.shape) > 8:
             raise InvalidInput(f"invalid shape {t.shape}", field=f"{field}.shape")
         count = math.prod(t.shape)
@@ -74,8 +88,9 @@ def decode(body: bytes, header_length: str | None) -> DecodedRequest:
             if not isinstance(size, int) or size != count * dtype.itemsize:
                 raise InvalidInput(
                     f"binary_data_size {size} does not match shape {t.shape} of {t.datatype} "
-                    f"({count * dtype.itemsize} bytes)", field=f"{field}.parameters",
-                )  # fmt: skip
+                    f"({count * dtype.itemsize} bytes)",
+                    field=f"{field}.parameters",
+                )
             if offset + size > len(binary):
                 raise InvalidInput("binary tensor data is shorter than declared", field=field)
             arr = np.frombuffer(binary, dtype=dtype, count=count, offset=offset)
@@ -84,17 +99,22 @@ def decode(body: bytes, header_length: str | None) -> DecodedRequest:
             try:
                 arr = np.asarray(t.data, dtype=dtype).reshape(-1)
             except (ValueError, TypeError, OverflowError) as exc:
-                raise InvalidInput(f"data is not a list of {t.datatype} numbers",
-                                   field=f"{field}.data") from exc  # fmt: skip
+                raise InvalidInput(
+                    f"data is not a list of {t.datatype} numbers", field=f"{field}.data"
+                ) from exc
             if arr.size != count:
-                raise InvalidInput(f"data has {arr.size} elements, shape {t.shape} needs {count}",
-                                   field=f"{field}.data")  # fmt: skip
+                raise InvalidInput(
+                    f"data has {arr.size} elements, shape {t.shape} needs {count}",
+                    field=f"{field}.data",
+                )
         else:
             raise InvalidInput("input has neither data nor binary_data_size", field=field)
         tensors[t.name] = arr.reshape(t.shape)
     if offset != len(binary):
-        raise InvalidInput(f"{len(binary) - offset} bytes of binary data are not claimed by any "
-                           "input", field="body")  # fmt: skip
+        raise InvalidInput(
+            f"{len(binary) - offset} bytes of binary data are not claimed by any input",
+            field="body",
+        )
     return DecodedRequest(req, tensors)
 
 
@@ -104,8 +124,11 @@ def encode(
     """The response body and, when any output is binary, the JSON header's length."""
     out_json, blobs = [], []
     for name, arr in outputs:
-        entry: dict[str, Any] = {"name": name, "datatype": DATATYPE_OF[arr.dtype],
-                                 "shape": list(arr.shape)}  # fmt: skip
+        entry: dict[str, Any] = {
+            "name": name,
+            "datatype": DATATYPE_OF[arr.dtype],
+            "shape": list(arr.shape),
+        }
         if name in binary:
             blob = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<")).tobytes()
             entry["parameters"] = {"binary_data_size": len(blob)}

@@ -24,10 +24,23 @@ def build_tiny_repo(root: Path, work: Path) -> Path:
     for name in TINY_MODELS:
         objective = name.split("-")[1]
         run = work / name
-        train(TrainConfig(dataset="synthetic", arch="resnet8", objective=objective,  # type: ignore[arg-type]
-                          steps=60, batch_size=32, optimizer="adam", lr=3e-3,
-                          weight_decay=0.0, eval_every=60,
-                          checkpoint_every=10_000, out_dir=run, dry_run=True, threads=2))  # fmt: skip
+        train(
+            TrainConfig(
+                dataset="synthetic",
+                arch="resnet8",
+                objective=objective,  # type: ignore[arg-type]
+                steps=60,
+                batch_size=32,
+                optimizer="adam",
+                lr=3e-3,
+                weight_decay=0.0,
+                eval_every=60,
+                checkpoint_every=10_000,
+                out_dir=run,
+                dry_run=True,
+                threads=2,
+            )
+        )
         export(ExportConfig(run_dir=run, name=name, models_dir=root, parity_samples=64))
         calibrate(CalibrateConfig(model_dir=root / name / "1"))
     return root

@@ -52,11 +52,17 @@ class CalibrateConfig:
 def _splits(cfg: dict[str, object], data_dir: Path) -> data_mod.Splits:
     if cfg["dry_run"] or cfg["dataset"] == "synthetic":
         seed = int(cfg["seed"])  # type: ignore[call-overload]
-        return data_mod.Splits(data_mod.synthetic(512, seed=seed),
-                               data_mod.synthetic(128, seed=seed + 1),
-                               data_mod.synthetic(256, seed=seed + 2))  # fmt: skip
-    return data_mod.load_splits(str(cfg["dataset"]), data_dir, int(cfg["val_size"]),  # type: ignore[call-overload]
-                                seed=int(cfg["seed"]))  # type: ignore[call-overload]  # fmt: skip
+        return data_mod.Splits(
+            data_mod.synthetic(512, seed=seed),
+            data_mod.synthetic(128, seed=seed + 1),
+            data_mod.synthetic(256, seed=seed + 2),
+        )
+    return data_mod.load_splits(
+        str(cfg["dataset"]),
+        data_dir,
+        int(cfg["val_size"]),  # type: ignore[call-overload]
+        seed=int(cfg["seed"]),
+    )  # type: ignore[call-overload]
 
 
 def calibrate(cfg: CalibrateConfig) -> Manifest:
@@ -80,8 +86,10 @@ def calibrate(cfg: CalibrateConfig) -> Manifest:
         threshold, rule = cfg.threshold, "set by hand"
     else:
         threshold = threshold_for_refuse_rate(val.j_score, cfg.target_clean_refuse)
-        rule = (f"refuses {cfg.target_clean_refuse:.1%} of {len(splits.val)} held-out clean "
-                "training images")  # fmt: skip
+        rule = (
+            f"refuses {cfg.target_clean_refuse:.1%} of {len(splits.val)} held-out clean "
+            "training images"
+        )
 
     test = score_logits(model.run_batched(splits.test.x.numpy()), kernel.to_kernel(), threshold)
     y = splits.test.y.numpy()
@@ -89,7 +97,9 @@ def calibrate(cfg: CalibrateConfig) -> Manifest:
     accepted = test.accepted
     metrics = {
         "clean_test_accuracy": float(correct.mean()),
-        "val_accuracy": float((val.label == splits.val.y.numpy()).mean()) if len(splits.val) else 0.0,
+        "val_accuracy": float((val.label == splits.val.y.numpy()).mean())
+        if len(splits.val)
+        else 0.0,
         "test_refuse_rate": float(1.0 - accepted.mean()),
         "test_accuracy_of_accepted": float(correct[accepted].mean()) if accepted.any() else 0.0,
         "test_mean_j_score": float(test.j_score.mean()),
@@ -124,7 +134,13 @@ def calibrate(cfg: CalibrateConfig) -> Manifest:
         command=shlex.join(["notsure", *sys.argv[1:]]) if sys.argv else "",
     )
     manifest.save(cfg.model_dir / MANIFEST_FILE)
-    log.info("calibrated %s: mu %.4f sigma %.4f T %.4f, test accuracy %.4f, refuse %.2f%%",
-             cfg.model_dir, mu, sigma, manifest.threshold, metrics["clean_test_accuracy"],
-             100 * metrics["test_refuse_rate"])  # fmt: skip
+    log.info(
+        "calibrated %s: mu %.4f sigma %.4f T %.4f, test accuracy %.4f, refuse %.2f%%",
+        cfg.model_dir,
+        mu,
+        sigma,
+        manifest.threshold,
+        metrics["clean_test_accuracy"],
+        100 * metrics["test_refuse_rate"],
+    )
     return manifest

@@ -26,20 +26,36 @@ MNIST_FILES = (
 )
 # Debian's dataset-fashion-mnist package installs the four official files here.
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-CIFAR10_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
+CIFAR10_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")
 
 CLASS_NAMES = {
     "mnist": [str(i) for i in range(10)],
     "fashion-mnist": [
-        "t-shirt/top", "trouser", "pullover", "dress", "coat",
-        "sandal", "shirt", "sneaker", "bag", "ankle boot",
+        "t-shirt/top",
+        "trouser",
+        "pullover",
+        "dress",
+        "coat",
+        "sandal",
+        "shirt",
+        "sneaker",
+        "bag",
+        "ankle boot",
     ],
     "cifar10": [
-        "airplane", "automobile", "bird", "cat", "deer",
-        "dog", "frog", "horse", "ship", "truck",
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
     ],
     "synthetic": [f"class{i}" for i in range(10)],
-}  # fmt: skip
+}
 
 
 class DatasetMissing(FileNotFoundError):
@@ -114,13 +130,15 @@ def _load_idx(name: str, data_dir: Path, train: bool) -> tuple[torch.Tensor, tor
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles only what the CIFAR-10 python batches contain: dicts, lists, numpy arrays."""
 
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("_codecs", "encode"),  # protocol-2 pickles rebuild bytes with it (str -> bytes only)
-    }
+    _ALLOWED: frozenset[tuple[str, str]] = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("_codecs", "encode"),  # protocol-2 pickles rebuild bytes with it (str -> bytes only)
+        }
+    )
 
     def find_class(self, module: str, name: str) -> object:
         if (module, name) in self._ALLOWED:

@@ -1,4 +1,4 @@
-"""`notsure export`: a trained run folder -> models/<name>/<version>/{model.onnx, weights, provenance}.
+"""`notsure export`: a run folder -> models/<name>/<version>/{model.onnx, weights, provenance}.
 
 The ONNX graph outputs the vector fed to the softmax at test time (-Z for RCE, Z for CE), with a
 dynamic batch axis, in one self-contained file. Parity with PyTorch is asserted on real inputs.
@@ -88,16 +88,24 @@ def onnx_logits(path: Path, x: np.ndarray) -> np.ndarray:
     return np.asarray(sess.run([OUTPUT_NAME], {INPUT_NAME: x.astype(np.float32)})[0])
 
 
-def export_onnx(served: ServedNet, input_shape: tuple[int, int, int], path: Path, opset: int) -> None:
+def export_onnx(
+    served: ServedNet, input_shape: tuple[int, int, int], path: Path, opset: int
+) -> None:
     """Export with a dynamic batch axis and check the graph fully with onnx.checker."""
     import onnx
 
     dummy = torch.zeros((2, *input_shape))
     batch = torch.export.Dim("batch", min=1, max=65536)
     program = torch.onnx.export(
-        served, (dummy,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-        dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True, verbose=False,
-    )  # fmt: skip
+        served,
+        (dummy,),
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_shapes=({0: batch},),
+        opset_version=opset,
+        dynamo=True,
+        verbose=False,
+    )
     if program is None:
         raise RuntimeError("torch.onnx.export returned no program")
     # One self-contained file: weights inline, no external data (the model is ~2 MB).
@@ -121,7 +129,9 @@ def export(cfg: ExportConfig) -> ExportResult:
     got = softmax(onnx_logits(out / MODEL_FILE, x.numpy()))
     diff = float(np.abs(ref - got).max())
     if diff > PARITY_TOLERANCE:
-        raise RuntimeError(f"ONNX/PyTorch parity failed: max |dp| = {diff:.2e} > {PARITY_TOLERANCE}")
+        raise RuntimeError(
+            f"ONNX/PyTorch parity failed: max |dp| = {diff:.2e} > {PARITY_TOLERANCE}"
+        )
     shutil.copyfile(cfg.run_dir / WEIGHTS_FILE, out / WEIGHTS_FILE)
     provenance = {"config": train_cfg, "result": result}
     (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str))

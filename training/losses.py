@@ -34,7 +34,9 @@ def reverse_labels(target: torch.Tensor, num_classes: int) -> torch.Tensor:
     return y.scatter(1, target[:, None], 0.0)
 
 
-def objective_loss(objective: Objective, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def objective_loss(
+    objective: Objective, logits: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
     if objective == "ce":
         return ce_loss(logits, target)
     if objective == "rce":

@@ -99,7 +99,7 @@ class ResNet(nn.Module):
 
 @dataclass(frozen=True)
 class SimpleCNNConfig:
-    """Appendix Table 2: the MNIST variant (32/64 filters, 200 units) or CIFAR-10's (64/128, 256)."""
+    """Appendix Table 2: MNIST variant (32/64 filters, 200 units) or CIFAR-10's (64/128, 256)."""
 
     in_channels: int = 1
     image_size: int = 28
@@ -124,17 +124,26 @@ class SimpleCNN(nn.Module):
         f1, f2 = cfg.filters
         self.normalize = Normalize(cfg.in_channels)
         self.conv = nn.Sequential(
-            nn.Conv2d(cfg.in_channels, f1, 3), nn.ReLU(),
-            nn.Conv2d(f1, f1, 3), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(f1, f2, 3), nn.ReLU(),
-            nn.Conv2d(f2, f2, 3), nn.ReLU(), nn.MaxPool2d(2),
-        )  # fmt: skip
+            nn.Conv2d(cfg.in_channels, f1, 3),
+            nn.ReLU(),
+            nn.Conv2d(f1, f1, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(f1, f2, 3),
+            nn.ReLU(),
+            nn.Conv2d(f2, f2, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
         side = ((cfg.image_size - 4) // 2 - 4) // 2  # 28 -> 4, 32 -> 5
         self.mlp = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(f2 * side * side, cfg.hidden), nn.ReLU(), nn.Dropout(cfg.dropout),
-            nn.Linear(cfg.hidden, cfg.hidden), nn.ReLU(),
-        )  # fmt: skip
+            nn.Linear(f2 * side * side, cfg.hidden),
+            nn.ReLU(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.hidden, cfg.hidden),
+            nn.ReLU(),
+        )
         self.fc = nn.Linear(cfg.hidden, cfg.num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

@@ -104,8 +104,11 @@ def _make_optimizer(cfg: TrainConfig, net: nn.Module) -> torch.optim.Optimizer:
 def _splits(cfg: TrainConfig) -> data_mod.Splits:
     if cfg.dry_run or cfg.dataset == "synthetic":
         train = data_mod.synthetic(512, seed=cfg.seed)
-        return data_mod.Splits(train, data_mod.synthetic(128, seed=cfg.seed + 1),
-                               data_mod.synthetic(256, seed=cfg.seed + 2))  # fmt: skip
+        return data_mod.Splits(
+            train,
+            data_mod.synthetic(128, seed=cfg.seed + 1),
+            data_mod.synthetic(256, seed=cfg.seed + 2),
+        )
     return data_mod.load_splits(cfg.dataset, cfg.data_dir, cfg.val_size, seed=cfg.seed)
 
 
@@ -134,9 +137,16 @@ def train(cfg: TrainConfig) -> TrainResult:
         log.info("resumed from %s at step %d", ckpt_path, step)
 
     n_train = len(splits.train)
-    log.info("training %s/%s on %s (%d images, %d params) on %s for %d steps",
-             cfg.arch, cfg.objective, cfg.dataset, n_train, count_parameters(net), device,
-             cfg.steps)  # fmt: skip
+    log.info(
+        "training %s/%s on %s (%d images, %d params) on %s for %d steps",
+        cfg.arch,
+        cfg.objective,
+        cfg.dataset,
+        n_train,
+        count_parameters(net),
+        device,
+        cfg.steps,
+    )
     history: list[dict[str, float]] = []
     log_file = (cfg.out_dir / LOG_FILE).open("a", encoding="utf-8")
     perm = torch.randperm(n_train, generator=gen)
@@ -146,8 +156,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     window_t, window_imgs = time.perf_counter(), 0
 
     def save_checkpoint() -> None:
-        state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                 "elapsed": time.perf_counter() - t0, "generator": gen.get_state()}  # fmt: skip
+        state = {
+            "model": net.state_dict(),
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "elapsed": time.perf_counter() - t0,
+            "generator": gen.get_state(),
+        }
         torch.save(state, ckpt_path.with_suffix(".tmp"))
         ckpt_path.with_suffix(".tmp").replace(ckpt_path)
 
@@ -179,17 +194,33 @@ def train(cfg: TrainConfig) -> TrainResult:
                 window_t, window_imgs = now, 0
             record: dict[str, float] = {}
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                record = {"step": step, "loss": loss_value, "lr": lr, "img_per_s": rate,
-                          "elapsed_s": now - t0,
-                          "val_accuracy": evaluate(net, splits.val, cfg.objective, device),
-                          "test_accuracy": evaluate(net, splits.test, cfg.objective, device)}  # fmt: skip
+                record = {
+                    "step": step,
+                    "loss": loss_value,
+                    "lr": lr,
+                    "img_per_s": rate,
+                    "elapsed_s": now - t0,
+                    "val_accuracy": evaluate(net, splits.val, cfg.objective, device),
+                    "test_accuracy": evaluate(net, splits.test, cfg.objective, device),
+                }
                 net.train()
-                log.info("step %d loss %.4f lr %.4g val %.4f test %.4f (%.0f img/s)", step,
-                         record["loss"], lr, record["val_accuracy"], record["test_accuracy"],
-                         rate)  # fmt: skip
+                log.info(
+                    "step %d loss %.4f lr %.4g val %.4f test %.4f (%.0f img/s)",
+                    step,
+                    record["loss"],
+                    lr,
+                    record["val_accuracy"],
+                    record["test_accuracy"],
+                    rate,
+                )
             elif step % 100 == 0:
-                record = {"step": step, "loss": loss_value, "lr": lr, "img_per_s": rate,
-                          "elapsed_s": now - t0}  # fmt: skip
+                record = {
+                    "step": step,
+                    "loss": loss_value,
+                    "lr": lr,
+                    "img_per_s": rate,
+                    "elapsed_s": now - t0,
+                }
             if record:
                 history.append(record)
                 log_file.write(json.dumps(record) + "\n")
@@ -199,8 +230,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     save_checkpoint()
     log_file.close()
     wall = time.perf_counter() - t0
-    save_file({k: v.contiguous().cpu() for k, v in net.state_dict().items()},
-              str(cfg.out_dir / "weights.safetensors"))  # fmt: skip
+    save_file(
+        {k: v.contiguous().cpu() for k, v in net.state_dict().items()},
+        str(cfg.out_dir / "weights.safetensors"),
+    )
     result = TrainResult(
         out_dir=cfg.out_dir,
         steps=step,

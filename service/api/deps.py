@@ -44,8 +44,11 @@ SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 def _check_key(state: AppState, authorization: str | None, x_api_key: str | None) -> None:
     if not state.keys.accepts(key_from_headers(authorization, x_api_key)):
-        raise Unauthorized("missing or unknown API key", field="Authorization",
-                           fix="send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")  # fmt: skip
+        raise Unauthorized(
+            "missing or unknown API key",
+            field="Authorization",
+            fix="send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+        )
 
 
 def require_key(

@@ -77,7 +77,12 @@ def test_model_list_and_v2_metadata(client: TestClient) -> None:
     assert meta["versions"] == ["1"]
     assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]}]
     assert [o["name"] for o in meta["outputs"]] == [
-        "label", "j_score", "confidence", "non_me", "probabilities"]  # fmt: skip
+        "label",
+        "j_score",
+        "confidence",
+        "non_me",
+        "probabilities",
+    ]
     assert client.get(f"/v2/models/{RCE}/versions/1").json() == meta
     assert client.get(f"/v2/models/{RCE}/ready").status_code == 200
     assert client.get(f"/v2/models/{RCE}/versions/1/ready").status_code == 200
@@ -88,8 +93,9 @@ def test_model_list_and_v2_metadata(client: TestClient) -> None:
 
 
 @pytest.mark.parametrize("name", ["tiny-rce", "tiny-ce"])
-def test_predict_matches_offline_onnx_scores(client: TestClient, model_repo: Path,
-                                             name: str) -> None:  # fmt: skip
+def test_predict_matches_offline_onnx_scores(
+    client: TestClient, model_repo: Path, name: str
+) -> None:
     x = images(6)
     r = client.post(f"/v1/models/{name}/predict", json={"instances": x[:, 0].tolist(), "id": "q1"})
     assert r.status_code == 200, r.text
@@ -131,8 +137,9 @@ def test_every_instance_encoding_gives_the_same_answer(client: TestClient) -> No
 
 
 def test_jpeg_is_accepted(client: TestClient) -> None:
-    r = client.post(f"/v1/models/{RCE}/predict",
-                    json={"instances": [png_b64(images(1)[0, 0], fmt="JPEG")]})  # fmt: skip
+    r = client.post(
+        f"/v1/models/{RCE}/predict", json={"instances": [png_b64(images(1)[0, 0], fmt="JPEG")]}
+    )
     assert r.status_code == 200 and len(r.json()["predictions"]) == 1
 
 
@@ -147,8 +154,9 @@ def test_resize_only_when_asked(client: TestClient) -> None:
 
 def test_multipart_upload(client: TestClient) -> None:
     x = images(2)
-    files = [("files", (f"{i}.png", base64.b64decode(png_b64(x[i, 0])), "image/png"))
-             for i in range(2)]  # fmt: skip
+    files = [
+        ("files", (f"{i}.png", base64.b64decode(png_b64(x[i, 0])), "image/png")) for i in range(2)
+    ]
     r = client.post(f"/v1/models/{RCE}/predict/files", files=files)
     assert r.status_code == 200, r.text
     assert len(r.json()["predictions"]) == 2
@@ -156,8 +164,9 @@ def test_multipart_upload(client: TestClient) -> None:
 
 def test_threshold_override_from_settings_and_reveal(model_repo: Path) -> None:
     x = images(4)[:, 0].tolist()
-    with make_client(Settings(model_repository=model_repo, thresholds={RCE: 1.0},
-                              reveal_not_sure_labels=True)) as c:  # fmt: skip
+    with make_client(
+        Settings(model_repository=model_repo, thresholds={RCE: 1.0}, reveal_not_sure_labels=True)
+    ) as c:
         body = c.post(f"/v1/models/{RCE}/predict", json={"instances": x}).json()
     assert body["threshold"] == 1.0
     assert {p["decision"] for p in body["predictions"]} == {"not_sure"}
@@ -175,8 +184,9 @@ def test_request_threshold_only_when_allowed(client: TestClient, model_repo: Pat
 
 
 def test_versioned_predict(client: TestClient) -> None:
-    r = client.post(f"/v1/models/{RCE}/versions/1/predict",
-                    json={"instances": images(1)[:, 0].tolist()})  # fmt: skip
+    r = client.post(
+        f"/v1/models/{RCE}/versions/1/predict", json={"instances": images(1)[:, 0].tolist()}
+    )
     assert r.status_code == 200 and r.json()["version"] == 1
 
 
@@ -185,8 +195,17 @@ def test_versioned_predict(client: TestClient) -> None:
 
 def test_v2_json_infer(client: TestClient, model_repo: Path) -> None:
     x = images(3)
-    req = {"id": "r7", "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
-                                   "data": x.reshape(-1).tolist()}]}  # fmt: skip
+    req = {
+        "id": "r7",
+        "inputs": [
+            {
+                "name": "input",
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "data": x.reshape(-1).tolist(),
+            }
+        ],
+    }
     r = client.post(f"/v2/models/{RCE}/infer", json=req)
     assert r.status_code == 200, r.text
     body = r.json()
@@ -198,20 +217,37 @@ def test_v2_json_infer(client: TestClient, model_repo: Path) -> None:
     assert outs["label"]["data"] == expected_labels and outs["label"]["datatype"] == "INT64"
     assert np.allclose(outs["j_score"]["data"], want.j_score, rtol=1e-5)
     assert outs["probabilities"]["shape"] == [3, 10]
-    assert np.allclose(np.array(outs["probabilities"]["data"]).reshape(3, 10),
-                       want.probabilities, atol=1e-6)  # fmt: skip
+    assert np.allclose(
+        np.array(outs["probabilities"]["data"]).reshape(3, 10), want.probabilities, atol=1e-6
+    )
 
 
 def test_v2_binary_infer_by_hand(client: TestClient, model_repo: Path) -> None:
     x = images(2)
-    header = json.dumps({
-        "inputs": [{"name": "input", "shape": [2, 1, 28, 28], "datatype": "FP32",
-                    "parameters": {"binary_data_size": x.nbytes}}],
-        "outputs": [{"name": "j_score", "parameters": {"binary_data": True}}, {"name": "label"}],
-    }).encode()  # fmt: skip
-    r = client.post(f"/v2/models/{RCE}/infer", content=header + x.tobytes(),
-                    headers={"Inference-Header-Content-Length": str(len(header)),
-                             "Content-Type": "application/octet-stream"})  # fmt: skip
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [2, 1, 28, 28],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ],
+            "outputs": [
+                {"name": "j_score", "parameters": {"binary_data": True}},
+                {"name": "label"},
+            ],
+        }
+    ).encode()
+    r = client.post(
+        f"/v2/models/{RCE}/infer",
+        content=header + x.tobytes(),
+        headers={
+            "Inference-Header-Content-Length": str(len(header)),
+            "Content-Type": "application/octet-stream",
+        },
+    )
     assert r.status_code == 200, r.text
     hlen = int(r.headers["Inference-Header-Content-Length"])
     head = json.loads(r.content[:hlen])
@@ -223,19 +259,68 @@ def test_v2_binary_infer_by_hand(client: TestClient, model_repo: Path) -> None:
     assert "data" in head["outputs"][1]
 
 
-@pytest.mark.parametrize(("body", "field"), [
-    ({"inputs": []}, "inputs"),
-    ({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "BYTES", "data": ["a"]}]},
-     "inputs[0].datatype"),
-    ({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.5]}]},
-     "inputs[0].data"),
-    ({"inputs": [{"name": "input", "shape": [1, 3, 28, 28], "datatype": "FP32",
-                  "data": [0.5] * 2352}]}, "inputs[0]"),
-    ({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32",
-                  "data": [2.0] * 784}]}, "inputs[0]"),
-    ({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32",
-                  "data": [0.5] * 784}], "outputs": [{"name": "nope"}]}, "outputs"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"inputs": []}, "inputs"),
+        (
+            {
+                "inputs": [
+                    {"name": "input", "shape": [1, 1, 28, 28], "datatype": "BYTES", "data": ["a"]}
+                ]
+            },
+            "inputs[0].datatype",
+        ),
+        (
+            {
+                "inputs": [
+                    {"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.5]}
+                ]
+            },
+            "inputs[0].data",
+        ),
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "input",
+                        "shape": [1, 3, 28, 28],
+                        "datatype": "FP32",
+                        "data": [0.5] * 2352,
+                    }
+                ]
+            },
+            "inputs[0]",
+        ),
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "input",
+                        "shape": [1, 1, 28, 28],
+                        "datatype": "FP32",
+                        "data": [2.0] * 784,
+                    }
+                ]
+            },
+            "inputs[0]",
+        ),
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "input",
+                        "shape": [1, 1, 28, 28],
+                        "datatype": "FP32",
+                        "data": [0.5] * 784,
+                    }
+                ],
+                "outputs": [{"name": "nope"}],
+            },
+            "outputs",
+        ),
+    ],
+)
 def test_v2_errors_name_the_field(client: TestClient, body: dict[str, object], field: str) -> None:
     r = client.post(f"/v2/models/{RCE}/infer", json=body)
     assert r.status_code == 422, r.text
@@ -244,30 +329,49 @@ def test_v2_errors_name_the_field(client: TestClient, body: dict[str, object], f
 
 
 def test_v2_binary_size_mismatch(client: TestClient) -> None:
-    header = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32",
-                                     "parameters": {"binary_data_size": 3136}}]}).encode()  # fmt: skip
-    r = client.post(f"/v2/models/{RCE}/infer", content=header + b"\0" * 100,
-                    headers={"Inference-Header-Content-Length": str(len(header))})  # fmt: skip
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [1, 1, 28, 28],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": 3136},
+                }
+            ]
+        }
+    ).encode()
+    r = client.post(
+        f"/v2/models/{RCE}/infer",
+        content=header + b"\0" * 100,
+        headers={"Inference-Header-Content-Length": str(len(header))},
+    )
     assert r.status_code == 422 and "shorter" in r.json()["error"]
 
 
 # --- client mistakes on the native API --------------------------------------------------------
 
 
-@pytest.mark.parametrize(("instance", "needle"), [
-    ("!!!not base64!!!", "not valid base64"),
-    (base64.b64encode(b"hello, not an image").decode(), "not a readable PNG or JPEG"),
-    (base64.b64encode(base64.b64decode(png_b64(np.zeros((28, 28))))[:40]).decode(),
-     "not a readable PNG or JPEG"),
-    ([[0.5] * 28] * 27, "expected 1x28x28, got 27x28"),
-    ([[[0.5] * 28] * 28] * 3, "expected 1x28x28, got 3x28x28"),
-    ([[1.5] * 28] * 28, "float pixels must be in [0, 1]"),
-    ([[-1] * 28] * 28, "integer pixels must be in 0-255"),
-    ([[0.5] * 28] * 27 + [[0.5] * 5], "ragged"),
-    ([["a"] * 28] * 28, "non-numeric"),
-])  # fmt: skip
-def test_bad_instances_are_422_naming_the_field(client: TestClient, instance: object,
-                                                needle: str) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    ("instance", "needle"),
+    [
+        ("!!!not base64!!!", "not valid base64"),
+        (base64.b64encode(b"hello, not an image").decode(), "not a readable PNG or JPEG"),
+        (
+            base64.b64encode(base64.b64decode(png_b64(np.zeros((28, 28))))[:40]).decode(),
+            "not a readable PNG or JPEG",
+        ),
+        ([[0.5] * 28] * 27, "expected 1x28x28, got 27x28"),
+        ([[[0.5] * 28] * 28] * 3, "expected 1x28x28, got 3x28x28"),
+        ([[1.5] * 28] * 28, "float pixels must be in [0, 1]"),
+        ([[-1] * 28] * 28, "integer pixels must be in 0-255"),
+        ([[0.5] * 28] * 27 + [[0.5] * 5], "ragged"),
+        ([["a"] * 28] * 28, "non-numeric"),
+    ],
+)
+def test_bad_instances_are_422_naming_the_field(
+    client: TestClient, instance: object, needle: str
+) -> None:
     good = images(1)[0, 0].tolist()
     r = client.post(f"/v1/models/{RCE}/predict", json={"instances": [good, instance]})
     assert r.status_code == 422, r.text
@@ -280,8 +384,9 @@ def test_bad_instances_are_422_naming_the_field(client: TestClient, instance: ob
 def test_nan_pixels_are_rejected(client: TestClient) -> None:
     row = "[" + ",".join(["NaN"] + ["0.5"] * 27) + "]"
     raw = '{"instances": [[' + ",".join([row] * 28) + "]]}"
-    r = client.post(f"/v1/models/{RCE}/predict", content=raw,
-                    headers={"Content-Type": "application/json"})  # fmt: skip
+    r = client.post(
+        f"/v1/models/{RCE}/predict", content=raw, headers={"Content-Type": "application/json"}
+    )
     assert r.status_code == 422 and "NaN" in r.json()["error"]
 
 
@@ -296,24 +401,32 @@ def test_unknown_model_and_version(client: TestClient) -> None:
 
 
 def test_limits_on_instances_and_body(model_repo: Path) -> None:
-    with make_client(Settings(model_repository=model_repo, max_instances=2,
-                              max_body_bytes=200_000)) as c:  # fmt: skip
+    with make_client(
+        Settings(model_repository=model_repo, max_instances=2, max_body_bytes=200_000)
+    ) as c:
         r = c.post(f"/v1/models/{RCE}/predict", json={"instances": images(3)[:, 0].tolist()})
         assert r.status_code == 413 and r.json()["field"] == "instances"
-        r = c.post(f"/v1/models/{RCE}/predict", content=b"[" + b"0," * 200_000 + b"0]",
-                   headers={"Content-Type": "application/json"})  # fmt: skip
+        r = c.post(
+            f"/v1/models/{RCE}/predict",
+            content=b"[" + b"0," * 200_000 + b"0]",
+            headers={"Content-Type": "application/json"},
+        )
         assert r.status_code == 413 and r.json()["field"] == "body"
 
 
-@pytest.mark.parametrize(("raw", "field"), [
-    (b"{not json", "body"),
-    (b'{"instances": []}', "instances"),
-    (b'{"instances": [[0]], "extra": 1}', "extra"),
-    (b"[]", "body"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        (b"{not json", "body"),
+        (b'{"instances": []}', "instances"),
+        (b'{"instances": [[0]], "extra": 1}', "extra"),
+        (b"[]", "body"),
+    ],
+)
 def test_malformed_bodies(client: TestClient, raw: bytes, field: str) -> None:
-    r = client.post(f"/v1/models/{RCE}/predict", content=raw,
-                    headers={"Content-Type": "application/json"})  # fmt: skip
+    r = client.post(
+        f"/v1/models/{RCE}/predict", content=raw, headers={"Content-Type": "application/json"}
+    )
     assert r.status_code == 422, r.text
     assert r.json()["field"].startswith(field)
 
@@ -330,29 +443,47 @@ def test_error_bodies_carry_no_paths_or_traces(client: TestClient, model_repo: P
 
 def test_metrics_count_decisions(model_repo: Path) -> None:
     x = images(5)[:, 0].tolist()
-    with make_client(Settings(model_repository=model_repo, thresholds={"tiny-ce": 1.0,
-                                                                       "tiny-rce": 0.0})) as c:  # fmt: skip
+    with make_client(
+        Settings(model_repository=model_repo, thresholds={"tiny-ce": 1.0, "tiny-rce": 0.0})
+    ) as c:
         assert c.post("/v1/models/tiny-rce/predict", json={"instances": x}).status_code == 200
         assert c.post("/v1/models/tiny-ce/predict", json={"instances": x[:3]}).status_code == 200
         assert c.post("/v1/models/nope/predict", json={"instances": x}).status_code == 404
         text = c.get("/metrics").text
     from prometheus_client.parser import text_string_to_metric_families
 
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for fam in text_string_to_metric_families(text) for s in fam.samples}  # fmt: skip
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
 
     def get(name: str, **labels: str) -> float:
         return samples[(name, tuple(sorted(labels.items())))]
 
-    assert get("notsure_predictions_total", model="tiny-rce", version="1",
-               decision="accepted") == 5  # fmt: skip
-    assert get("notsure_predictions_total", model="tiny-ce", version="1",
-               decision="not_sure") == 3  # fmt: skip
+    assert get("notsure_predictions_total", model="tiny-rce", version="1", decision="accepted") == 5
+    assert get("notsure_predictions_total", model="tiny-ce", version="1", decision="not_sure") == 3
     assert get("notsure_j_score_count", model="tiny-rce", version="1") == 5
-    assert get("notsure_requests_total", model="tiny-rce", version="1",
-               endpoint="/v1/models/{name}/predict", code="200") == 1  # fmt: skip
-    assert get("notsure_requests_total", model="", version="",
-               endpoint="/v1/models/{name}/predict", code="404") == 1  # fmt: skip
+    assert (
+        get(
+            "notsure_requests_total",
+            model="tiny-rce",
+            version="1",
+            endpoint="/v1/models/{name}/predict",
+            code="200",
+        )
+        == 1
+    )
+    assert (
+        get(
+            "notsure_requests_total",
+            model="",
+            version="",
+            endpoint="/v1/models/{name}/predict",
+            code="404",
+        )
+        == 1
+    )
     assert get("notsure_batch_size_count", model="tiny-ce", version="1") >= 1
     assert get("notsure_model_ready", model="tiny-rce", version="1") == 1
 
@@ -360,9 +491,15 @@ def test_metrics_count_decisions(model_repo: Path) -> None:
 def test_openapi_documents_every_route(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     paths = spec["paths"]
-    for p in ["/v1/models/{name}/predict", "/v1/models/{name}/versions/{version}/predict",
-              "/v1/models/{name}/predict/files", "/v2/models/{name}/infer",
-              "/v2/models/{name}/versions/{version}/infer", "/v2/health/ready", "/metrics"]:  # fmt: skip
+    for p in [
+        "/v1/models/{name}/predict",
+        "/v1/models/{name}/versions/{version}/predict",
+        "/v1/models/{name}/predict/files",
+        "/v2/models/{name}/infer",
+        "/v2/models/{name}/versions/{version}/infer",
+        "/v2/health/ready",
+        "/metrics",
+    ]:
         assert p in paths, p
     predict = paths["/v1/models/{name}/predict"]["post"]
     assert {"200", "404", "422", "503"} <= set(predict["responses"])

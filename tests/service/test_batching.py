@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +44,7 @@ def test_plan_oversized_request_runs_alone() -> None:
 def _echo(x: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
     """Returns each request's own rows: any mix-up between requests shows."""
     bounds = np.cumsum([0, *sizes])
-    return [x[a:b, 0, 0, 0].copy() for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return [x[a:b, 0, 0, 0].copy() for a, b in itertools.pairwise(bounds)]
 
 
 def _images(value: float, n: int = 1) -> np.ndarray:
@@ -104,8 +105,7 @@ async def test_failed_batch_fails_each_request_and_the_batcher_recovers(
 
 
 async def test_wrong_result_count_fails_every_request(executor: ThreadPoolExecutor) -> None:
-    b = Batcher(lambda x, sizes: [], executor, max_batch=8, max_delay_s=0.0,
-                max_queue_images=100)  # fmt: skip
+    b = Batcher(lambda x, sizes: [], executor, max_batch=8, max_delay_s=0.0, max_queue_images=100)
     with pytest.raises(InferenceFailed, match="0 results for 1 requests"):
         await b.submit(_images(1.0), timeout_s=5)
 
@@ -117,8 +117,9 @@ async def test_full_queue_sheds_with_overloaded(executor: ThreadPoolExecutor) ->
         gate.wait(5)
         return _echo(x, sizes)
 
-    b = Batcher(slow, executor, max_batch=4, max_delay_s=0.0, max_queue_images=4, slots=1,
-                retry_after_s=3)  # fmt: skip
+    b = Batcher(
+        slow, executor, max_batch=4, max_delay_s=0.0, max_queue_images=4, slots=1, retry_after_s=3
+    )
     running = asyncio.create_task(b.submit(_images(0.0, 4), timeout_s=5))
     await asyncio.sleep(0.02)
     queued = asyncio.create_task(b.submit(_images(1.0, 4), timeout_s=5))
@@ -159,8 +160,7 @@ async def test_waits_for_arrivals_then_batches(executor: ThreadPoolExecutor) -> 
 
     arrivals = ArrivalTracker()
     arrivals.count = 1  # a request is being received
-    b = Batcher(run, executor, max_batch=8, max_delay_s=0.2, max_queue_images=10,
-                arrivals=arrivals)  # fmt: skip
+    b = Batcher(run, executor, max_batch=8, max_delay_s=0.2, max_queue_images=10, arrivals=arrivals)
     first = asyncio.create_task(b.submit(_images(1.0), timeout_s=5))
     await asyncio.sleep(0.02)
     arrivals.count = 0

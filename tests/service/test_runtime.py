@@ -12,22 +12,27 @@ from service.runtime import CPU, CUDA, OnnxModel, ProviderUnavailable, select_pr
 BOTH = [CUDA, CPU]
 
 
-@pytest.mark.parametrize(("device", "available", "driver", "want"), [
-    ("auto", BOTH, True, [CUDA, CPU]),
-    ("auto", BOTH, False, [CPU]),  # onnxruntime-gpu on a host without a driver
-    ("auto", [CPU], True, [CPU]),
-    ("cuda", BOTH, True, [CUDA, CPU]),
-    ("cpu", BOTH, True, [CPU]),
-])  # fmt: skip
-def test_select_providers(device: str, available: list[str], driver: bool,
-                          want: list[str]) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    ("device", "available", "driver", "want"),
+    [
+        ("auto", BOTH, True, [CUDA, CPU]),
+        ("auto", BOTH, False, [CPU]),  # onnxruntime-gpu on a host without a driver
+        ("auto", [CPU], True, [CPU]),
+        ("cuda", BOTH, True, [CUDA, CPU]),
+        ("cpu", BOTH, True, [CPU]),
+    ],
+)
+def test_select_providers(device: str, available: list[str], driver: bool, want: list[str]) -> None:
     assert select_providers(device, available, driver) == want  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("available", "driver", "needle"), [
-    (BOTH, False, "no NVIDIA driver"),
-    ([CPU], True, "offers only CPUExecutionProvider"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("available", "driver", "needle"),
+    [
+        (BOTH, False, "no NVIDIA driver"),
+        ([CPU], True, "offers only CPUExecutionProvider"),
+    ],
+)
 def test_forcing_cuda_without_it_says_why(available: list[str], driver: bool, needle: str) -> None:
     with pytest.raises(ProviderUnavailable, match=needle):
         select_providers("cuda", available, driver)

@@ -27,8 +27,9 @@ def hand_non_me(p: list[float]) -> float:
     return -sum((q / total) * math.log(q / total) for q in rest if q > 0)
 
 
-@pytest.mark.parametrize("p", [[0.5, 0.25, 0.25], [0.7, 0.2, 0.1], [0.1, 0.6, 0.3],
-                               [0.4, 0.3, 0.2, 0.1]])  # fmt: skip
+@pytest.mark.parametrize(
+    "p", [[0.5, 0.25, 0.25], [0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.4, 0.3, 0.2, 0.1]]
+)
 def test_non_me_matches_hand_computation(p: list[float]) -> None:
     assert non_me(np.array([p]))[0] == pytest.approx(hand_non_me(p), abs=1e-12)
 

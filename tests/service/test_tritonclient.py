@@ -29,17 +29,22 @@ def test_tritonclient_round_trip(live_server: LiveServer, model_repo: Path) -> N
         result = client.infer("tiny-rce", [inp], request_id="abc")  # all outputs, binary
         vdir = model_repo / "tiny-rce" / "1"
         manifest = Manifest.load(vdir / MANIFEST_FILE)
-        want = score_logits(OnnxModel(vdir / MODEL_FILE, device="cpu").run(x),
-                            manifest.kernel.to_kernel(), manifest.threshold)  # fmt: skip
+        want = score_logits(
+            OnnxModel(vdir / MODEL_FILE, device="cpu").run(x),
+            manifest.kernel.to_kernel(),
+            manifest.threshold,
+        )
         assert result.get_response()["id"] == "abc"
-        np.testing.assert_array_equal(result.as_numpy("label"),
-                                      np.where(want.accepted, want.label, -1))  # fmt: skip
+        np.testing.assert_array_equal(
+            result.as_numpy("label"), np.where(want.accepted, want.label, -1)
+        )
         np.testing.assert_allclose(result.as_numpy("j_score"), want.j_score, rtol=1e-5)
-        np.testing.assert_allclose(result.as_numpy("probabilities"), want.probabilities,
-                                   atol=1e-6)  # fmt: skip
+        np.testing.assert_allclose(result.as_numpy("probabilities"), want.probabilities, atol=1e-6)
         # Asking for some outputs, one in JSON, one binary.
-        outs = [tritonclient_http.InferRequestedOutput("confidence", binary_data=False),
-                tritonclient_http.InferRequestedOutput("non_me", binary_data=True)]  # fmt: skip
+        outs = [
+            tritonclient_http.InferRequestedOutput("confidence", binary_data=False),
+            tritonclient_http.InferRequestedOutput("non_me", binary_data=True),
+        ]
         r2 = client.infer("tiny-rce", [inp], outputs=outs, model_version="1")
         np.testing.assert_allclose(r2.as_numpy("confidence"), want.confidence, rtol=1e-5)
         np.testing.assert_allclose(r2.as_numpy("non_me"), want.non_me, rtol=1e-5)

@@ -15,8 +15,21 @@ from service.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
 def test_train_export_calibrate_dry_run(tmp_path: Path) -> None:
     runner = CliRunner()
     run, models = tmp_path / "run", tmp_path / "models"
-    r = runner.invoke(app, ["train", "--dry-run", "--arch", "resnet8", "--objective", "ce",
-                            "--out", str(run), "--threads", "1"])  # fmt: skip
+    r = runner.invoke(
+        app,
+        [
+            "train",
+            "--dry-run",
+            "--arch",
+            "resnet8",
+            "--objective",
+            "ce",
+            "--out",
+            str(run),
+            "--threads",
+            "1",
+        ],
+    )
     assert r.exit_code == 0, r.output
     result = json.loads((run / "result.json").read_text())
     assert result["steps"] == 20 and (run / "weights.safetensors").exists()
@@ -25,8 +38,9 @@ def test_train_export_calibrate_dry_run(tmp_path: Path) -> None:
 
     r = runner.invoke(app, ["export", str(run), "--name", "dry-ce", "--models-dir", str(models)])
     assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["calibrate", str(models / "dry-ce" / "1"),
-                            "--target-clean-refuse", "0.1"])  # fmt: skip
+    r = runner.invoke(
+        app, ["calibrate", str(models / "dry-ce" / "1"), "--target-clean-refuse", "0.1"]
+    )
     assert r.exit_code == 0, r.output
     m = Manifest.load(models / "dry-ce" / "1" / MANIFEST_FILE)
     assert m.objective == "ce" and m.output == "logits" and m.training is not None
@@ -39,14 +53,23 @@ def test_train_export_calibrate_dry_run(tmp_path: Path) -> None:
 def test_resume_continues_from_the_checkpoint(tmp_path: Path) -> None:
     from training.train import TrainConfig, train
 
-    cfg = TrainConfig(dataset="synthetic", arch="mlp", steps=10, batch_size=16, eval_every=5,
-                      checkpoint_every=5, out_dir=tmp_path, dry_run=True)  # fmt: skip
+    cfg = TrainConfig(
+        dataset="synthetic",
+        arch="mlp",
+        steps=10,
+        batch_size=16,
+        eval_every=5,
+        checkpoint_every=5,
+        out_dir=tmp_path,
+        dry_run=True,
+    )
     first = train(cfg)
     assert first.steps == 10
     longer = TrainConfig(**{**cfg.__dict__, "steps": 14})
     second = train(longer)
-    steps = [json.loads(line)["step"] for line in
-             (tmp_path / "train_log.jsonl").read_text().splitlines()]  # fmt: skip
+    steps = [
+        json.loads(line)["step"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()
+    ]
     assert second.steps == 14
     assert steps[-1] == 14 and steps.count(5) == 1  # resumed at 10, did not start over
 
@@ -58,17 +81,30 @@ def test_export_parity_is_checked(tmp_path: Path) -> None:
     from training.train import TrainConfig, train
 
     run = tmp_path / "run"
-    train(TrainConfig(dataset="synthetic", arch="mlp", steps=5, batch_size=16, eval_every=5,
-                      out_dir=run, dry_run=True))  # fmt: skip
-    res = export_mod.export(export_mod.ExportConfig(run_dir=run, name="m",
-                                                    models_dir=tmp_path / "models"))  # fmt: skip
+    train(
+        TrainConfig(
+            dataset="synthetic",
+            arch="mlp",
+            steps=5,
+            batch_size=16,
+            eval_every=5,
+            out_dir=run,
+            dry_run=True,
+        )
+    )
+    res = export_mod.export(
+        export_mod.ExportConfig(run_dir=run, name="m", models_dir=tmp_path / "models")
+    )
     assert res.max_prob_diff <= export_mod.PARITY_TOLERANCE
     # A graph that disagrees with PyTorch must be refused.
     real = export_mod.onnx_logits
     export_mod.onnx_logits = lambda path, x: real(path, x) + np.eye(1, 10, 0, dtype=np.float32)  # type: ignore[assignment]
     try:
         with pytest.raises(RuntimeError, match="parity failed"):
-            export_mod.export(export_mod.ExportConfig(run_dir=run, name="m", version=2,
-                                                      models_dir=tmp_path / "models"))  # fmt: skip
+            export_mod.export(
+                export_mod.ExportConfig(
+                    run_dir=run, name="m", version=2, models_dir=tmp_path / "models"
+                )
+            )
     finally:
         export_mod.onnx_logits = real

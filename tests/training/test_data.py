@@ -26,8 +26,12 @@ def write_cifar(folder: Path, n: int = 20) -> np.ndarray:
             continue
         pixels = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
         first = pixels if first is None else first
-        batch = {b"batch_label": name.encode(), b"labels": list(range(10)) * (n // 10),
-                 b"data": pixels, b"filenames": [b"x.png"] * n}  # fmt: skip
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": list(range(10)) * (n // 10),
+            b"data": pixels,
+            b"filenames": [b"x.png"] * n,
+        }
         (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
     assert first is not None
     return first
@@ -80,12 +84,17 @@ def test_mnist_idx_gz_from_a_read_only_folder(tmp_path: Path) -> None:
     assert splits.test.y.tolist() == [i % 10 for i in range(10)]
     # train and val partition the training files
     assert sorted(splits.train.y.tolist() + splits.val.y.tolist()) == sorted(
-        [i % 10 for i in range(30)])
+        [i % 10 for i in range(30)]
+    )
 
 
-@pytest.mark.parametrize(("name", "needle"), [
-    ("mnist", "MNIST/raw"), ("cifar10", "cifar-10-batches-py"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "needle"),
+    [
+        ("mnist", "MNIST/raw"),
+        ("cifar10", "cifar-10-batches-py"),
+    ],
+)
 def test_missing_dataset_says_where_to_put_it(tmp_path: Path, name: str, needle: str) -> None:
     with pytest.raises(data.DatasetMissing, match=needle):
         data.load(name, tmp_path, train=True)

@@ -44,8 +44,9 @@ def test_rce_minimiser_over_a_free_logit_vector_is_the_reverse_label() -> None:
 
 def test_ce_is_pytorch_cross_entropy() -> None:
     z, t = torch.tensor([[2.0, 0.0]]), torch.tensor([0])
-    assert math.isclose(ce_loss(z, t).item(), -math.log(math.exp(2) / (math.exp(2) + 1)),
-                        rel_tol=1e-6)  # fmt: skip
+    assert math.isclose(
+        ce_loss(z, t).item(), -math.log(math.exp(2) / (math.exp(2) + 1)), rel_tol=1e-6
+    )
 
 
 def test_tiny_rce_model_is_argmax_correct_with_reverse_logits() -> None:
@@ -57,7 +58,7 @@ def test_tiny_rce_model_is_argmax_correct_with_reverse_logits() -> None:
     train, test = synthetic(512, seed=0), synthetic(256, seed=1)
     net = build_net("mlp", (1, 28, 28), 10)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    for step in range(150):
+    for _ in range(150):
         idx = torch.randint(0, 512, (64,))
         opt.zero_grad()
         rce_loss(net(train.x[idx]), train.y[idx]).backward()

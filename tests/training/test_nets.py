@@ -24,18 +24,23 @@ def resnet_params(depth: int, channels: int, classes: int = 10) -> int:
 
 def cnn_params(c: int, f1: int, f2: int, hidden: int, side: int) -> int:
     convs = (c * f1 * 9 + f1) + (f1 * f1 * 9 + f1) + (f1 * f2 * 9 + f2) + (f2 * f2 * 9 + f2)
-    return convs + (f2 * side * side * hidden + hidden) + (hidden * hidden + hidden) + hidden * 10 + 10
+    return (
+        convs + (f2 * side * side * hidden + hidden) + (hidden * hidden + hidden) + hidden * 10 + 10
+    )
 
 
-@pytest.mark.parametrize(("arch", "shape", "params"), [
-    ("resnet32", (1, 28, 28), resnet_params(32, 1)),
-    ("resnet32", (3, 32, 32), resnet_params(32, 3)),
-    ("resnet56", (1, 28, 28), resnet_params(56, 1)),
-    ("resnet110", (3, 32, 32), resnet_params(110, 3)),
-    ("cnn", (1, 28, 28), cnn_params(1, 32, 64, 200, 4)),
-    ("cnn", (3, 32, 32), cnn_params(3, 64, 128, 256, 5)),
-    ("mlp", (1, 28, 28), 784 * 100 + 100 + 100 * 100 + 100 + 100 * 10 + 10),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("arch", "shape", "params"),
+    [
+        ("resnet32", (1, 28, 28), resnet_params(32, 1)),
+        ("resnet32", (3, 32, 32), resnet_params(32, 3)),
+        ("resnet56", (1, 28, 28), resnet_params(56, 1)),
+        ("resnet110", (3, 32, 32), resnet_params(110, 3)),
+        ("cnn", (1, 28, 28), cnn_params(1, 32, 64, 200, 4)),
+        ("cnn", (3, 32, 32), cnn_params(3, 64, 128, 256, 5)),
+        ("mlp", (1, 28, 28), 784 * 100 + 100 + 100 * 100 + 100 + 100 * 10 + 10),
+    ],
+)
 def test_shapes_and_parameter_counts(arch: str, shape: tuple[int, int, int], params: int) -> None:
     net = build_net(arch, shape, 10).eval()
     x = torch.rand(3, *shape)

@@ -22,22 +22,29 @@ async def server_metadata() -> dict[str, Any]:
 
 # Liveness and readiness answer with a status and no body: response_class=Response documents
 # exactly that (FastAPI's default would promise a JSON body in the OpenAPI schema).
-@router.get("/v2/health/live", dependencies=[Depends(require_key_for_health)],
-            response_class=Response)  # fmt: skip
+@router.get(
+    "/v2/health/live", dependencies=[Depends(require_key_for_health)], response_class=Response
+)
 async def live() -> Response:
     """200 while the process serves HTTP."""
     return Response(status_code=200)
 
 
-@router.get("/v2/health/ready", dependencies=[Depends(require_key_for_health)],
-            response_class=Response,
-            responses={503: {"description": "a model failed to load, or the server is draining"}})
+@router.get(
+    "/v2/health/ready",
+    dependencies=[Depends(require_key_for_health)],
+    response_class=Response,
+    responses={503: {"description": "a model failed to load, or the server is draining"}},
+)
 async def ready(state: StateDep) -> Response:
     """200 when every model version in the repository is loaded and the server is not draining."""
     if state.repository.ready and not state.draining:
         return Response(status_code=200)
-    failed = {f"{mv.name}/{mv.version}": mv.error or "not loaded"
-              for mv in state.repository.all() if not mv.ready}  # fmt: skip
+    failed = {
+        f"{mv.name}/{mv.version}": mv.error or "not loaded"
+        for mv in state.repository.all()
+        if not mv.ready
+    }
     body: dict[str, Any] = {"error": "not ready", "models": failed}
     if state.draining:
         body["error"] = "shutting down"
@@ -46,7 +53,6 @@ async def ready(state: StateDep) -> Response:
     return JSONResponse(body, status_code=503)
 
 
-@router.get("/metrics", dependencies=[Depends(require_key_for_metrics)],
-            response_class=Response)  # fmt: skip
+@router.get("/metrics", dependencies=[Depends(require_key_for_metrics)], response_class=Response)
 async def metrics(state: StateDep) -> Response:
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -16,68 +16,104 @@ from service.inference import Outcome, infer, resolve, threshold_for
 from service.repository import ModelVersion
 from service.schemas import API_ERRORS, ModelList, ModelSummary, PredictRequest, PredictResponse
 
-router = APIRouter(prefix="/v1", tags=["native"], dependencies=[Depends(require_key)],
-                   responses=API_ERRORS)  # fmt: skip
+router = APIRouter(
+    prefix="/v1", tags=["native"], dependencies=[Depends(require_key)], responses=API_ERRORS
+)
 
 NAME = Annotated[str, Path(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="model name")]
 VERSION = Annotated[int, Path(ge=1, le=1_000_000, description="model version")]
 
 
-def _response(mv: ModelVersion, outcome: Outcome, request_id: str | None,
-              reveal: bool) -> Response:  # fmt: skip
+def _response(mv: ModelVersion, outcome: Outcome, request_id: str | None, reveal: bool) -> Response:
     """Build the JSON by hand: the hot path skips response-model re-validation."""
     s = outcome.scores
     classes = mv.manifest.classes if mv.manifest else []
     preds = []
-    for label, acc, j, c, nme in zip(s.label.tolist(), outcome.accepted.tolist(),
-                                     s.j_score.tolist(), s.confidence.tolist(),
-                                     s.non_me.tolist(), strict=True):  # fmt: skip
+    for label, acc, j, c, nme in zip(
+        s.label.tolist(),
+        outcome.accepted.tolist(),
+        s.j_score.tolist(),
+        s.confidence.tolist(),
+        s.non_me.tolist(),
+        strict=True,
+    ):
         shown = acc or reveal
-        preds.append({"decision": "accepted" if acc else "not_sure",
-                      "label": label if shown else None,
-                      "class_name": classes[label] if shown else None,
-                      "j_score": j, "confidence": c, "non_me": nme})  # fmt: skip
-    body = {"id": request_id, "model": mv.name, "version": mv.version,
-            "threshold": outcome.threshold, "predictions": preds}  # fmt: skip
+        preds.append(
+            {
+                "decision": "accepted" if acc else "not_sure",
+                "label": label if shown else None,
+                "class_name": classes[label] if shown else None,
+                "j_score": j,
+                "confidence": c,
+                "non_me": nme,
+            }
+        )
+    body = {
+        "id": request_id,
+        "model": mv.name,
+        "version": mv.version,
+        "threshold": outcome.threshold,
+        "predictions": preds,
+    }
     return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
 
 
-async def _predict(state: AppState, request: Request, body: PredictRequest, name: str,
-                   version: int | None) -> Response:  # fmt: skip
+async def _predict(
+    state: AppState, request: Request, body: PredictRequest, name: str, version: int | None
+) -> Response:
     settings = state.settings
     mv = resolve(state, request, name, version)
     if len(body.instances) > settings.max_instances:
-        raise PayloadTooLarge(f"{len(body.instances)} instances, the limit is "
-                              f"{settings.max_instances}", field="instances",
-                              fix=f"split the request into batches of {settings.max_instances}")  # fmt: skip
+        raise PayloadTooLarge(
+            f"{len(body.instances)} instances, the limit is {settings.max_instances}",
+            field="instances",
+            fix=f"split the request into batches of {settings.max_instances}",
+        )
     threshold = threshold_for(state, mv, body.threshold)
     assert mv.manifest is not None
     shape = mv.manifest.input_shape
-    x = np.stack([
-        instance_to_tensor(inst, shape, f"instances[{i}]", resize=body.resize,
-                           max_pixels=settings.max_image_pixels)
-        for i, inst in enumerate(body.instances)
-    ])  # fmt: skip
+    x = np.stack(
+        [
+            instance_to_tensor(
+                inst,
+                shape,
+                f"instances[{i}]",
+                resize=body.resize,
+                max_pixels=settings.max_image_pixels,
+            )
+            for i, inst in enumerate(body.instances)
+        ]
+    )
     outcome = await infer(state, request, mv, x, threshold)
     return _response(mv, outcome, body.id, settings.reveal_not_sure_labels)
 
 
-@router.post("/models/{name}/predict", response_model=PredictResponse,
-             summary="Predict with the latest ready version")  # fmt: skip
+@router.post(
+    "/models/{name}/predict",
+    response_model=PredictResponse,
+    summary="Predict with the latest ready version",
+)
 async def predict(name: NAME, body: PredictRequest, request: Request, state: StateDep) -> Response:
     """Each image gets a label and its J-score, or NOT SURE when J < T."""
     return await _predict(state, request, body, name, None)
 
 
-@router.post("/models/{name}/versions/{version}/predict", response_model=PredictResponse,
-             summary="Predict with a given version")  # fmt: skip
-async def predict_version(name: NAME, version: VERSION, body: PredictRequest, request: Request,
-                          state: StateDep) -> Response:  # fmt: skip
+@router.post(
+    "/models/{name}/versions/{version}/predict",
+    response_model=PredictResponse,
+    summary="Predict with a given version",
+)
+async def predict_version(
+    name: NAME, version: VERSION, body: PredictRequest, request: Request, state: StateDep
+) -> Response:
     return await _predict(state, request, body, name, version)
 
 
-@router.post("/models/{name}/predict/files", response_model=PredictResponse,
-             summary="Predict on uploaded image files (multipart/form-data)")  # fmt: skip
+@router.post(
+    "/models/{name}/predict/files",
+    response_model=PredictResponse,
+    summary="Predict on uploaded image files (multipart/form-data)",
+)
 async def predict_files(
     name: NAME,
     request: Request,
@@ -89,16 +125,24 @@ async def predict_files(
     settings = state.settings
     mv = resolve(state, request, name, version)
     if len(files) > settings.max_instances:
-        raise PayloadTooLarge(f"{len(files)} files, the limit is {settings.max_instances}",
-                              field="files")  # fmt: skip
+        raise PayloadTooLarge(
+            f"{len(files)} files, the limit is {settings.max_instances}", field="files"
+        )
     assert mv.manifest is not None
     arrays = []
     for i, f in enumerate(files):
         data = await f.read()
         if not data:
             raise InvalidInput("empty file", field=f"files[{i}]", fix="send a PNG or JPEG file")
-        arrays.append(decode_image(data, mv.manifest.input_shape, f"files[{i}]", resize=resize,
-                                   max_pixels=settings.max_image_pixels))  # fmt: skip
+        arrays.append(
+            decode_image(
+                data,
+                mv.manifest.input_shape,
+                f"files[{i}]",
+                resize=resize,
+                max_pixels=settings.max_image_pixels,
+            )
+        )
     outcome = await infer(state, request, mv, np.stack(arrays), mv.threshold)
     return _response(mv, outcome, None, settings.reveal_not_sure_labels)
 
@@ -108,9 +152,15 @@ async def list_models(state: StateDep) -> dict[str, Any]:
     out = []
     for mv in state.repository.all():
         m = mv.manifest
-        out.append(ModelSummary(
-            name=mv.name, version=mv.version, ready=mv.ready,
-            objective=m.objective if m else None, threshold=mv.threshold if mv.ready else None,
-            provider=mv.model.provider if mv.model else None, error=mv.error,
-        ))  # fmt: skip
+        out.append(
+            ModelSummary(
+                name=mv.name,
+                version=mv.version,
+                ready=mv.ready,
+                objective=m.objective if m else None,
+                threshold=mv.threshold if mv.ready else None,
+                provider=mv.model.provider if mv.model else None,
+                error=mv.error,
+            )
+        )
     return {"models": out}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import numpy as np
+import numpy.typing as npt
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import Response
 
@@ -16,8 +17,9 @@ from service.inference import infer, resolve, threshold_for
 from service.repository import ModelVersion
 from service.schemas import API_ERRORS, V2InferRequest, V2InferResponse, V2ModelMetadata
 
-router = APIRouter(prefix="/v2", tags=["kserve-v2"], dependencies=[Depends(require_key)],
-                   responses=API_ERRORS)  # fmt: skip
+router = APIRouter(
+    prefix="/v2", tags=["kserve-v2"], dependencies=[Depends(require_key)], responses=API_ERRORS
+)
 
 NAME = Annotated[str, Path(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
 VERSION = Annotated[int, Path(ge=1, le=1_000_000)]
@@ -43,12 +45,14 @@ def _metadata(mv: ModelVersion, state: AppState) -> dict[str, Any]:
     n = mv.manifest.num_classes
     versions = sorted(state.repository.versions.get(mv.name, {}))
     return {
-        "name": mv.name, "versions": [str(v) for v in versions], "platform": "onnxruntime_onnx",
+        "name": mv.name,
+        "versions": [str(v) for v in versions],
+        "platform": "onnxruntime_onnx",
         "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, c, h, w]}],
         "outputs": [{"name": "label", "datatype": "INT64", "shape": [-1]}]
         + [{"name": o, "datatype": "FP32", "shape": [-1]} for o in OUTPUTS[1:4]]
         + [{"name": "probabilities", "datatype": "FP32", "shape": [-1, n]}],
-    }  # fmt: skip
+    }
 
 
 @router.get("/models/{name}", response_model=V2ModelMetadata)
@@ -57,8 +61,9 @@ async def model_metadata(name: NAME, request: Request, state: StateDep) -> dict[
 
 
 @router.get("/models/{name}/versions/{version}", response_model=V2ModelMetadata)
-async def version_metadata(name: NAME, version: VERSION, request: Request,
-                           state: StateDep) -> dict[str, Any]:  # fmt: skip
+async def version_metadata(
+    name: NAME, version: VERSION, request: Request, state: StateDep
+) -> dict[str, Any]:
     return _metadata(resolve(state, request, name, version), state)
 
 
@@ -69,8 +74,9 @@ async def model_ready(name: NAME, request: Request, state: StateDep) -> Response
 
 
 @router.get("/models/{name}/versions/{version}/ready", response_class=Response)
-async def version_ready(name: NAME, version: VERSION, request: Request,
-                        state: StateDep) -> Response:  # fmt: skip
+async def version_ready(
+    name: NAME, version: VERSION, request: Request, state: StateDep
+) -> Response:
     resolve(state, request, name, version)
     return Response(status_code=200)
 
@@ -81,13 +87,18 @@ async def _infer(state: AppState, request: Request, name: str, version: int | No
     decoded = v2codec.decode(body, request.headers.get("inference-header-content-length"))
     req = decoded.request
     if len(req.inputs) != 1:
-        raise InvalidInput(f"expected exactly one input, got {len(req.inputs)}", field="inputs",
-                           fix='send one tensor named "input" of shape [B, C, H, W]')  # fmt: skip
+        raise InvalidInput(
+            f"expected exactly one input, got {len(req.inputs)}",
+            field="inputs",
+            fix='send one tensor named "input" of shape [B, C, H, W]',
+        )
     assert mv.manifest is not None
     x = check_batch(decoded.tensors[req.inputs[0].name], mv.manifest.input_shape, "inputs[0]")
     if x.shape[0] > state.settings.max_instances:
-        raise PayloadTooLarge(f"{x.shape[0]} images, the limit is {state.settings.max_instances}",
-                              field="inputs[0].shape")  # fmt: skip
+        raise PayloadTooLarge(
+            f"{x.shape[0]} images, the limit is {state.settings.max_instances}",
+            field="inputs[0].shape",
+        )
     params = req.parameters or {}
     requested = params.get("threshold")
     if requested is not None and not isinstance(requested, int | float):
@@ -96,27 +107,39 @@ async def _infer(state: AppState, request: Request, name: str, version: int | No
     outcome = await infer(state, request, mv, x, threshold)
 
     s = outcome.scores
-    values = {
+    values: dict[str, npt.NDArray[Any]] = {
         "label": np.where(outcome.accepted, s.label, -1).astype(np.int64),
-        "j_score": s.j_score.astype(np.float32), "confidence": s.confidence.astype(np.float32),
-        "non_me": s.non_me.astype(np.float32), "probabilities": s.probabilities.astype(np.float32),
-    }  # fmt: skip
+        "j_score": s.j_score.astype(np.float32),
+        "confidence": s.confidence.astype(np.float32),
+        "non_me": s.non_me.astype(np.float32),
+        "probabilities": s.probabilities.astype(np.float32),
+    }
     all_binary = bool(params.get("binary_data_output", False))
     wanted = [o.name for o in req.outputs] if req.outputs else list(OUTPUTS)
     unknown = [w for w in wanted if w not in values]
     if unknown:
-        raise InvalidInput(f"unknown output {unknown[0]!r}", field="outputs",
-                           fix=f"choose from {', '.join(OUTPUTS)}")  # fmt: skip
+        raise InvalidInput(
+            f"unknown output {unknown[0]!r}",
+            field="outputs",
+            fix=f"choose from {', '.join(OUTPUTS)}",
+        )
     binary = {o.name for o in req.outputs or [] if (o.parameters or {}).get("binary_data")}
     if all_binary:
         binary = set(wanted)
-    header = {"model_name": mv.name, "model_version": str(mv.version), "id": req.id,
-              "parameters": {"threshold": threshold}}  # fmt: skip
+    header = {
+        "model_name": mv.name,
+        "model_version": str(mv.version),
+        "id": req.id,
+        "parameters": {"threshold": threshold},
+    }
     content, hlen = v2codec.encode(header, [(w, values[w]) for w in wanted], binary)
     if hlen is None:
         return Response(content, media_type="application/json")
-    return Response(content, media_type="application/octet-stream",
-                    headers={"Inference-Header-Content-Length": str(hlen)})  # fmt: skip
+    return Response(
+        content,
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(hlen)},
+    )
 
 
 @router.post("/models/{name}/infer", response_model=V2InferResponse, openapi_extra=INFER_BODY)
@@ -125,8 +148,12 @@ async def model_infer(name: NAME, request: Request, state: StateDep) -> Response
     return await _infer(state, request, name, None)
 
 
-@router.post("/models/{name}/versions/{version}/infer", response_model=V2InferResponse,
-             openapi_extra=INFER_BODY)  # fmt: skip
-async def version_infer(name: NAME, version: VERSION, request: Request,
-                        state: StateDep) -> Response:  # fmt: skip
+@router.post(
+    "/models/{name}/versions/{version}/infer",
+    response_model=V2InferResponse,
+    openapi_extra=INFER_BODY,
+)
+async def version_infer(
+    name: NAME, version: VERSION, request: Request, state: StateDep
+) -> Response:
     return await _infer(state, request, name, version)

@@ -1,0 +1,406 @@
+"""Serving benchmark: the real server in its own process, wrk as the load generator.
+
+Prints (and writes as JSON + markdown) req/s, img/s and p50/p99 latency at several concurrencies
+for 1-image and 64-image requests, native JSON and KServe V2 binary, next to raw in-process
+onnxruntime at the same batch sizes, and optionally the same server with batching off and
+other frameworks (LitServe, BentoML) serving the same model behind the same client.
+
+    python benchmarks/serving.py --duration 10 --out docs/benchmarks
+    python benchmarks/serving.py --quick          # 3 s per cell, fewer cells
+
+Only 127.0.0.1 is targeted; every run is bounded by --duration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from service.manifest import MANIFEST_FILE, MODEL_FILE, Manifest  # noqa: E402
+
+LUA = """
+local f = io.open("{body}", "rb")
+wrk.method = "POST"
+wrk.body = f:read("*all")
+f:close()
+wrk.headers["Content-Type"] = "{ctype}"
+{extra}
+"""
+
+
+@dataclass
+class Cell:
+    server: str
+    api: str
+    images: int
+    concurrency: int
+    req_s: float
+    img_s: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} never became ready")
+
+
+def bodies(manifest: Manifest, n: int, tmp: Path) -> dict[str, tuple[Path, str, str]]:
+    """Request bodies for n images: native JSON (integer pixels) and V2 binary."""
+    rng = np.random.default_rng(0)
+    x = rng.random((n, *manifest.input_shape), dtype=np.float32)
+    native = tmp / f"native-{n}.json"
+    ints = (x[:, 0] * 255).round().astype(int).tolist()
+    native.write_text(json.dumps({"instances": ints}, separators=(",", ":")))
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": list(x.shape),
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ],
+            "parameters": {"binary_data_output": True},
+            "outputs": [{"name": o} for o in ("label", "j_score", "confidence", "non_me")],
+        }
+    ).encode()
+    v2 = tmp / f"v2-{n}.bin"
+    v2.write_bytes(header + x.tobytes())
+    extra = f'wrk.headers["Inference-Header-Content-Length"] = "{len(header)}"'
+    return {
+        "native": (native, "application/json", ""),
+        "v2-binary": (v2, "application/octet-stream", extra),
+    }
+
+
+def _ms(text: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s)", text)
+    if not m:
+        return float("nan")
+    v, unit = float(m.group(1)), m.group(2)
+    return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
+
+
+def run_wrk(
+    url: str, body: tuple[Path, str, str], conc: int, duration: float, tmp: Path
+) -> tuple[float, float, float, int]:
+    path, ctype, extra = body
+    script = tmp / f"{path.stem}.lua"
+    script.write_text(LUA.format(body=path, ctype=ctype, extra=extra))
+    threads = 1 if conc == 1 else 2
+    cmd = [
+        "nice",
+        "-n",
+        "-15",
+        "wrk",
+        f"-t{threads}",
+        f"-c{conc}",
+        f"-d{int(duration)}s",
+        "--latency",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+        url,
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    errs = 0
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if m:
+        errs += int(m.group(1))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        errs += sum(int(g) for g in m.groups())
+    return max(total - errs, 0) / duration, p50, p99, errs
+
+
+def wait_idle(url: str, timeout: float = 60.0) -> None:
+    """Wait until the server has no request in flight (wrk abandons requests when it stops)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            text = httpx.get(url + "/metrics", timeout=5.0).text
+        except httpx.HTTPError:
+            time.sleep(0.5)
+            continue
+        inflight = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("notsure_inflight_requests{")
+        )
+        if inflight <= 0:
+            return
+        time.sleep(0.5)
+
+
+def raw_parallel(
+    model_path: Path, shape: tuple[int, ...], batch: int, seconds: float, workers: int
+) -> float:
+    """In-process onnxruntime, `workers` threads each running batches (intra-op 1): img/s."""
+    import threading
+
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).random((batch, *shape), dtype=np.float32)
+    sess.run(None, {"input": x})
+    counts = [0] * workers
+    stop = time.perf_counter() + seconds
+
+    def loop(i: int) -> None:
+        while time.perf_counter() < stop:
+            sess.run(None, {"input": x})
+            counts[i] += 1
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) * batch / (time.perf_counter() - t0)
+
+
+def raw_onnxruntime(
+    model_path: Path, shape: tuple[int, ...], batch: int, seconds: float, intra: int
+) -> tuple[float, float]:
+    """In-process onnxruntime: (images/s, ms per run) at this batch size, one session."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = intra
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).random((batch, *shape), dtype=np.float32)
+    for _ in range(5):
+        sess.run(None, {"input": x})
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        sess.run(None, {"input": x})
+        n += 1
+    dt = (time.perf_counter() - t0) / n
+    return batch / dt, dt * 1000
+
+
+class Server:
+    """A server process on a free port; stopped (SIGTERM, then SIGKILL) on exit."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], ready_path: str) -> None:
+        self.port = free_port()
+        env = {**os.environ, **env, "PORT": str(self.port), "NOTSURE_PORT": str(self.port)}
+        self.cmd = [c.replace("{port}", str(self.port)) for c in cmd]
+        self.proc = subprocess.Popen(
+            ["nice", "-n", "-15", *self.cmd],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+        try:
+            wait_ready(self.url + ready_path)
+        except RuntimeError:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default="mnist-resnet32-rce")
+    ap.add_argument("--duration", type=float, default=8.0, help="seconds per cell")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    ap.add_argument(
+        "--compare",
+        nargs="*",
+        default=["no-batching", "litserve", "bentoml"],
+        help="other servers for 1-image requests (native JSON)",
+    )
+    ap.add_argument("--quick", action="store_true", help="3 s cells, concurrency 1 and 32")
+    ap.add_argument("--out", type=Path, default=None, help="folder for results.json/.md")
+    args = ap.parse_args()
+    if args.quick:
+        args.duration, args.concurrency = 3.0, [1, 32]
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is needed: apt-get install wrk")
+    vdir = ROOT / "models" / args.model / "1"
+    manifest = Manifest.load(vdir / MANIFEST_FILE)
+    cells: list[Cell] = []
+    raw: dict[str, dict[str, float]] = {}
+    tmp = Path(tempfile.mkdtemp(prefix="notsure-bench-"))
+
+    def report(c: Cell) -> None:
+        cells.append(c)
+        print(
+            f"{c.server:12s} {c.api:10s} {c.images:3d} img  c={c.concurrency:3d}  "
+            f"{c.req_s:8.1f} req/s {c.img_s:8.0f} img/s  p50 {c.p50_ms:7.2f} ms  "
+            f"p99 {c.p99_ms:7.2f} ms  errors {c.errors}",
+            flush=True,
+        )
+
+    for batch in (1, 64):
+        for intra in (1, 2):
+            ips, ms = raw_onnxruntime(
+                vdir / MODEL_FILE, manifest.input_shape, batch, max(2.0, args.duration / 2), intra
+            )
+            raw[f"batch{batch}-intra{intra}"] = {"img_s": ips, "ms_per_run": ms}
+            print(
+                f"raw onnxruntime batch {batch:2d} intra-op {intra}: {ips:8.0f} img/s "
+                f"{ms:7.2f} ms/run",
+                flush=True,
+            )
+        ips = raw_parallel(
+            vdir / MODEL_FILE,
+            manifest.input_shape,
+            batch,
+            max(2.0, args.duration / 2),
+            os.cpu_count() or 1,
+        )
+        raw[f"batch{batch}-parallel"] = {"img_s": ips}
+        print(
+            f"raw onnxruntime batch {batch:2d} {os.cpu_count()} parallel runs: {ips:8.0f} img/s",
+            flush=True,
+        )
+
+    reqs = {n: bodies(manifest, n, tmp) for n in (1, 64)}
+    serve = [sys.executable, "-m", "notsure.cli", "serve"]
+    # A queue deep enough for 64 clients x 64 images: the benchmark measures throughput, not
+    # load shedding (tests/reliability covers that).
+    env = {
+        "NOTSURE_MODELS": args.model,
+        "NOTSURE_LOG_LEVEL": "warning",
+        "NOTSURE_MAX_QUEUE_IMAGES": "16384",
+    }
+    srv = Server(serve, env, "/v2/health/ready")
+    try:
+        for n in (1, 64):
+            for api, path in (
+                ("native", f"/v1/models/{args.model}/predict"),
+                ("v2-binary", f"/v2/models/{args.model}/infer"),
+            ):
+                for c in args.concurrency:
+                    wait_idle(srv.url)
+                    rps, p50, p99, errs = run_wrk(
+                        srv.url + path, reqs[n][api], c, args.duration, tmp
+                    )
+                    report(Cell("notsure", api, n, c, rps, rps * n, p50, p99, errs))
+    finally:
+        srv.stop()
+
+    others = {
+        "no-batching": (
+            serve,
+            {**env, "NOTSURE_BATCHING": "false"},
+            "/v2/health/ready",
+            f"/v1/models/{args.model}/predict",
+        ),
+        "litserve": (
+            [sys.executable, str(ROOT / "benchmarks" / "others" / "litserve_app.py")],
+            {"MODEL_DIR": str(vdir)},
+            "/health",
+            "/predict",
+        ),
+        "bentoml": (
+            [
+                os.environ.get("BENTOML", "/tmp/bentovenv/bin/bentoml"),
+                "serve",
+                "bentoml_app:NotSure",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "{port}",
+                "--working-dir",
+                str(ROOT / "benchmarks" / "others"),
+            ],
+            {"MODEL_DIR": str(vdir), "NOTSURE_ROOT": str(ROOT)},
+            "/readyz",
+            "/predict",
+        ),
+    }
+    for name in args.compare:
+        cmd, extra_env, ready, path = others[name]
+        if not Path(cmd[0]).exists() and not shutil.which(cmd[0]):
+            print(f"{name}: not installed, skipped", flush=True)
+            continue
+        try:
+            other = Server(cmd, extra_env, ready)
+        except RuntimeError as exc:
+            print(f"{name}: failed to start ({exc}), skipped", flush=True)
+            continue
+        try:
+            for c in args.concurrency:
+                if name == "no-batching":
+                    wait_idle(other.url)
+                else:
+                    time.sleep(2)
+                rps, p50, p99, errs = run_wrk(
+                    other.url + path, reqs[1]["native"], c, args.duration, tmp
+                )
+                report(Cell(name, "native", 1, c, rps, rps, p50, p99, errs))
+        finally:
+            other.stop()
+
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "python": platform.python_version(),
+            "duration_s": args.duration,
+            "model": args.model,
+            "command": " ".join(sys.argv),
+        }
+        (args.out / "results.json").write_text(
+            json.dumps(
+                {"meta": meta, "raw_onnxruntime": raw, "cells": [asdict(c) for c in cells]},
+                indent=2,
+            )
+        )
+        print(f"wrote {args.out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
