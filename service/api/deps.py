@@ -1,4 +1,8 @@
-"""Shared FastAPI dependencies: settings, the app state, API-key checks."""
+"""Shared FastAPI dependencies: settings, the app state, API-key checks.
+
+They are all `async def`: FastAPI runs plain `def` dependencies in a thread pool, which cost
+several thread hops per request on the hot path.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ class AppState:
     draining: bool = False
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
     state: AppState = request.app.state.notsure
     return state
 
@@ -35,7 +39,7 @@ def get_state(request: Request) -> AppState:
 StateDep = Annotated[AppState, Depends(get_state)]
 
 
-def get_app_settings(state: StateDep) -> Settings:
+async def get_app_settings(state: StateDep) -> Settings:
     return state.settings
 
 
@@ -51,7 +55,7 @@ def _check_key(state: AppState, authorization: str | None, x_api_key: str | None
         )
 
 
-def require_key(
+async def require_key(
     state: StateDep,
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
     x_api_key: Annotated[str | None, Header(include_in_schema=False)] = None,
@@ -60,7 +64,7 @@ def require_key(
     _check_key(state, authorization, x_api_key)
 
 
-def require_key_for_health(
+async def require_key_for_health(
     state: StateDep,
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
     x_api_key: Annotated[str | None, Header(include_in_schema=False)] = None,
@@ -69,7 +73,7 @@ def require_key_for_health(
         _check_key(state, authorization, x_api_key)
 
 
-def require_key_for_metrics(
+async def require_key_for_metrics(
     state: StateDep,
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
     x_api_key: Annotated[str | None, Header(include_in_schema=False)] = None,
