@@ -249,6 +249,90 @@ class Server:
             self.proc.kill()
 
 
+def targets(cells: list[Cell], raw: dict[str, dict[str, float]]) -> list[tuple[str, str, bool]]:
+    """The issue's performance targets, checked against the measured cells."""
+    out: list[tuple[str, str, bool]] = []
+
+    def get(server: str, api: str, n: int, c: int) -> Cell | None:
+        return next(
+            (x for x in cells if (x.server, x.api, x.images, x.concurrency) == (server, api, n, c)),
+            None,
+        )
+
+    best_raw64 = max(v["img_s"] for k, v in raw.items() if k.startswith("batch64"))
+    v2_64 = max(
+        (x.img_s for x in cells if (x.server, x.api, x.images) == ("notsure", "v2-binary", 64)),
+        default=0.0,
+    )
+    out.append(
+        (
+            "64-image V2 binary >= 85% of raw onnxruntime img/s",
+            f"{v2_64:.0f} vs best raw {best_raw64:.0f} img/s ({v2_64 / best_raw64:.0%})",
+            v2_64 >= 0.85 * best_raw64,
+        )
+    )
+    ours, off = get("notsure", "native", 1, 32), get("no-batching", "native", 1, 32)
+    if ours and off:
+        out.append(
+            (
+                "1-image c=32 >= 1.5x batching off",
+                f"{ours.req_s:.0f} vs {off.req_s:.0f} req/s ({ours.req_s / off.req_s:.2f}x)",
+                ours.req_s >= 1.5 * off.req_s,
+            )
+        )
+    for other in ("litserve", "bentoml"):
+        for c in sorted({x.concurrency for x in cells}):
+            a, b = get("notsure", "native", 1, c), get(other, "native", 1, c)
+            if a and b:
+                out.append(
+                    (
+                        f"1-image c={c} ahead of {other}",
+                        f"{a.req_s:.0f} vs {b.req_s:.0f} req/s",
+                        a.req_s > b.req_s,
+                    )
+                )
+    raw1 = min(v["ms_per_run"] for k, v in raw.items() if k.startswith("batch1-"))
+    for api in ("native", "v2-binary"):
+        c1 = get("notsure", api, 1, 1)
+        if c1:
+            out.append(
+                (
+                    f"p50 at c=1 ({api}) <= raw batch-1 latency + 1.5 ms",
+                    f"{c1.p50_ms:.2f} ms vs {raw1:.2f} + 1.5 ms",
+                    c1.p50_ms <= raw1 + 1.5,
+                )
+            )
+    return out
+
+
+def markdown(cells: list[Cell], raw: dict[str, dict[str, float]], meta: dict[str, str]) -> str:
+    lines = [
+        f"Machine: {meta['machine']}; Python {meta['python']}; {meta['duration_s']} s per "
+        f"cell; command `{meta['command']}`.",
+        "",
+        "| raw onnxruntime (in-process) | img/s | ms/run |",
+        "|---|---|---|",
+    ]
+    for k, v in raw.items():
+        ms = f"{v['ms_per_run']:.2f}" if "ms_per_run" in v else "-"
+        lines.append(f"| {k} | {v['img_s']:.0f} | {ms} |")
+    lines += [
+        "",
+        "| server | API | images/request | concurrency | req/s | img/s | p50 ms | p99 ms "
+        "| non-2xx / socket errors |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in cells:
+        lines.append(
+            f"| {c.server} | {c.api} | {c.images} | {c.concurrency} | {c.req_s:.1f} | "
+            f"{c.img_s:.0f} | {c.p50_ms:.2f} | {c.p99_ms:.2f} | {c.errors} |"
+        )
+    lines += ["", "| target | measured | met |", "|---|---|---|"]
+    for name, measured, ok in targets(cells, raw):
+        lines.append(f"| {name} | {measured} | {'yes' if ok else '**no**'} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="mnist-resnet32-rce")
