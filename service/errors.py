@@ -18,6 +18,9 @@ protocol (and tritonclient) reads; no stack traces or file paths ever appear in 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 
 class ServeError(Exception):
     """Base of every error the service turns into an HTTP response."""
@@ -91,3 +94,24 @@ class ShuttingDown(ServeError):
 
 class InferenceFailed(ServeError):
     status_code = 500
+
+
+def invalid_input_from(errors: Sequence[Mapping[str, Any]]) -> InvalidInput:
+    """Pydantic's validation errors (FastAPI's or our own parsing) -> one InvalidInput naming
+    the first bad field and how to fix it."""
+    first: Mapping[str, Any] = errors[0] if errors else {"loc": ("body",), "msg": "invalid"}
+    msg = str(first.get("msg", "invalid value"))
+    kind = str(first.get("type", ""))
+    loc = tuple(first.get("loc", ()))
+    if kind == "json_invalid":  # FastAPI's loc is ("body", <character offset>)
+        field = "body"
+        if len(loc) > 1:
+            msg = f"{msg} at character {loc[-1]}"
+    else:
+        field = ".".join(str(p) for p in loc if p != "body") or "body"
+    fix = {
+        "json_invalid": "send a valid JSON body",
+        "missing": "add this field",
+        "extra_forbidden": "remove this field",
+    }.get(kind, "see the OpenAPI schema at /docs")
+    return InvalidInput(f"{field}: {msg}", field=field, fix=fix)

@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,10 +21,11 @@ from service.api.deps import AppState
 from service.api.routes import health, native, v2
 from service.batching import ArrivalTracker
 from service.config import Settings, get_settings
-from service.errors import ServeError
+from service.errors import ServeError, invalid_input_from
 from service.metrics import Metrics
 from service.middleware import ServiceMiddleware
 from service.repository import Repository
+from service.schemas import PredictRequest, V2InferRequest, component_schemas
 from service.security import KeyRing
 
 log = logging.getLogger(__name__)
@@ -32,27 +34,8 @@ log = logging.getLogger(__name__)
 def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     """FastAPI's request validation -> one message naming the field and the fix."""
     assert isinstance(exc, RequestValidationError)
-    first = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid request"}
-    msg = first.get("msg", "invalid value")
-    if first.get("type") == "json_invalid":  # loc is ("body", <character offset>)
-        offset = first.get("loc", ("body", "?"))[-1]
-        field, msg = "body", f"{msg} at character {offset}"
-    else:
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"] or ["body"]
-        field = ".".join(loc)
-    body = {"error": f"{field}: {msg}", "field": field, "fix": _fix_for(first)}
-    return JSONResponse(body, status_code=422)
-
-
-def _fix_for(err: dict[str, object]) -> str:
-    kind = str(err.get("type", ""))
-    if kind == "json_invalid":
-        return "send a valid JSON body"
-    if kind == "missing":
-        return "add this field"
-    if kind == "extra_forbidden":
-        return "remove this field"
-    return "see the OpenAPI schema at /docs"
+    err = invalid_input_from(exc.errors())
+    return JSONResponse(err.body(), status_code=err.status_code)
 
 
 def _serve_error(request: Request, exc: Exception) -> JSONResponse:
@@ -82,6 +65,22 @@ def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(
         {"error": "internal error; this is a bug in notsure", "request_id": rid}, status_code=500
     )
+
+
+def _publish_body_schemas(app: FastAPI) -> None:
+    """Routes that parse their own bodies reference nested models as components: add them."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(
+                component_schemas(PredictRequest, V2InferRequest)
+            )
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -115,6 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.notsure = state
+    _publish_body_schemas(app)
     app.include_router(health.router)
     app.include_router(native.router)
     app.include_router(v2.router)

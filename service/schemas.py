@@ -136,3 +136,23 @@ API_ERRORS: dict[int | str, dict[str, Any]] = {
         504: "waited in the queue past the request timeout",
     }.items()
 }
+
+
+# --- schemas of bodies the routes parse themselves ------------------------------------------------
+
+_REF = "#/components/schemas/{model}"
+
+
+def body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """A model's JSON schema for `openapi_extra`, its nested models referenced as components."""
+    schema = model.model_json_schema(ref_template=_REF)
+    schema.pop("$defs", None)
+    return schema
+
+
+def component_schemas(*models: type[BaseModel]) -> dict[str, Any]:
+    """The nested models those schemas reference, for the OpenAPI document's components."""
+    out: dict[str, Any] = {}
+    for model in models:
+        out.update(model.model_json_schema(ref_template=_REF).get("$defs", {}))
+    return out

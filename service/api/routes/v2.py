@@ -15,7 +15,13 @@ from service.errors import InvalidInput, PayloadTooLarge
 from service.imaging import check_batch
 from service.inference import infer, resolve, threshold_for
 from service.repository import ModelVersion
-from service.schemas import API_ERRORS, V2InferRequest, V2InferResponse, V2ModelMetadata
+from service.schemas import (
+    API_ERRORS,
+    V2InferRequest,
+    V2InferResponse,
+    V2ModelMetadata,
+    body_schema,
+)
 
 router = APIRouter(
     prefix="/v2", tags=["kserve-v2"], dependencies=[Depends(require_key)], responses=API_ERRORS
@@ -28,7 +34,7 @@ INFER_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": V2InferRequest.model_json_schema()},
+            "application/json": {"schema": body_schema(V2InferRequest)},
             "application/octet-stream": {
                 "schema": {"type": "string", "format": "binary"},
                 "description": "binary tensor data extension: a JSON header of "
