@@ -12,6 +12,7 @@ from service.config import Settings
 from service.main import create_app
 
 log = logging.getLogger(__name__)
+KEEP_ALIVE_S = 75
 
 
 def uvicorn_config(settings: Settings) -> uvicorn.Config:
@@ -22,6 +23,10 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
         log_level=settings.log_level,
         access_log=False,  # the service logs errors with request ids; metrics count the rest
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+        # Idle keep-alive connections must outlive the clients' and proxies' own idle timeouts
+        # (httpx 5 s, ALB 60 s): otherwise the server closes a connection just as a client sends
+        # on it and the client sees a reset, not a response. 75 s is nginx's default.
+        timeout_keep_alive=KEEP_ALIVE_S,
         http="httptools",
         loop="uvloop",
         lifespan="on",
