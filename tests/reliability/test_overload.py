@@ -22,11 +22,13 @@ QUEUE = 32  # images: 4 requests wait while one batch runs
 
 
 def metric(text: str, name: str, **labels: str) -> float:
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return float(s.value)
-    return 0.0
+    """The sum of a metric's samples that carry these labels (0 when there are none)."""
+    return sum(
+        float(s.value)
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 async def burst(url: str, n: int) -> tuple[list[tuple[str, httpx.Response, float]], list[float]]:
