@@ -192,35 +192,18 @@ def train(cfg: TrainConfig) -> TrainResult:
             bar.update(step, loss=loss_value, lr=lr, rate=rate)
             if step % 50 == 0:
                 window_t, window_imgs = now, 0
+            evaluate_now = step % cfg.eval_every == 0 or step == cfg.steps
             record: dict[str, float] = {}
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                record = {
-                    "step": step,
-                    "loss": loss_value,
-                    "lr": lr,
-                    "img_per_s": rate,
-                    "elapsed_s": now - t0,
-                    "val_accuracy": evaluate(net, splits.val, cfg.objective, device),
-                    "test_accuracy": evaluate(net, splits.test, cfg.objective, device),
-                }
+            if evaluate_now or step % 100 == 0:
+                record = {"step": step, "loss": loss_value, "lr": lr, "img_per_s": rate,
+                          "elapsed_s": now - t0}  # fmt: skip
+            if evaluate_now:
+                record["val_accuracy"] = evaluate(net, splits.val, cfg.objective, device)
+                record["test_accuracy"] = evaluate(net, splits.test, cfg.objective, device)
                 net.train()
-                log.info(
-                    "step %d loss %.4f lr %.4g val %.4f test %.4f (%.0f img/s)",
-                    step,
-                    record["loss"],
-                    lr,
-                    record["val_accuracy"],
-                    record["test_accuracy"],
-                    rate,
-                )
-            elif step % 100 == 0:
-                record = {
-                    "step": step,
-                    "loss": loss_value,
-                    "lr": lr,
-                    "img_per_s": rate,
-                    "elapsed_s": now - t0,
-                }
+                log.info("step %d loss %.4f lr %.4g val %.4f test %.4f (%.0f img/s)", step,
+                         loss_value, lr, record["val_accuracy"], record["test_accuracy"],
+                         rate)  # fmt: skip
             if record:
                 history.append(record)
                 log_file.write(json.dumps(record) + "\n")

@@ -1,0 +1,36 @@
+"""What the comparison servers share: load the model like notsure does, score a pixel batch."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+sys.path.insert(0, os.environ.get("NOTSURE_ROOT", str(Path(__file__).resolve().parents[2])))
+from service.manifest import Manifest
+from service.scoring import score_logits
+
+
+class Scorer:
+    """One onnxruntime session (one intra-op thread, like a notsure inference slot)."""
+
+    def __init__(self, model_dir: str) -> None:
+        d = Path(model_dir)
+        self.manifest = Manifest.load(d / "manifest.json")
+        self.kernel = self.manifest.kernel.to_kernel()
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        self.sess = ort.InferenceSession(
+            str(d / "model.onnx"), opts, providers=["CPUExecutionProvider"]
+        )
+
+    def __call__(self, instances: Any) -> dict[str, list[Any]]:
+        """Integer pixels 0-255 -> labels, J-scores and decisions."""
+        x = np.asarray(instances, dtype=np.float32).reshape(-1, *self.manifest.input_shape) / 255
+        s = score_logits(self.sess.run(None, {"input": x})[0], self.kernel, self.manifest.threshold)
+        return {"label": s.label.tolist(), "j_score": s.j_score.tolist(),
+                "accepted": s.accepted.tolist()}  # fmt: skip
