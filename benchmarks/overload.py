@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repo", type=Path, default=Path("models"))
     p.add_argument("--queue-images", type=int, default=256)
     p.add_argument("--seconds", type=float, default=10.0, help="length of the overload phase")
+    p.add_argument("--intra-op-threads", type=int, default=0, help="0: onnxruntime's default")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
     phases = [
@@ -171,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         "NOTSURE_MAX_QUEUE_IMAGES": str(a.queue_images),
         "NOTSURE_MAX_BATCH_SIZE": "64",
         "NOTSURE_RETRY_AFTER_S": "1",
+        "NOTSURE_INTRA_OP_THREADS": str(a.intra_op_threads),
     }
     with ServeProcess(a.repo, Path("overload-server.log"), settings) as server:
         out = asyncio.run(run(server.url, phases))
