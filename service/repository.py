@@ -164,6 +164,10 @@ class Repository:
             observer=BatchMetrics(self.metrics, *labels),
             arrivals=self._arrivals,
         )
+        # Both decision series exist from load on, so a refuse rate reads 0 before the first
+        # refusal instead of "no data".
+        for decision in ("accepted", "not_sure"):
+            self.metrics.predictions.labels(*labels, decision)
         self.metrics.model_info.labels(
             *labels, model.provider, manifest.objective, f"{mv.threshold:g}", manifest.architecture
         ).set(1)
