@@ -136,10 +136,10 @@ def run_model(cfg: AttackRunConfig, name: str, source: str) -> ModelRecord:
         arrays = cached(cache / f"{label.replace('@', '-eps')}-{key}.npz", compute)
         return Decisions.from_arrays(arrays), arrays["examples"]
 
-    clean, clean_ex = scored("clean", lambda: x_np, _key(*base))
-    record = ModelRecord(name, manifest.version, manifest, ds.y.numpy(), clean,
-                         examples={"clean": clean_ex}, timings=rec_timings)  # fmt: skip
     try:
+        clean, clean_ex = scored("clean", lambda: x_np, _key(*base))
+        record = ModelRecord(name, manifest.version, manifest, ds.y.numpy(), clean,
+                             examples={"clean": clean_ex}, timings=rec_timings)  # fmt: skip
         for cost in cfg.costs:
             for eps in cfg.eps:
                 acfg = AttackConfig(method=cfg.method, eps=eps, cost=cost, labels=cfg.labels,
