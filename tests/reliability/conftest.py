@@ -13,6 +13,7 @@ import numpy.typing as npt
 import pytest
 
 from benchmarks.soak import ServeProcess
+from service.api.deps import AppState
 from service.repository import ModelVersion
 from tests.conftest import LiveServer
 
@@ -47,9 +48,14 @@ def v2_binary(x: npt.NDArray[np.float32], rid: str | None = None) -> tuple[bytes
     return raw + x.tobytes(), headers
 
 
+def app_state(server: LiveServer) -> AppState:
+    """The state the live server's app built in its lifespan."""
+    state: AppState = server.app.state.notsure  # type: ignore[union-attr]
+    return state
+
+
 def model_version(server: LiveServer, name: str = RCE) -> ModelVersion:
-    mv: ModelVersion = server.app.state.notsure.repository.versions[name][1]
-    return mv
+    return app_state(server).repository.versions[name][1]
 
 
 def slow_down(monkeypatch: pytest.MonkeyPatch, mv: ModelVersion, seconds: float) -> list[int]:

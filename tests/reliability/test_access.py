@@ -5,10 +5,11 @@ request ids in the log, no internals in error bodies, nothing unpickled."""
 from __future__ import annotations
 
 import ast
+import hmac
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from service import security
 from service.config import Settings
 from service.main import create_app
 from service.manifest import MODEL_FILE
+from service.runtime import OnnxModel
 from tests.reliability.conftest import RCE, pixels
 
 X = {"instances": pixels(1)[:, 0].tolist()}
@@ -33,7 +35,10 @@ GUARDED = [
 ]
 
 
-def call(c: TestClient, method: str, path: str, headers: dict[str, str] | None = None) -> int:
+Headers = Mapping[str, str] | Mapping[bytes, bytes]
+
+
+def call(c: TestClient, method: str, path: str, headers: Headers | None = None) -> int:
     if method == "POST" and path.endswith("/infer"):
         body = {
             "inputs": [
@@ -72,7 +77,7 @@ def test_every_predict_and_admin_route_needs_a_key(
         {"Authorization": "Bearer nope"},
         {"X-API-Key": "static-"},
         {"Authorization": "Basic static-a"},
-        {"X-API-Key": "statïc-a".encode()},
+        {b"X-API-Key": "statïc-a".encode()},
     ]:
         assert call(c, method, path, bad) == 401, bad
     for good in [
@@ -108,13 +113,13 @@ def test_every_key_is_compared_in_constant_time(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     compared: list[tuple[bytes, bytes]] = []
-    real = security.hmac.compare_digest
+    real = hmac.compare_digest
 
     def spy(a: bytes, b: bytes) -> bool:
         compared.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(security.hmac, "compare_digest", spy)
+    monkeypatch.setattr(hmac, "compare_digest", spy)  # what service.security calls
     ring = security.KeyRing(["k1", "k2", "k3"], None)
     assert ring.accepts("k1")  # matches the first key, yet all three are compared: no early exit
     assert [b for _, b in compared] == [b"k1", b"k2", b"k3"]
@@ -213,7 +218,9 @@ def test_request_ids_reach_the_log_and_unsafe_ones_are_replaced(
         assert r.headers["x-request-id"] == "trace-42.a:b"
         assert "id=trace-42.a:b" in caplog.text and "-> 404" in caplog.text
         for unsafe in ["x\r\nFAKE LOG LINE", "has space", "a" * 65, "ünï"]:
-            r = c.post("/v1/models/nope/predict", json=X, headers={"X-Request-ID": unsafe.encode()})
+            r = c.post(
+                "/v1/models/nope/predict", json=X, headers={b"X-Request-ID": unsafe.encode()}
+            )
             rid = r.headers["x-request-id"]
             assert len(rid) == 32 and int(rid, 16) >= 0 and f"id={rid}" in caplog.text
     assert "FAKE LOG LINE" not in caplog.text
@@ -241,7 +248,7 @@ def test_model_files_load_only_with_a_matching_sha256(
     from service import repository
 
     opened: list[str] = []
-    real = repository.OnnxModel
+    real = OnnxModel
 
     def spy(path: Path, **kwargs: object) -> object:
         opened.append(path.parent.parent.name)

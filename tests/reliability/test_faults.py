@@ -24,7 +24,7 @@ from service.config import Settings
 from service.main import create_app
 from service.manifest import MANIFEST_FILE, MODEL_FILE, sha256_file
 from tests.conftest import LiveServer
-from tests.reliability.conftest import RCE, model_version, pixels, slow_down, v2_binary
+from tests.reliability.conftest import RCE, app_state, model_version, pixels, slow_down, v2_binary
 from tests.reliability.test_overload import metric
 
 CE = "tiny-ce"
@@ -40,6 +40,10 @@ def _garbage_with_matching_sha(vdir: Path) -> None:
     """Not an ONNX graph, but the manifest vouches for it: onnxruntime itself must refuse it."""
     (vdir / MODEL_FILE).write_bytes(b"\x08\x07" + bytes(range(256)) * 40)
     _edit_manifest(vdir, sha256=sha256_file(vdir / MODEL_FILE))
+
+
+def _overwrite(path: Path, text: str) -> None:
+    path.write_text(text)
 
 
 def _edit_manifest(vdir: Path, **changes: object) -> None:
@@ -61,7 +65,7 @@ BREAKAGES: dict[str, tuple[Callable[[Path], None], str]] = {
         lambda d: _edit_manifest(d, classes=["a", "b", "c"]),
         "does not have the manifest's 3 classes",
     ),
-    "manifest_not_json": (lambda d: (d / MANIFEST_FILE).write_text("{oops"), "manifest.json is"),
+    "manifest_not_json": (lambda d: _overwrite(d / MANIFEST_FILE, "{oops"), "manifest.json is"),
     "manifest_missing": (lambda d: (d / MANIFEST_FILE).unlink(), "manifest.json is missing"),
 }
 
@@ -157,7 +161,7 @@ def test_clients_that_vanish_lose_nothing_for_the_others(
     settings = Settings(model_repository=model_repo, inference_threads=1, max_batch_size=4)
     with LiveServer(settings) as server:
         mv = model_version(server)
-        state = server.app.state.notsure
+        state = app_state(server)
         batches = slow_down(monkeypatch, mv, 0.3)
         url = f"{server.url}/v2/models/{RCE}/infer"
         with ThreadPoolExecutor(2) as pool:

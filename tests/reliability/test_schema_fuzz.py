@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import schemathesis
@@ -52,7 +53,7 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 @schema.given(served=st.booleans())
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 def test_no_5xx_and_every_response_matches_the_schema(
-    case: schemathesis.Case, served: bool
+    case: schemathesis.Case[Any], served: bool
 ) -> None:
     # A random name is almost never a served model: half the cases target one, so bodies reach
     # the decoders and the batcher instead of stopping at the 404.
