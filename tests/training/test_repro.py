@@ -191,7 +191,7 @@ def test_tsne_on_a_model_repository_checks_weights(model_repo: Path, tmp_path: P
     summary = tsne.run(cfg, out)
     for obj in ("ce", "rce"):
         r = summary["models"][obj]  # type: ignore[index]
-        assert np.asarray(r["embedding"]).shape == (120, 2)
+        assert np.asarray(r["embedding"]).shape == (2, 120)
         assert r["knn5_accuracy_features"] >= 0.9  # the tiny models separate the synthetic set
         assert -1.0 <= r["silhouette_embedding"] <= 1.0
         assert "sha256 checked" in r["model"]

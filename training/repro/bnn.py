@@ -206,22 +206,19 @@ def _plot(results: dict[str, dict[str, object]], cfg: BnnConfig, path: Path) -> 
         for m, style in (("confidence", "--"), ("j_score", "-")):
             s: dict[str, list[float]] = r[f"sweep_{m}"]
             t = np.asarray(s["threshold"])
-            keep = t > 0  # log axis
             label = f"{name.upper()} {'J-score' if m == 'j_score' else 'confidence'}"
             kw = {"color": colors[name], "linestyle": style, "label": label}
             acc = np.asarray(s["accuracy_of_output"], dtype=float)
             refuse = np.asarray(s["refuse_rate"])
-            axes[0].plot(t[keep], acc[keep], **kw)
-            axes[1].plot(t[keep], refuse[keep], **kw)
+            axes[0].plot(t, acc, **kw)
+            axes[1].plot(t, refuse, **kw)
             axes[2].plot(refuse, acc, **kw)
     axes[0].set(
-        xscale="log",
         xlabel="threshold T",
         ylabel="accuracy of output",
         title="accuracy of returned predictions",
     )
     axes[1].set(
-        xscale="log",
         xlabel="threshold T",
         ylabel="refuse rate",
         title="share of the mixed set refused",

@@ -69,8 +69,14 @@ def _finite(obj: object) -> object:
     return obj
 
 
+_NUMBER_LIST = re.compile(r"\[\s+([-+0-9.eE,\snul]+?)\s+\]")
+
+
 def write_json(path: Path, obj: dict[str, object]) -> None:
-    path.write_text(json.dumps(_finite(obj), indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    """Strict JSON, indented, with each innermost list of numbers on one line (small files)."""
+    text = json.dumps(_finite(obj), indent=1, allow_nan=False)
+    text = _NUMBER_LIST.sub(lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text)
+    path.write_text(text + "\n", encoding="utf-8")
 
 
 def update_section(report: Path, name: str, title: str, body: str) -> None:

@@ -27,7 +27,7 @@ PAPER_TABLE1_MNIST_ERROR = {
 }
 
 
-FIGURES = ("ranking", "auc")  # the attack report's summary figures shown here
+FIGURES = ("ranking", "auc", "eta")  # Figs. 3-4, AUC, Fig. 6 of the attack report
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def _attack_report(attack_dir: Path) -> dict[str, object] | None:
         "path": path,
         "attack": report.get("attack"),
         "rows": rows,
-        # The summary figures (ranking, AUC); per-model sweeps stay in the tool's own report.
+        # Summary figures; the per-model threshold sweeps stay in the tool's own report.
         "figures": sorted(p for p in attack_dir.glob("*.png") if p.stem.startswith(FIGURES)),
         "summary_md": attack_dir / "report.md" if (attack_dir / "report.md").exists() else None,
     }

@@ -162,7 +162,7 @@ def run(cfg: TsneConfig, out: Output) -> dict[str, object]:
             "silhouette_features": float(silhouette_score(feats, labels)),
             "knn5_accuracy_features": knn_accuracy(feats, labels),
             "seconds": time.perf_counter() - t0,
-            "embedding": emb.round(3),
+            "embedding": emb.T.round(2),  # (2, N): x row, y row
         }
         log.info("t-SNE of %s done in %.1f s", path, results[loaded.objective]["seconds"])
     summary: dict[str, object] = {
@@ -191,7 +191,7 @@ def _plot(results: dict[str, dict[str, object]], labels: np.ndarray, path: Path)
 
     fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 4.8))
     for ax, (obj, r) in zip(np.atleast_1d(axes), results.items(), strict=True):
-        emb = np.asarray(r["embedding"])
+        emb = np.asarray(r["embedding"]).T  # (N, 2)
         sc = ax.scatter(emb[:, 0], emb[:, 1], c=labels, cmap="tab10", s=5, vmin=-0.5, vmax=9.5)
         ax.set_title(
             f"{obj.upper()} ({r['architecture']}), silhouette "
