@@ -24,7 +24,7 @@ def _attacks(model: dict[str, Any], cost: str) -> list[dict[str, Any]]:
                   key=lambda a: a["eps"])  # fmt: skip
 
 
-def threshold_sweep(model: dict[str, Any], cost: str, path: Path) -> str:
+def threshold_sweep(model: dict[str, Any], cost: str, path: Path, method: str) -> str:
     """Fig. 5: accuracy of accepted predictions and refuse rates on the 2N samples versus T."""
     fig = Figure(figsize=(13, 3.6))
     axes = fig.subplots(1, 3)
@@ -41,11 +41,13 @@ def threshold_sweep(model: dict[str, Any], cost: str, path: Path) -> str:
         ax.set_xscale("symlog", linthresh=1e-3)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{model['name']} ({model['objective'].upper()}), FGSM {cost.upper()} cost")
+    fig.suptitle(
+        f"{model['name']} ({model['objective'].upper()}), {method.upper()} {cost.upper()} cost"
+    )
     return _save(fig, path)
 
 
-def per_eps(models: list[dict[str, Any]], cost: str, path: Path, what: str) -> str:
+def per_eps(models: list[dict[str, Any]], cost: str, path: Path, what: str, method: str) -> str:
     """Figs. 3-4 (what='ranking') or the ROC-AUCs (what='auc') versus eps, per model and metric."""
     fig = Figure(figsize=(11, 4))
     axes = fig.subplots(1, 2)
@@ -68,11 +70,11 @@ def per_eps(models: list[dict[str, Any]], cost: str, path: Path, what: str) -> s
         ax.set(title=title, xlabel="eps")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"FGSM, {cost.upper()} cost")
+    fig.suptitle(f"{method.upper()}, {cost.upper()} cost")
     return _save(fig, path)
 
 
-def eta_sweep(model: dict[str, Any], cost: str, path: Path) -> str:
+def eta_sweep(model: dict[str, Any], cost: str, path: Path, method: str) -> str:
     """Fig. 6: mean J-score (per relaxation factor eta) and mean confidence on adversarial."""
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
@@ -84,7 +86,7 @@ def eta_sweep(model: dict[str, Any], cost: str, path: Path) -> str:
     conf = [a["eta_sweep"]["mean_confidence_adversarial"] for a in attacks]
     ax.plot(eps, conf, "k--", marker="s", label="confidence")
     ax.set(xlabel="eps", ylabel="mean on adversarial samples", ylim=(-0.02, 1.02),
-           title=f"{model['name']}, FGSM {cost.upper()} cost")  # fmt: skip
+           title=f"{model['name']}, {method.upper()} {cost.upper()} cost")  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)

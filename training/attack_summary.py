@@ -41,7 +41,9 @@ def markdown(report: dict[str, Any], figures: dict[str, list[str]]) -> str:
     """The summary tables (the JSON has every number, including the full threshold sweeps)."""
     att = report["attack"]
     lines = [
-        f"# Attack report: {att['method'].upper()}, decisions from {report['source']}",
+        f"# Attack report: {att['method'].upper()}"
+        + (f" ({att['steps']} steps)" if att["steps"] else "")
+        + f", decisions from {report['source']}",
         "",
         f"N = {att['n']} clean test images + N adversarial versions per (cost, eps); "
         f"labels attacked: {att['labels']}. Scores are the service's responses "
@@ -66,7 +68,7 @@ def markdown(report: dict[str, Any], figures: dict[str, list[str]]) -> str:
     for cost in att["costs"]:
         rows = _rows(report, cost)
         lines += [
-            f"## FGSM, {cost.upper()} cost",
+            f"## {att['method'].upper()}, {cost.upper()} cost",
             "",
             "At the manifest's T (the service's "
             "decisions); accuracy of accepted is over the mixed 2N set.",
@@ -171,15 +173,20 @@ def write_report(run: AttackRun, out_dir: Path) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     report = build_report(run)
     figures: dict[str, list[str]] = {"examples": []}
+    method = run.cfg.method
     for cost in run.cfg.costs:
         figures[cost] = [
-            plots.per_eps(report["models"], cost, out_dir / f"ranking-{cost}.png", "ranking"),
-            plots.per_eps(report["models"], cost, out_dir / f"auc-{cost}.png", "auc"),
+            plots.per_eps(
+                report["models"], cost, out_dir / f"ranking-{cost}.png", "ranking", method
+            ),
+            plots.per_eps(report["models"], cost, out_dir / f"auc-{cost}.png", "auc", method),
         ]
         for m in report["models"]:
             stem = f"{m['name']}-{cost}"
-            figures[cost].append(plots.threshold_sweep(m, cost, out_dir / f"sweep-{stem}.png"))
-            figures[cost].append(plots.eta_sweep(m, cost, out_dir / f"eta-{stem}.png"))
+            figures[cost].append(
+                plots.threshold_sweep(m, cost, out_dir / f"sweep-{stem}.png", method)
+            )
+            figures[cost].append(plots.eta_sweep(m, cost, out_dir / f"eta-{stem}.png", method))
     for rec in run.records:
         figures["examples"].append(
             plots.examples(rec.name, rec.examples, out_dir / f"examples-{rec.name}.png")
