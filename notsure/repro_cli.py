@@ -75,13 +75,17 @@ def table4(
     runs_dir: RunsDir = None,
     steps: Annotated[int, typer.Option(help="Adam steps of batch 100 (3000 = 5 epochs)")] = 3000,
     eps: Annotated[list[float] | None, typer.Option(help="FGSM eps, pixel units")] = None,
+    dataset: Annotated[
+        str, typer.Option(help="mnist (the paper's Table 4) or cifar10 (Table 2's CIFAR CNN)")
+    ] = "mnist",
     seed: int = 0,
     threads: Threads = 1,
     dry_run: DryRun = False,
 ) -> None:
     """Table 4: the appendix simple CNN on MNIST, CE vs RCE (+ FGSM filtering)."""
+    name = "table4" if dataset == "mnist" else f"table4-{dataset}"
     _cnn_pair(
-        "mnist", "table4", out_dir, report, data_dir, runs_dir, steps, eps, seed, threads, dry_run
+        dataset, name, out_dir, report, data_dir, runs_dir, steps, eps, seed, threads, dry_run
     )
 
 

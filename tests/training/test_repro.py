@@ -245,3 +245,24 @@ def test_cli_repro_dry_run_writes_outside_docs(tmp_path: Path) -> None:
     assert "table4 rce: test accuracy" in result.output
     assert (tmp_path / "o" / "table4.json").exists()
     assert (tmp_path / "o" / "reproduction.md").exists()
+
+
+def test_table4_runs_on_cifar10_batches(tmp_path: Path) -> None:
+    """The same command trains Table 2's CIFAR-10 CNN from the python batches (a tiny fake set)."""
+    import pickle
+
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": rng.integers(0, 256, (20, 3072), dtype=np.uint8),
+                 "labels": rng.integers(0, 10, 20).tolist()}  # fmt: skip
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": list("abcdefghij")}))
+    cfg = cnn_pair.CnnPairConfig(dataset="cifar10", data_dir=tmp_path / "data", steps=3,
+                                 batch_size=20, eps=(0.1,), runs_dir=tmp_path / "runs")  # fmt: skip
+    summary = cnn_pair.run(cfg, _output(tmp_path), "table4-cifar10")
+    settings = summary["settings"]
+    assert settings["train_samples"] == 100 and settings["test_samples"] == 20  # type: ignore[index]
+    assert summary["paper"] is None  # Table 4's numbers are MNIST's
+    assert "the simple CNN on cifar10" in (tmp_path / "reproduction.md").read_text()

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from training.attacks import AttackConfig, fgsm_direction, served_predictions
+from training.data import Splits
 from training.export import load_run
 from training.losses import Objective
 from training.repro.common import (
@@ -109,10 +110,9 @@ def _served(net: torch.nn.Module, objective: Objective, x: torch.Tensor) -> np.n
 
 
 def _filtering(
-    net: torch.nn.Module, objective: Objective, cfg: CnnPairConfig
+    net: torch.nn.Module, objective: Objective, cfg: CnnPairConfig, splits: Splits
 ) -> list[dict[str, float]]:
     """FGSM (CE cost, true labels) at each eps; confidence vs J as detectors, per eps."""
-    splits = load_splits(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.seed, cfg.dry_run)
     kernel = fit_kernel(_served(net, objective, splits.train.x[: cfg.sigma_samples]))
     x, y = splits.test.x[: cfg.attack_samples], splits.test.y[: cfg.attack_samples]
     clean = score(_served(net, objective, x), kernel)
@@ -132,6 +132,7 @@ def run(cfg: CnnPairConfig, out: Output, name: str) -> dict[str, object]:
     """Train (or resume) both networks, evaluate, attack; write JSON, PNG and the section."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    splits = load_splits(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.seed, cfg.dry_run)
     models: dict[str, object] = {}
     for objective in OBJECTIVES:
         tcfg = _train_cfg(cfg, objective)
@@ -144,10 +145,10 @@ def run(cfg: CnnPairConfig, out: Output, name: str) -> dict[str, object]:
             "parameters": result.parameters,
             "run_dir": tcfg.out_dir,
             "curve": _curve(tcfg.out_dir),
-            "fgsm": _filtering(net, objective, cfg),
+            "fgsm": _filtering(net, objective, cfg, splits),
         }
         log.info("%s/%s: test accuracy %.4f", cfg.dataset, objective, result.test_accuracy)
-    n_train = 512 if cfg.dry_run else 60_000 - cfg.val_size
+    n_train = len(splits.train)
     summary: dict[str, object] = {
         "experiment": name,
         "dataset": "synthetic" if cfg.dry_run else cfg.dataset,
@@ -155,6 +156,7 @@ def run(cfg: CnnPairConfig, out: Output, name: str) -> dict[str, object]:
         "settings": {
             **asdict(cfg),
             "train_samples": n_train,
+            "test_samples": len(splits.test),
             "epochs": cfg.steps * cfg.batch_size / n_train,
         },
         "models": models,
@@ -249,7 +251,7 @@ def _markdown(summary: dict[str, object], out: Output, name: str) -> str:
         f"{settings['steps']} steps of batch {settings['batch_size']} "
         f"({float(settings['epochs']):.2f} epochs), Adam lr {settings['lr']}, no weight decay, "
         f"dropout 0.5, seed {settings['seed']}, {settings['threads']} CPU thread(s). "
-        f"Test accuracy on the {'synthetic' if settings['dry_run'] else '10,000-image'} test set.",
+        f"Test accuracy on the {int(settings['test_samples']):,}-image test set.",
         "",
         table(["objective", "paper", "measured", "steps", "wall time"], rows),
         "",
