@@ -56,6 +56,7 @@ class Cell:
     p50_ms: float
     p99_ms: float
     errors: int
+    raw_img_s: float = 0.0  # raw onnxruntime at the same batch size, measured just before
 
 
 def free_port() -> int:
@@ -138,8 +139,9 @@ def run_wrk(
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    # Anchored: "85.50%" in the Stdev column must not be read as a percentile.
+    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     errs = 0
     m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if m:
@@ -242,11 +244,16 @@ class Server:
             raise
 
     def stop(self) -> None:
-        self.proc.terminate()
+        """SIGTERM the whole process group: LitServe and BentoML fork workers of their own."""
+        import signal
+
         try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(20)
+        except ProcessLookupError:
+            pass
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
 
 def targets(cells: list[Cell], raw: dict[str, dict[str, float]]) -> list[tuple[str, str, bool]]:
@@ -259,18 +266,19 @@ def targets(cells: list[Cell], raw: dict[str, dict[str, float]]) -> list[tuple[s
             None,
         )
 
-    best_raw64 = max(v["img_s"] for k, v in raw.items() if k.startswith("batch64"))
-    v2_64 = max(
-        (x.img_s for x in cells if (x.server, x.api, x.images) == ("notsure", "v2-binary", 64)),
-        default=0.0,
-    )
-    out.append(
-        (
-            "64-image V2 binary >= 85% of raw onnxruntime img/s",
-            f"{v2_64:.0f} vs best raw {best_raw64:.0f} img/s ({v2_64 / best_raw64:.0%})",
-            v2_64 >= 0.85 * best_raw64,
+    v2 = [x for x in cells if (x.server, x.api, x.images) == ("notsure", "v2-binary", 64)]
+    if v2:
+        best = max(v2, key=lambda x: x.img_s / x.raw_img_s)
+        ratio = best.img_s / best.raw_img_s
+        out.append(
+            (
+                "64-image V2 binary >= 85% of raw onnxruntime img/s (raw measured just "
+                "before each cell)",
+                f"{best.img_s:.0f} vs {best.raw_img_s:.0f} img/s "
+                f"({ratio:.0%}) at c={best.concurrency}",
+                ratio >= 0.85,
+            )
         )
-    )
     ours, off = get("notsure", "native", 1, 32), get("no-batching", "native", 1, 32)
     if ours and off:
         out.append(
@@ -291,7 +299,7 @@ def targets(cells: list[Cell], raw: dict[str, dict[str, float]]) -> list[tuple[s
                         a.req_s > b.req_s,
                     )
                 )
-    raw1 = min(v["ms_per_run"] for k, v in raw.items() if k.startswith("batch1-"))
+    raw1 = min(v["ms_per_run"] for k, v in raw.items() if k.startswith("batch1-intra"))
     for api in ("native", "v2-binary"):
         c1 = get("notsure", api, 1, 1)
         if c1:
@@ -319,18 +327,28 @@ def markdown(cells: list[Cell], raw: dict[str, dict[str, float]], meta: dict[str
     lines += [
         "",
         "| server | API | images/request | concurrency | req/s | img/s | p50 ms | p99 ms "
-        "| non-2xx / socket errors |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| non-2xx / socket errors | raw img/s just before |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cells:
         lines.append(
             f"| {c.server} | {c.api} | {c.images} | {c.concurrency} | {c.req_s:.1f} | "
-            f"{c.img_s:.0f} | {c.p50_ms:.2f} | {c.p99_ms:.2f} | {c.errors} |"
+            f"{c.img_s:.0f} | {c.p50_ms:.2f} | {c.p99_ms:.2f} | {c.errors} | "
+            f"{c.raw_img_s:.0f} |"
         )
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     for name, measured, ok in targets(cells, raw):
         lines.append(f"| {name} | {measured} | {'yes' if ok else '**no**'} |")
     return "\n".join(lines) + "\n"
+
+
+def rewrite(folder: Path) -> None:
+    """Regenerate results.md from a results.json (no measurement)."""
+    data = json.loads((folder / "results.json").read_text())
+    cells = [Cell(**c) for c in data["cells"]]
+    (folder / "results.md").write_text(markdown(cells, data["raw_onnxruntime"], data["meta"]))
+    for name, measured, ok in targets(cells, data["raw_onnxruntime"]):
+        print(f"{'MET ' if ok else 'MISS'} {name}: {measured}")
 
 
 def main() -> None:
@@ -346,7 +364,11 @@ def main() -> None:
     )
     ap.add_argument("--quick", action="store_true", help="3 s cells, concurrency 1 and 32")
     ap.add_argument("--out", type=Path, default=None, help="folder for results.json/.md")
+    ap.add_argument("--rewrite", action="store_true", help="only rebuild results.md from --out")
     args = ap.parse_args()
+    if args.rewrite:
+        rewrite(args.out)
+        return
     if args.quick:
         args.duration, args.concurrency = 3.0, [1, 32]
     if shutil.which("wrk") is None:
@@ -408,10 +430,18 @@ def main() -> None:
             ):
                 for c in args.concurrency:
                     wait_idle(srv.url)
+                    # The machine's free CPU drifts: measure the raw baseline in the same
+                    # minute as the cell it is compared with.
+                    base = max(
+                        raw_onnxruntime(vdir / MODEL_FILE, manifest.input_shape, n, 2.0, 1)[0],
+                        raw_parallel(
+                            vdir / MODEL_FILE, manifest.input_shape, n, 2.0, os.cpu_count() or 1
+                        ),
+                    )
                     rps, p50, p99, errs = run_wrk(
                         srv.url + path, reqs[n][api], c, args.duration, tmp
                     )
-                    report(Cell("notsure", api, n, c, rps, rps * n, p50, p99, errs))
+                    report(Cell("notsure", api, n, c, rps, rps * n, p50, p99, errs, base))
     finally:
         srv.stop()
 
@@ -483,7 +513,10 @@ def main() -> None:
                 indent=2,
             )
         )
-        print(f"wrote {args.out / 'results.json'}")
+        (args.out / "results.md").write_text(markdown(cells, raw, meta))
+        print(f"wrote {args.out / 'results.json'} and results.md")
+    for name, measured, ok in targets(cells, raw):
+        print(f"{'MET ' if ok else 'MISS'} {name}: {measured}")
 
 
 if __name__ == "__main__":
