@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.attacks import AttackConfig, attack, served_predictions
+from training.attacks import AttackConfig, attack
 from training.export import load_run
 from training.losses import Objective
 from training.repro.common import (
@@ -29,6 +29,7 @@ from training.repro.common import (
     load_splits,
     num,
     pct,
+    served_logits_np,
     table,
     update_section,
     write_json,
@@ -73,12 +74,6 @@ class BnnConfig:
             dry_run=True,
         )
         return replace(base, **overrides)
-
-
-def _served(net: nn.Module, objective: Objective, x: torch.Tensor) -> np.ndarray:
-    return torch.cat(
-        [served_predictions(net, objective, x[i : i + 500]) for i in range(0, len(x), 500)]
-    ).numpy()
 
 
 def _models(cfg: BnnConfig) -> dict[str, tuple[nn.Module, Objective, dict[str, object]]]:
@@ -130,7 +125,7 @@ def run(cfg: BnnConfig, out: Output) -> dict[str, object]:
     thresholds = np.unique(np.concatenate([np.linspace(0, 1, 101), np.logspace(-6, 0, 61)]))
     results: dict[str, dict[str, object]] = {}
     for name, (net, objective, info) in _models(cfg).items():
-        kernel = fit_kernel(_served(net, objective, splits.train.x[: cfg.sigma_samples]))
+        kernel = fit_kernel(served_logits_np(net, objective, splits.train.x[: cfg.sigma_samples]))
         adv_x = attack(
             net,
             objective,
@@ -139,8 +134,8 @@ def run(cfg: BnnConfig, out: Output) -> dict[str, object]:
             AttackConfig(method="fgsm", eps=cfg.eps, cost="ce", batch_size=500),
         )
         clean, adv = (
-            score(_served(net, objective, x), kernel),
-            score(_served(net, objective, adv_x), kernel),
+            score(served_logits_np(net, objective, x), kernel),
+            score(served_logits_np(net, objective, adv_x), kernel),
         )
         correct = np.concatenate([clean.label == y_np, adv.label == y_np])  # (2N,)
         is_adv = np.concatenate([np.zeros(len(y_np), bool), np.ones(len(y_np), bool)])

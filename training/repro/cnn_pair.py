@@ -13,10 +13,9 @@ import logging
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from training.attacks import AttackConfig, fgsm_direction, served_predictions
+from training.attacks import AttackConfig, fgsm_direction
 from training.data import Splits
 from training.export import load_run
 from training.losses import Objective
@@ -25,6 +24,7 @@ from training.repro.common import (
     load_splits,
     num,
     pct,
+    served_logits_np,
     table,
     update_section,
     write_json,
@@ -103,25 +103,19 @@ def _curve(run_dir: Path) -> list[dict[str, float]]:
     return [{"step": s, "test_accuracy": a} for s, a in sorted(by_step.items())]
 
 
-def _served(net: torch.nn.Module, objective: Objective, x: torch.Tensor) -> np.ndarray:
-    return torch.cat(
-        [served_predictions(net, objective, x[i : i + 500]) for i in range(0, len(x), 500)]
-    ).numpy()
-
-
 def _filtering(
     net: torch.nn.Module, objective: Objective, cfg: CnnPairConfig, splits: Splits
 ) -> list[dict[str, float]]:
     """FGSM (CE cost, true labels) at each eps; confidence vs J as detectors, per eps."""
-    kernel = fit_kernel(_served(net, objective, splits.train.x[: cfg.sigma_samples]))
+    kernel = fit_kernel(served_logits_np(net, objective, splits.train.x[: cfg.sigma_samples]))
     x, y = splits.test.x[: cfg.attack_samples], splits.test.y[: cfg.attack_samples]
-    clean = score(_served(net, objective, x), kernel)
+    clean = score(served_logits_np(net, objective, x), kernel)
     # The FGSM direction sign(grad_x CE) does not depend on eps: one gradient per image.
     direction = fgsm_direction(net, objective, x, y, AttackConfig(batch_size=500))
     rows = []
     for eps in cfg.eps:
         adv_x = (x + eps * direction).clamp(0.0, 1.0)
-        adv = score(_served(net, objective, adv_x), kernel)
+        adv = score(served_logits_np(net, objective, adv_x), kernel)
         row = {"eps": eps, **filtering_summary(clean, adv, y.numpy(), cfg.clean_refuse)}
         row["sigma"] = kernel.sigma
         rows.append(row)

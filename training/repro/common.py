@@ -10,8 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import nn
 
 from training import data as data_mod
+from training.attacks import served_predictions
+from training.losses import Objective
 
 DEFAULT_OUT = Path("docs/reproduction")
 DEFAULT_REPORT = Path("docs/reproduction.md")
@@ -103,6 +107,12 @@ def load_splits(
             data_mod.synthetic(256, seed=seed + 2),
         )
     return data_mod.load_splits(dataset, data_dir, val_size, seed=seed)
+
+
+def served_logits_np(net: nn.Module, objective: Objective, x: torch.Tensor) -> np.ndarray:
+    """The vector fed to the served softmax, in batches of 500: (N, C, H, W) -> (N, L)."""
+    parts = [served_predictions(net, objective, x[i : i + 500]) for i in range(0, len(x), 500)]
+    return torch.cat(parts).numpy()
 
 
 def pct(x: float | None, digits: int = 2) -> str:
