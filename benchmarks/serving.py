@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import httpx
@@ -32,6 +32,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from raw_ort import raw_onnxruntime, raw_parallel  # noqa: E402
+from serving_report import Cell, markdown, rewrite, targets  # noqa: E402
 
 from service.manifest import MANIFEST_FILE, MODEL_FILE, Manifest  # noqa: E402
 
@@ -43,20 +46,6 @@ f:close()
 wrk.headers["Content-Type"] = "{ctype}"
 {extra}
 """
-
-
-@dataclass
-class Cell:
-    server: str
-    api: str
-    images: int
-    concurrency: int
-    req_s: float
-    img_s: float
-    p50_ms: float
-    p99_ms: float
-    errors: int
-    raw_img_s: float = 0.0  # raw onnxruntime at the same batch size, measured just before
 
 
 def free_port() -> int:
@@ -171,57 +160,6 @@ def wait_idle(url: str, timeout: float = 60.0) -> None:
         time.sleep(0.5)
 
 
-def raw_parallel(
-    model_path: Path, shape: tuple[int, ...], batch: int, seconds: float, workers: int
-) -> float:
-    """In-process onnxruntime, `workers` threads each running batches (intra-op 1): img/s."""
-    import threading
-
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(0).random((batch, *shape), dtype=np.float32)
-    sess.run(None, {"input": x})
-    counts = [0] * workers
-    stop = time.perf_counter() + seconds
-
-    def loop(i: int) -> None:
-        while time.perf_counter() < stop:
-            sess.run(None, {"input": x})
-            counts[i] += 1
-
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=loop, args=(i,)) for i in range(workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(counts) * batch / (time.perf_counter() - t0)
-
-
-def raw_onnxruntime(
-    model_path: Path, shape: tuple[int, ...], batch: int, seconds: float, intra: int
-) -> tuple[float, float]:
-    """In-process onnxruntime: (images/s, ms per run) at this batch size, one session."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = intra
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(0).random((batch, *shape), dtype=np.float32)
-    for _ in range(5):
-        sess.run(None, {"input": x})
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        sess.run(None, {"input": x})
-        n += 1
-    dt = (time.perf_counter() - t0) / n
-    return batch / dt, dt * 1000
-
-
 class Server:
     """A server process on a free port; stopped (SIGTERM, then SIGKILL) on exit."""
 
@@ -254,101 +192,6 @@ class Server:
             pass
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
-
-
-def targets(cells: list[Cell], raw: dict[str, dict[str, float]]) -> list[tuple[str, str, bool]]:
-    """The issue's performance targets, checked against the measured cells."""
-    out: list[tuple[str, str, bool]] = []
-
-    def get(server: str, api: str, n: int, c: int) -> Cell | None:
-        return next(
-            (x for x in cells if (x.server, x.api, x.images, x.concurrency) == (server, api, n, c)),
-            None,
-        )
-
-    v2 = [x for x in cells if (x.server, x.api, x.images) == ("notsure", "v2-binary", 64)]
-    if v2:
-        best = max(v2, key=lambda x: x.img_s / x.raw_img_s)
-        ratio = best.img_s / best.raw_img_s
-        out.append(
-            (
-                "64-image V2 binary >= 85% of raw onnxruntime img/s (raw measured just "
-                "before each cell)",
-                f"{best.img_s:.0f} vs {best.raw_img_s:.0f} img/s "
-                f"({ratio:.0%}) at c={best.concurrency}",
-                ratio >= 0.85,
-            )
-        )
-    ours, off = get("notsure", "native", 1, 32), get("no-batching", "native", 1, 32)
-    if ours and off:
-        out.append(
-            (
-                "1-image c=32 >= 1.5x batching off",
-                f"{ours.req_s:.0f} vs {off.req_s:.0f} req/s ({ours.req_s / off.req_s:.2f}x)",
-                ours.req_s >= 1.5 * off.req_s,
-            )
-        )
-    for other in ("litserve", "bentoml"):
-        for c in sorted({x.concurrency for x in cells}):
-            a, b = get("notsure", "native", 1, c), get(other, "native", 1, c)
-            if a and b:
-                out.append(
-                    (
-                        f"1-image c={c} ahead of {other}",
-                        f"{a.req_s:.0f} vs {b.req_s:.0f} req/s",
-                        a.req_s > b.req_s,
-                    )
-                )
-    raw1 = min(v["ms_per_run"] for k, v in raw.items() if k.startswith("batch1-intra"))
-    for api in ("native", "v2-binary"):
-        c1 = get("notsure", api, 1, 1)
-        if c1:
-            out.append(
-                (
-                    f"p50 at c=1 ({api}) <= raw batch-1 latency + 1.5 ms",
-                    f"{c1.p50_ms:.2f} ms vs {raw1:.2f} + 1.5 ms",
-                    c1.p50_ms <= raw1 + 1.5,
-                )
-            )
-    return out
-
-
-def markdown(cells: list[Cell], raw: dict[str, dict[str, float]], meta: dict[str, str]) -> str:
-    lines = [
-        f"Machine: {meta['machine']}; Python {meta['python']}; {meta['duration_s']} s per "
-        f"cell; command `{meta['command']}`.",
-        "",
-        "| raw onnxruntime (in-process) | img/s | ms/run |",
-        "|---|---|---|",
-    ]
-    for k, v in raw.items():
-        ms = f"{v['ms_per_run']:.2f}" if "ms_per_run" in v else "-"
-        lines.append(f"| {k} | {v['img_s']:.0f} | {ms} |")
-    lines += [
-        "",
-        "| server | API | images/request | concurrency | req/s | img/s | p50 ms | p99 ms "
-        "| non-2xx / socket errors | raw img/s just before |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for c in cells:
-        lines.append(
-            f"| {c.server} | {c.api} | {c.images} | {c.concurrency} | {c.req_s:.1f} | "
-            f"{c.img_s:.0f} | {c.p50_ms:.2f} | {c.p99_ms:.2f} | {c.errors} | "
-            f"{c.raw_img_s:.0f} |"
-        )
-    lines += ["", "| target | measured | met |", "|---|---|---|"]
-    for name, measured, ok in targets(cells, raw):
-        lines.append(f"| {name} | {measured} | {'yes' if ok else '**no**'} |")
-    return "\n".join(lines) + "\n"
-
-
-def rewrite(folder: Path) -> None:
-    """Regenerate results.md from a results.json (no measurement)."""
-    data = json.loads((folder / "results.json").read_text())
-    cells = [Cell(**c) for c in data["cells"]]
-    (folder / "results.md").write_text(markdown(cells, data["raw_onnxruntime"], data["meta"]))
-    for name, measured, ok in targets(cells, data["raw_onnxruntime"]):
-        print(f"{'MET ' if ok else 'MISS'} {name}: {measured}")
 
 
 def main() -> None:

@@ -1,0 +1,116 @@
+"""The serving benchmark's report: the markdown table and the issue's targets, from the cells."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Cell:
+    server: str
+    api: str
+    images: int
+    concurrency: int
+    req_s: float
+    img_s: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    raw_img_s: float = 0.0  # raw onnxruntime at the same batch size, measured just before
+
+
+def targets(cells: list[Cell], raw: dict[str, dict[str, float]]) -> list[tuple[str, str, bool]]:
+    """The issue's performance targets, checked against the measured cells."""
+    out: list[tuple[str, str, bool]] = []
+
+    def get(server: str, api: str, n: int, c: int) -> Cell | None:
+        return next(
+            (x for x in cells if (x.server, x.api, x.images, x.concurrency) == (server, api, n, c)),
+            None,
+        )
+
+    v2 = [x for x in cells if (x.server, x.api, x.images) == ("notsure", "v2-binary", 64)]
+    if v2:
+        best = max(v2, key=lambda x: x.img_s / x.raw_img_s)
+        ratio = best.img_s / best.raw_img_s
+        out.append(
+            (
+                "64-image V2 binary >= 85% of raw onnxruntime img/s (raw measured just "
+                "before each cell)",
+                f"{best.img_s:.0f} vs {best.raw_img_s:.0f} img/s "
+                f"({ratio:.0%}) at c={best.concurrency}",
+                ratio >= 0.85,
+            )
+        )
+    ours, off = get("notsure", "native", 1, 32), get("no-batching", "native", 1, 32)
+    if ours and off:
+        out.append(
+            (
+                "1-image c=32 >= 1.5x batching off",
+                f"{ours.req_s:.0f} vs {off.req_s:.0f} req/s ({ours.req_s / off.req_s:.2f}x)",
+                ours.req_s >= 1.5 * off.req_s,
+            )
+        )
+    for other in ("litserve", "bentoml"):
+        for c in sorted({x.concurrency for x in cells}):
+            a, b = get("notsure", "native", 1, c), get(other, "native", 1, c)
+            if a and b:
+                out.append(
+                    (
+                        f"1-image c={c} ahead of {other}",
+                        f"{a.req_s:.0f} vs {b.req_s:.0f} req/s",
+                        a.req_s > b.req_s,
+                    )
+                )
+    raw1 = min(v["ms_per_run"] for k, v in raw.items() if k.startswith("batch1-intra"))
+    for api in ("native", "v2-binary"):
+        c1 = get("notsure", api, 1, 1)
+        if c1:
+            out.append(
+                (
+                    f"p50 at c=1 ({api}) <= raw batch-1 latency + 1.5 ms",
+                    f"{c1.p50_ms:.2f} ms vs {raw1:.2f} + 1.5 ms",
+                    c1.p50_ms <= raw1 + 1.5,
+                )
+            )
+    return out
+
+
+def markdown(cells: list[Cell], raw: dict[str, dict[str, float]], meta: dict[str, str]) -> str:
+    lines = [
+        f"Machine: {meta['machine']}; Python {meta['python']}; {meta['duration_s']} s per "
+        f"cell; command `{meta['command']}`.",
+        "",
+        "| raw onnxruntime (in-process) | img/s | ms/run |",
+        "|---|---|---|",
+    ]
+    for k, v in raw.items():
+        ms = f"{v['ms_per_run']:.2f}" if "ms_per_run" in v else "-"
+        lines.append(f"| {k} | {v['img_s']:.0f} | {ms} |")
+    lines += [
+        "",
+        "| server | API | images/request | concurrency | req/s | img/s | p50 ms | p99 ms "
+        "| non-2xx / socket errors | raw img/s just before |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in cells:
+        lines.append(
+            f"| {c.server} | {c.api} | {c.images} | {c.concurrency} | {c.req_s:.1f} | "
+            f"{c.img_s:.0f} | {c.p50_ms:.2f} | {c.p99_ms:.2f} | {c.errors} | "
+            f"{c.raw_img_s:.0f} |"
+        )
+    lines += ["", "| target | measured | met |", "|---|---|---|"]
+    for name, measured, ok in targets(cells, raw):
+        lines.append(f"| {name} | {measured} | {'yes' if ok else '**no**'} |")
+    return "\n".join(lines) + "\n"
+
+
+def rewrite(folder: Path) -> None:
+    """Regenerate results.md from a results.json (no measurement)."""
+    data = json.loads((folder / "results.json").read_text())
+    cells = [Cell(**c) for c in data["cells"]]
+    (folder / "results.md").write_text(markdown(cells, data["raw_onnxruntime"], data["meta"]))
+    for name, measured, ok in targets(cells, data["raw_onnxruntime"]):
+        print(f"{'MET ' if ok else 'MISS'} {name}: {measured}")
