@@ -206,9 +206,12 @@ def test_clients_that_vanish_lose_nothing_for_the_others(
 def test_sigterm_under_load_drains_refuses_new_and_exits_0(
     serve: Callable[..., ServeProcess],
 ) -> None:
-    server = serve(inference_threads="1", max_batch_size="64")
+    server = serve(inference_threads="1", max_batch_size="64", max_queue_images="32768",
+                   max_instances="2048")  # fmt: skip
     url = f"{server.url}/v2/models/{RCE}/infer"
-    n, images = 12, 256  # ~3000 images queued behind one inference thread: seconds of work
+    # ~25,000 images behind one inference thread: seconds of work even for the tiny model on a
+    # quiet machine, so requests are still queued when the signal comes.
+    n, images = 12, 2048
 
     def call(i: int) -> tuple[str, httpx.Response | Exception, float]:
         body, headers = v2_binary(pixels(images, seed=i), f"d{i}")
@@ -222,7 +225,14 @@ def test_sigterm_under_load_drains_refuses_new_and_exits_0(
 
     with ThreadPoolExecutor(n) as pool:
         futures = [pool.submit(call, i) for i in range(n)]
-        time.sleep(1.0)  # every request is sent and queued or running
+        # Signal as soon as the server holds every request (a fixed sleep let a quiet machine
+        # finish them all first, and then nothing was in flight to drain).
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            text = httpx.get(f"{server.url}/metrics").text
+            if metric(text, "notsure_inflight_requests", model=RCE) >= n:
+                break
+            time.sleep(0.01)
         sigterm_at = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
         probes: list[tuple[float, int | None]] = []  # (s after SIGTERM, status; None: refused)
