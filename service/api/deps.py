@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Path, Request
 
 from service.batching import ArrivalTracker
 from service.config import Settings
@@ -37,6 +37,13 @@ async def get_state(request: Request) -> AppState:
 
 
 StateDep = Annotated[AppState, Depends(get_state)]
+
+# Path parameters of every model route: names are validated here, so a request can never name
+# a path outside the repository (lookups are dictionary keys, never joined into file paths).
+NAME = Annotated[
+    str, Path(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="model name (see /v1/models)")
+]
+VERSION = Annotated[int, Path(ge=1, le=1_000_000, description="model version")]
 
 
 async def get_app_settings(state: StateDep) -> Settings:

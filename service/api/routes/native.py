@@ -6,11 +6,11 @@ import json
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, File, Path, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from fastapi.responses import Response
 from pydantic import ValidationError
 
-from service.api.deps import AppState, StateDep, require_key
+from service.api.deps import NAME, VERSION, AppState, StateDep, require_key
 from service.errors import InvalidInput, PayloadTooLarge, invalid_input_from
 from service.imaging import decode_image, instance_to_tensor
 from service.inference import Outcome, infer, resolve, threshold_for
@@ -27,9 +27,6 @@ from service.schemas import (
 router = APIRouter(
     prefix="/v1", tags=["native"], dependencies=[Depends(require_key)], responses=API_ERRORS
 )
-
-NAME = Annotated[str, Path(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="model name")]
-VERSION = Annotated[int, Path(ge=1, le=1_000_000, description="model version")]
 
 
 def _response(mv: ModelVersion, outcome: Outcome, request_id: str | None, reveal: bool) -> Response:

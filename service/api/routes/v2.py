@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from service import v2codec
-from service.api.deps import AppState, StateDep, require_key
+from service.api.deps import NAME, VERSION, AppState, StateDep, require_key
 from service.errors import InvalidInput, PayloadTooLarge
 from service.imaging import check_batch
 from service.inference import infer, resolve, threshold_for
@@ -27,8 +27,6 @@ router = APIRouter(
     prefix="/v2", tags=["kserve-v2"], dependencies=[Depends(require_key)], responses=API_ERRORS
 )
 
-NAME = Annotated[str, Path(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
-VERSION = Annotated[int, Path(ge=1, le=1_000_000)]
 OUTPUTS = ("label", "j_score", "confidence", "non_me", "probabilities")
 INFER_BODY = {
     "requestBody": {
