@@ -172,7 +172,8 @@ class Server:
             env=env,
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group, so stop() reaches forked workers
         )
         self.url = f"http://127.0.0.1:{self.port}"
         try:
