@@ -19,7 +19,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 from raw_ort import raw_onnxruntime, raw_parallel  # noqa: E402
 from serving_report import Cell, markdown, rewrite, targets  # noqa: E402
 
+from benchmarks.serve_process import free_port  # noqa: E402
 from service.manifest import MANIFEST_FILE, MODEL_FILE, Manifest  # noqa: E402
 
 LUA = """
@@ -46,12 +46,6 @@ f:close()
 wrk.headers["Content-Type"] = "{ctype}"
 {extra}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_ready(url: str, timeout: float = 120.0) -> None:

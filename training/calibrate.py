@@ -49,27 +49,17 @@ class CalibrateConfig:
     max_train_samples: int = 0  # 0: the whole training set
 
 
-def _splits(cfg: dict[str, object], data_dir: Path) -> data_mod.Splits:
-    if cfg["dry_run"] or cfg["dataset"] == "synthetic":
-        seed = int(cfg["seed"])  # type: ignore[call-overload]
-        return data_mod.Splits(
-            data_mod.synthetic(512, seed=seed),
-            data_mod.synthetic(128, seed=seed + 1),
-            data_mod.synthetic(256, seed=seed + 2),
-        )
-    return data_mod.load_splits(
-        str(cfg["dataset"]),
-        data_dir,
-        int(cfg["val_size"]),  # type: ignore[call-overload]
-        seed=int(cfg["seed"]),
-    )  # type: ignore[call-overload]
-
-
 def calibrate(cfg: CalibrateConfig) -> Manifest:
     """Compute mu, sigma, T and the clean accuracy; write and return the manifest."""
     prov = json.loads((cfg.model_dir / PROVENANCE_FILE).read_text())
     tcfg, tres = prov["config"], prov["result"]
-    splits = _splits(tcfg, cfg.data_dir)
+    splits = data_mod.run_splits(
+        str(tcfg["dataset"]),
+        cfg.data_dir,
+        int(tcfg["val_size"]),
+        int(tcfg["seed"]),
+        bool(tcfg["dry_run"]),
+    )
     model = OnnxModel(cfg.model_dir / MODEL_FILE, device="auto")
     num_classes = len(splits.train.classes)
 

@@ -209,6 +209,16 @@ def load_splits(name: str, data_dir: Path, val_size: int, seed: int = 0) -> Spli
     )
 
 
+def run_splits(name: str, data_dir: Path, val_size: int, seed: int, dry_run: bool) -> Splits:
+    """The splits a training run uses; calibration calls it with the run's settings, so T is
+    chosen on exactly the images the run held out."""
+    if dry_run or name == "synthetic":
+        return Splits(
+            synthetic(512, seed=seed), synthetic(128, seed=seed + 1), synthetic(256, seed=seed + 2)
+        )
+    return load_splits(name, data_dir, val_size, seed=seed)
+
+
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """CIFAR-10 augmentation on a batch: random crop with 4-pixel padding, horizontal flip."""
     b, _, h, w = x.shape

@@ -62,9 +62,7 @@ def load_run(run_dir: Path) -> tuple[nn.Module, dict[str, object], dict[str, obj
     """The trained network of a run folder, in eval mode, with its config and result."""
     cfg = json.loads((run_dir / CONFIG_FILE).read_text())
     result = json.loads((run_dir / RESULT_FILE).read_text())
-    ds = data_mod.synthetic(1) if cfg["dry_run"] else None
-    shape = ds.input_shape if ds else _dataset_shape(str(cfg["dataset"]))
-    net = build_net(str(cfg["arch"]), shape, 10)
+    net = build_net(str(cfg["arch"]), _dataset_shape(str(cfg["dataset"])), 10)
     net.load_state_dict(load_file(str(run_dir / WEIGHTS_FILE)))
     return net.eval(), cfg, result
 

@@ -101,24 +101,13 @@ def _make_optimizer(cfg: TrainConfig, net: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _splits(cfg: TrainConfig) -> data_mod.Splits:
-    if cfg.dry_run or cfg.dataset == "synthetic":
-        train = data_mod.synthetic(512, seed=cfg.seed)
-        return data_mod.Splits(
-            train,
-            data_mod.synthetic(128, seed=cfg.seed + 1),
-            data_mod.synthetic(256, seed=cfg.seed + 2),
-        )
-    return data_mod.load_splits(cfg.dataset, cfg.data_dir, cfg.val_size, seed=cfg.seed)
-
-
 def train(cfg: TrainConfig) -> TrainResult:
     """Train one network; resumes from out_dir/checkpoint.pt when present and cfg.resume."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
-    splits = _splits(cfg)
+    splits = data_mod.run_splits(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.seed, cfg.dry_run)
     net = build_net(cfg.arch, splits.train.input_shape, len(splits.train.classes)).to(device)
     opt = _make_optimizer(cfg, net)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 
 from service.manifest import MANIFEST_FILE, Manifest
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -30,12 +30,6 @@ DASHBOARD = DEPLOY / "grafana" / "dashboards" / "notsure.json"
 PROMETHEUS_DIR = DEPLOY / "prometheus"
 
 START_TIMEOUT_S = 120.0  # model loading shares 2 cores with whatever else runs
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def tool(name: str) -> str:
@@ -175,16 +169,20 @@ class ServiceProcess:
         pytest.fail(f"service not ready within {START_TIMEOUT_S:.0f} s:\n{self.log_tail()}")
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc)
         self.proc = None
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM, then SIGKILL after 20 s; a no-op for a process that is gone or never started."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 def noise_instances(repo: Path, model: str, n: int, seed: int) -> list[list[list[float]]]:

@@ -25,6 +25,7 @@ from tests.deploy.conftest import (
     grafana_to_promql,
     noise_instances,
     predict,
+    stop_process,
     tool,
 )
 
@@ -96,15 +97,7 @@ class PrometheusProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc)
         self.proc = None
 
     def series(self, expr: str) -> list[tuple[dict[str, str], float]]:

@@ -26,6 +26,7 @@ from training.export import load_run
 from training.losses import Objective
 from training.repro.common import (
     Output,
+    adam_run,
     load_splits,
     num,
     pct,
@@ -36,7 +37,7 @@ from training.repro.common import (
 )
 from training.repro.detection import METRICS, fit_kernel, roc_auc, score, sweep
 from training.repro.posterior import SamplerConfig, sample_posterior
-from training.train import TrainConfig, train
+from training.train import train
 
 log = logging.getLogger(__name__)
 
@@ -80,26 +81,7 @@ def _models(cfg: BnnConfig) -> dict[str, tuple[nn.Module, Objective, dict[str, o
     """CE and RCE MLPs (training.train, resumable) and the SGNHT posterior predictive."""
     out: dict[str, tuple[nn.Module, Objective, dict[str, object]]] = {}
     for objective in ("ce", "rce"):
-        tcfg = TrainConfig(
-            dataset="synthetic" if cfg.dry_run else cfg.dataset,
-            data_dir=cfg.data_dir,
-            arch="mlp",
-            objective=objective,
-            steps=cfg.steps,
-            batch_size=cfg.batch_size,
-            optimizer="adam",
-            lr=cfg.lr,
-            weight_decay=0.0,
-            lr_drops=(),
-            val_size=cfg.val_size,
-            eval_every=max(cfg.steps // 5, 1),
-            checkpoint_every=1000,
-            out_dir=cfg.runs_dir / f"{cfg.dataset}-mlp-{objective}",
-            seed=cfg.seed,
-            threads=cfg.threads,
-            resume=True,
-            dry_run=cfg.dry_run,
-        )
+        tcfg = adam_run(cfg, "mlp", objective, evals=5, checkpoint_every=1000)
         result = train(tcfg)
         net, _, _ = load_run(tcfg.out_dir)
         info = {

@@ -21,6 +21,7 @@ from training.export import load_run
 from training.losses import Objective
 from training.repro.common import (
     Output,
+    adam_run,
     load_splits,
     num,
     pct,
@@ -71,26 +72,7 @@ class CnnPairConfig:
 
 
 def _train_cfg(cfg: CnnPairConfig, objective: Objective) -> TrainConfig:
-    return TrainConfig(
-        dataset="synthetic" if cfg.dry_run else cfg.dataset,
-        data_dir=cfg.data_dir,
-        arch="cnn",
-        objective=objective,
-        steps=cfg.steps,
-        batch_size=cfg.batch_size,
-        optimizer="adam",
-        lr=cfg.lr,
-        weight_decay=0.0,
-        lr_drops=(),
-        val_size=cfg.val_size,
-        eval_every=max(cfg.steps // 6, 1),
-        checkpoint_every=500,
-        out_dir=cfg.runs_dir / f"{cfg.dataset}-cnn-{objective}",
-        seed=cfg.seed,
-        threads=cfg.threads,
-        resume=True,
-        dry_run=cfg.dry_run,
-    )
+    return adam_run(cfg, "cnn", objective, evals=6, checkpoint_every=500)
 
 
 def _curve(run_dir: Path) -> list[dict[str, float]]:

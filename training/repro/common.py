@@ -8,6 +8,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 from training import data as data_mod
 from training.attacks import served_predictions
 from training.losses import Objective
+from training.train import TrainConfig
 
 DEFAULT_OUT = Path("docs/reproduction")
 DEFAULT_REPORT = Path("docs/reproduction.md")
@@ -100,13 +102,7 @@ def load_splits(
     dataset: str, data_dir: Path, val_size: int, seed: int, dry_run: bool
 ) -> data_mod.Splits:
     """The splits `training.train` trains on (the synthetic set for dry runs)."""
-    if dry_run or dataset == "synthetic":
-        return data_mod.Splits(
-            data_mod.synthetic(512, seed=seed),
-            data_mod.synthetic(128, seed=seed + 1),
-            data_mod.synthetic(256, seed=seed + 2),
-        )
-    return data_mod.load_splits(dataset, data_dir, val_size, seed=seed)
+    return data_mod.run_splits(dataset, data_dir, val_size, seed, dry_run)
 
 
 def served_logits_np(net: nn.Module, objective: Objective, x: torch.Tensor) -> np.ndarray:
@@ -129,3 +125,31 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def adam_run(
+    cfg: Any, arch: str, objective: Objective, evals: int, checkpoint_every: int
+) -> TrainConfig:
+    """The appendix recipe (Adam, no weight decay, no lr drops) for one net of an experiment whose
+    config carries dataset, data_dir, steps, batch_size, lr, val_size, runs_dir, seed, threads,
+    dry_run; resumable from runs_dir/<dataset>-<arch>-<objective>."""
+    return TrainConfig(
+        dataset="synthetic" if cfg.dry_run else cfg.dataset,
+        data_dir=cfg.data_dir,
+        arch=arch,
+        objective=objective,
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        optimizer="adam",
+        lr=cfg.lr,
+        weight_decay=0.0,
+        lr_drops=(),
+        val_size=cfg.val_size,
+        eval_every=max(cfg.steps // evals, 1),
+        checkpoint_every=checkpoint_every,
+        out_dir=cfg.runs_dir / f"{cfg.dataset}-{arch}-{objective}",
+        seed=cfg.seed,
+        threads=cfg.threads,
+        resume=True,
+        dry_run=cfg.dry_run,
+    )
