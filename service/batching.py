@@ -5,7 +5,9 @@ asyncio queue and runs batches in a thread pool (onnxruntime releases the GIL), 
 loop keeps accepting requests while a batch runs.
 
 Unlike a fixed-delay batcher, it only waits for more requests when some are known to be on the
-way (parsed but not yet queued), so a lone request on an idle server runs at once.
+way (parsed but not yet queued), so a lone request on an idle server runs at once. Such a lone
+batch may also run "wide" (`run_alone`: on every core) while holding every slot, since nothing
+else would use the cores; under load, batches run in parallel on one slot's share each.
 """
 
 from __future__ import annotations
@@ -99,6 +101,8 @@ class Batcher(Generic[R]):
 
     `run(x, sizes)` gets the concatenated images and the per-request counts and must return one
     result per request; any exception (or a wrong count) fails every request of that batch.
+    `run_alone`, when given, runs a batch that starts with every slot free, nothing else queued
+    and nothing arriving; it holds every slot until it ends.
     """
 
     def __init__(
@@ -113,8 +117,9 @@ class Batcher(Generic[R]):
         retry_after_s: int = 1,
         observer: BatchObserver | None = None,
         arrivals: ArrivalTracker | None = None,
+        run_alone: RunFn[R] | None = None,
     ) -> None:
-        self._run, self._executor = run, executor
+        self._run, self._run_alone, self._executor = run, run_alone, executor
         self.max_batch, self.max_delay_s = max_batch, max_delay_s
         self.max_queue_images, self.retry_after_s = max_queue_images, retry_after_s
         self._free_slots = self._slots = slots
@@ -199,7 +204,14 @@ class Batcher(Generic[R]):
         self._queue = keep
 
     def _start(self, items: list[_Pending[R]], now: float) -> None:
-        self._free_slots -= 1
+        alone = (
+            self._run_alone is not None
+            and self._free_slots == self._slots
+            and not self._queue
+            and self._arrivals.count == 0
+        )
+        held = self._slots if alone else 1
+        self._free_slots -= held
         sizes = [p.size for p in items]
         self._queued_images -= sum(sizes)
         x = items[0].x if len(items) == 1 else np.concatenate([p.x for p in items])
@@ -208,13 +220,16 @@ class Batcher(Generic[R]):
         )
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        fut = loop.run_in_executor(self._executor, self._run, x, sizes)
+        run = self._run_alone if alone and self._run_alone is not None else self._run
+        fut = loop.run_in_executor(self._executor, run, x, sizes)
         self._running.add(fut)
-        fut.add_done_callback(lambda f: self._finish(f, items, t0))
+        fut.add_done_callback(lambda f: self._finish(f, items, t0, held))
 
-    def _finish(self, fut: asyncio.Future[list[R]], items: list[_Pending[R]], t0: float) -> None:
+    def _finish(
+        self, fut: asyncio.Future[list[R]], items: list[_Pending[R]], t0: float, held: int
+    ) -> None:
         self._running.discard(fut)
-        self._free_slots += 1
+        self._free_slots += held
         exc = fut.exception()
         results = None if exc else fut.result()
         if results is not None and len(results) != len(items):

@@ -21,7 +21,7 @@ from service.config import Settings
 from service.errors import InferenceFailed, ModelNotFound, ModelNotReady
 from service.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
 from service.metrics import BatchMetrics, Metrics
-from service.runtime import OnnxModel
+from service.runtime import CPU, OnnxModel
 from service.scoring import Kernel, Scores, score_logits
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,8 @@ class ModelVersion:
     path: Path
     manifest: Manifest | None = None
     model: OnnxModel | None = None
+    # The same graph on every core, for batches that run alone (None: not worth it).
+    wide_model: OnnxModel | None = None
     batcher: Batcher[Scores] | None = None
     kernel: Kernel | None = None
     threshold: float = 0.0
@@ -51,8 +53,17 @@ class ModelVersion:
 
     def infer(self, x: np.ndarray, sizes: list[int]) -> list[Scores]:
         """Run one batch (in a worker thread) and split the scores per request."""
-        assert self.model is not None and self.kernel is not None
-        logits = self.model.run(x)
+        assert self.model is not None
+        return self._infer(self.model, x, sizes)
+
+    def infer_alone(self, x: np.ndarray, sizes: list[int]) -> list[Scores]:
+        """`infer` on the every-core session: for a batch that has the machine to itself."""
+        assert self.wide_model is not None
+        return self._infer(self.wide_model, x, sizes)
+
+    def _infer(self, model: OnnxModel, x: np.ndarray, sizes: list[int]) -> list[Scores]:
+        assert self.kernel is not None
+        logits = model.run(x)
         if logits.shape[0] != x.shape[0]:
             raise InferenceFailed(f"model returned {logits.shape[0]} rows for {x.shape[0]} images")
         scores = score_logits(logits, self.kernel, 0.0)
@@ -144,9 +155,14 @@ class Repository:
             onnx_path, device=self.settings.device, intra_op_threads=self.settings.intra_threads()
         )
         _check_graph(manifest, model)
+        wide_threads = self.settings.lone_batch_threads() if model.provider == CPU else 0
+        if wide_threads:
+            mv.wide_model = OnnxModel(onnx_path, device="cpu", intra_op_threads=wide_threads)
         cfg = self.settings.batching_for(mv.name)
-        for n in sorted({1, cfg.max_batch_size}):  # warm-up: first runs allocate and plan
-            model.run(np.zeros((n, *manifest.input_shape), np.float32))
+        for m in (model, mv.wide_model):
+            for n in sorted({1, cfg.max_batch_size}):  # warm-up: first runs allocate and plan
+                if m is not None:
+                    m.run(np.zeros((n, *manifest.input_shape), np.float32))
         overrides = self.settings.thresholds
         mv.threshold = overrides.get(
             f"{mv.name}/{mv.version}", overrides.get(mv.name, manifest.threshold)
@@ -163,6 +179,7 @@ class Repository:
             retry_after_s=self.settings.retry_after_s,
             observer=BatchMetrics(self.metrics, *labels),
             arrivals=self._arrivals,
+            run_alone=mv.infer_alone if mv.wide_model is not None else None,
         )
         # Both decision series exist from load on, so a refuse rate reads 0 before the first
         # refusal instead of "no data".
@@ -172,13 +189,16 @@ class Repository:
             *labels, model.provider, manifest.objective, f"{mv.threshold:g}", manifest.architecture
         ).set(1)
         log.info(
-            "model %s version %d ready on %s (T=%.4g, %s, max batch %d)",
+            "model %s version %d ready on %s (T=%.4g, %s, max batch %d, %d x %d threads%s)",
             mv.name,
             mv.version,
             model.provider,
             mv.threshold,
             manifest.objective,
             cfg.max_batch_size,
+            self.settings.inference_threads,
+            self.settings.intra_threads(),
+            f", {wide_threads} for a lone batch" if wide_threads else "",
         )
 
     def get(self, name: str, version: int | None = None) -> ModelVersion:

@@ -187,3 +187,78 @@ async def test_close_drains_then_refuses(executor: ThreadPoolExecutor) -> None:
     gate.set()
     await closing
     assert (await pending).tolist() == [3.0]
+
+
+async def test_lone_batch_runs_wide_and_holds_every_slot(executor: ThreadPoolExecutor) -> None:
+    """An idle server runs the batch on the every-core session; while it runs, nothing else
+    starts (the cores are taken), and what queued meanwhile runs as one batch after it (wide
+    again: by then nothing else is queued or arriving)."""
+    calls: list[tuple[str, list[int]]] = []
+    gate = threading.Event()
+
+    def narrow(x: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+        calls.append(("narrow", sizes))
+        return _echo(x, sizes)
+
+    def wide(x: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+        gate.wait(5)
+        calls.append(("wide", sizes))
+        return _echo(x, sizes)
+
+    b = Batcher(
+        narrow, executor, max_batch=8, max_delay_s=0.0, max_queue_images=100, slots=2,
+        run_alone=wide,
+    )  # fmt: skip
+    first = asyncio.create_task(b.submit(_images(1.0), timeout_s=5))
+    await asyncio.sleep(0.02)
+    others = [asyncio.create_task(b.submit(_images(float(i)), timeout_s=5)) for i in (2, 3)]
+    await asyncio.sleep(0.05)
+    assert calls == []  # the two narrow slots stay free-but-held while the wide batch runs
+    gate.set()
+    assert (await first).tolist() == [1.0]
+    assert [(await t).tolist() for t in others] == [[2.0], [3.0]]
+    assert calls == [("wide", [1]), ("wide", [1, 1])]
+
+
+async def test_batch_runs_narrow_when_requests_are_arriving(executor: ThreadPoolExecutor) -> None:
+    seen: list[str] = []
+
+    def narrow(x: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+        seen.append("narrow")
+        return _echo(x, sizes)
+
+    def wide(x: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+        seen.append("wide")
+        return _echo(x, sizes)
+
+    arrivals = ArrivalTracker()
+    b = Batcher(
+        narrow, executor, max_batch=8, max_delay_s=0.0, max_queue_images=10, slots=2,
+        arrivals=arrivals, run_alone=wide,
+    )  # fmt: skip
+    await b.submit(_images(1.0), timeout_s=5)
+    arrivals.count = 1  # another request is being received: the cores will be needed
+    await b.submit(_images(2.0), timeout_s=5)
+    assert seen == ["wide", "narrow"]
+
+
+async def test_failed_wide_batch_gives_back_every_slot(executor: ThreadPoolExecutor) -> None:
+    def wide(x: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+        raise RuntimeError("onnxruntime exploded")
+
+    barrier = threading.Barrier(2, timeout=5)
+
+    def narrow(x: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+        barrier.wait()  # returns only when two narrow batches run at the same time
+        return _echo(x, sizes)
+
+    arrivals = ArrivalTracker()
+    b = Batcher(
+        narrow, executor, max_batch=1, max_delay_s=0.0, max_queue_images=10, slots=2,
+        arrivals=arrivals, run_alone=wide,
+    )  # fmt: skip
+    with pytest.raises(InferenceFailed):
+        await b.submit(_images(1.0), timeout_s=5)
+    arrivals.count = 1  # busy from now on: batches run narrow, one slot each
+    r = await asyncio.gather(*(b.submit(_images(v), timeout_s=5) for v in (2.0, 3.0)))
+    assert [a.tolist() for a in r] == [[2.0], [3.0]]

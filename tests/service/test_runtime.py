@@ -43,3 +43,24 @@ def test_cpu_session_reports_its_provider_and_signature(model_repo: Path) -> Non
     assert m.provider == CPU
     assert m.signature.input_name == "input" and m.signature.output_name == "logits"
     assert list(m.signature.input_shape[1:]) == [1, 28, 28]
+
+
+@pytest.mark.parametrize(
+    ("cores", "env", "narrow", "wide"),
+    [
+        (2, {}, 1, 2),  # two slots of one thread; a lone batch takes both cores
+        (8, {}, 4, 8),
+        (8, {"inference_threads": 1}, 8, 0),  # one slot already has every core
+        (1, {}, 1, 0),  # nothing to widen on one core
+        (8, {"lone_batch_all_cores": False}, 4, 0),
+        (8, {"intra_op_threads": 2}, 2, 0),  # an explicit thread count is respected
+    ],
+)
+def test_thread_split(
+    monkeypatch: pytest.MonkeyPatch, cores: int, env: dict[str, object], narrow: int, wide: int
+) -> None:
+    from service import config
+
+    monkeypatch.setattr(config.os, "cpu_count", lambda: cores)
+    s = config.Settings(**env)  # type: ignore[arg-type]
+    assert (s.intra_threads(), s.lone_batch_threads()) == (narrow, wide)
