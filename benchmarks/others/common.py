@@ -12,7 +12,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, os.environ.get("NOTSURE_ROOT", str(Path(__file__).resolve().parents[2])))
 from service.manifest import Manifest
-from service.scoring import score_logits
+from service.scoring import Scores, score_logits
 
 
 class Scorer:
@@ -28,9 +28,15 @@ class Scorer:
             str(d / "model.onnx"), opts, providers=["CPUExecutionProvider"]
         )
 
+    def scores(self, pixels: Any) -> Scores:
+        """Integer pixels 0-255, any shape holding whole images -> the thresholding test."""
+        x = np.asarray(pixels, dtype=np.float32).reshape(-1, *self.manifest.input_shape) / 255
+        return score_logits(
+            self.sess.run(None, {"input": x})[0], self.kernel, self.manifest.threshold
+        )
+
     def __call__(self, instances: Any) -> dict[str, list[Any]]:
         """Integer pixels 0-255 -> labels, J-scores and decisions."""
-        x = np.asarray(instances, dtype=np.float32).reshape(-1, *self.manifest.input_shape) / 255
-        s = score_logits(self.sess.run(None, {"input": x})[0], self.kernel, self.manifest.threshold)
+        s = self.scores(instances)
         return {"label": s.label.tolist(), "j_score": s.j_score.tolist(),
                 "accepted": s.accepted.tolist()}  # fmt: skip
