@@ -3,7 +3,8 @@
 Prints (and writes as JSON + markdown) req/s, img/s and p50/p99 latency at several concurrencies
 for 1-image and 64-image requests, native JSON and KServe V2 binary, next to raw in-process
 onnxruntime at the same batch sizes, and optionally the same server with batching off and
-other frameworks (LitServe, BentoML) serving the same model behind the same client.
+other servers (LitServe, BentoML, a lean async FastAPI endpoint, Triton through PyTriton)
+serving the same model behind the same client.
 
     python benchmarks/serving.py --duration 10 --out docs/benchmarks
     python benchmarks/serving.py --quick          # 3 s per cell, fewer cells
@@ -25,11 +26,14 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+OTHERS = ROOT / "benchmarks" / "others"  # the comparison servers
+COMPARE = ("no-batching", "litserve", "bentoml", "fastapi-lean", "pytriton")
 sys.path.insert(0, str(ROOT))
 
 from raw_ort import raw_onnxruntime, raw_parallel  # noqa: E402
@@ -48,9 +52,11 @@ wrk.headers["Content-Type"] = "{ctype}"
 """
 
 
-def wait_ready(url: str, timeout: float = 120.0) -> None:
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc.poll() is not None:  # e.g. a comparison framework missing from its venv
+            raise RuntimeError(f"exited with status {proc.returncode} before {url} was ready")
         try:
             if httpx.get(url, timeout=1.0).status_code == 200:
                 return
@@ -61,12 +67,24 @@ def wait_ready(url: str, timeout: float = 120.0) -> None:
 
 
 def bodies(manifest: Manifest, n: int, tmp: Path) -> dict[str, tuple[Path, str, str]]:
-    """Request bodies for n images: native JSON (integer pixels) and V2 binary."""
+    """Request bodies for n images: native JSON (integer pixels), V2 binary, and V2 JSON.
+
+    "v2-json" carries the native body's integer pixels as the UINT8 tensor "images" of
+    benchmarks/others/pytriton_app.py (Triton speaks only V2; notsure's V2 input is "input").
+    """
     rng = np.random.default_rng(0)
     x = rng.random((n, *manifest.input_shape), dtype=np.float32)
     native = tmp / f"native-{n}.json"
-    ints = (x[:, 0] * 255).round().astype(int).tolist()
-    native.write_text(json.dumps({"instances": ints}, separators=(",", ":")))
+    pixels = (x[:, 0] * 255).round().astype(int)  # (n, H, W)
+    native.write_text(json.dumps({"instances": pixels.tolist()}, separators=(",", ":")))
+    v2_json = tmp / f"v2-{n}.json"
+    images = {
+        "name": "images",
+        "shape": list(pixels.shape),
+        "datatype": "UINT8",
+        "data": pixels.ravel().tolist(),  # V2 JSON tensors are flat, row-major
+    }
+    v2_json.write_text(json.dumps({"inputs": [images]}, separators=(",", ":")))
     header = json.dumps(
         {
             "inputs": [
@@ -87,6 +105,7 @@ def bodies(manifest: Manifest, n: int, tmp: Path) -> dict[str, tuple[Path, str, 
     return {
         "native": (native, "application/json", ""),
         "v2-binary": (v2, "application/octet-stream", extra),
+        "v2-json": (v2_json, "application/json", ""),
     }
 
 
@@ -154,6 +173,16 @@ def wait_idle(url: str, timeout: float = 60.0) -> None:
         time.sleep(0.5)
 
 
+class Other(NamedTuple):
+    """A server compared with notsure on 1-image requests."""
+
+    cmd: list[str]  # "{port}" is replaced by the free port (also in env PORT)
+    env: dict[str, str]
+    ready: str  # GET path that answers 200 once the model is loaded
+    path: str  # POST path of the requests
+    api: str = "native"  # the body it takes, a key of bodies()
+
+
 class Server:
     """A server process on a free port; stopped (SIGTERM, then SIGKILL) on exit."""
 
@@ -171,7 +200,7 @@ class Server:
         )
         self.url = f"http://127.0.0.1:{self.port}"
         try:
-            wait_ready(self.url + ready_path)
+            wait_ready(self.url + ready_path, self.proc)
         except RuntimeError:
             self.stop()
             raise
@@ -197,8 +226,9 @@ def main() -> None:
     ap.add_argument(
         "--compare",
         nargs="*",
-        default=["no-batching", "litserve", "bentoml"],
-        help="other servers for 1-image requests (native JSON)",
+        default=list(COMPARE),
+        choices=COMPARE,
+        help="other servers for 1-image requests (native JSON; V2 JSON for pytriton)",
     )
     ap.add_argument("--quick", action="store_true", help="3 s cells, concurrency 1 and 32")
     ap.add_argument("--out", type=Path, default=None, help="folder for results.json/.md")
@@ -284,19 +314,19 @@ def main() -> None:
         srv.stop()
 
     others = {
-        "no-batching": (
+        "no-batching": Other(
             serve,
             {**env, "NOTSURE_BATCHING": "false"},
             "/v2/health/ready",
             f"/v1/models/{args.model}/predict",
         ),
-        "litserve": (
-            [sys.executable, str(ROOT / "benchmarks" / "others" / "litserve_app.py")],
+        "litserve": Other(
+            [sys.executable, str(OTHERS / "litserve_app.py")],
             {"MODEL_DIR": str(vdir)},
             "/health",
             "/predict",
         ),
-        "bentoml": (
+        "bentoml": Other(
             [
                 os.environ.get("BENTOML", "/tmp/bentovenv/bin/bentoml"),
                 "serve",
@@ -306,20 +336,37 @@ def main() -> None:
                 "--port",
                 "{port}",
                 "--working-dir",
-                str(ROOT / "benchmarks" / "others"),
+                str(OTHERS),
             ],
             {"MODEL_DIR": str(vdir), "NOTSURE_ROOT": str(ROOT)},
             "/readyz",
             "/predict",
         ),
+        "fastapi-lean": Other(
+            [sys.executable, str(OTHERS / "fastapi_app.py")],
+            {"MODEL_DIR": str(vdir)},
+            "/health",
+            "/predict",
+        ),
+        # Triton is ready (/v2/health/ready) before PyTriton has loaded the model into it.
+        "pytriton": Other(
+            [
+                os.environ.get("PYTRITON_PYTHON", "/tmp/pytritonvenv/bin/python"),
+                str(OTHERS / "pytriton_app.py"),
+            ],
+            {"MODEL_DIR": str(vdir), "NOTSURE_ROOT": str(ROOT)},
+            f"/v2/models/{manifest.name}/ready",
+            f"/v2/models/{manifest.name}/infer",
+            "v2-json",
+        ),
     }
     for name in args.compare:
-        cmd, extra_env, ready, path = others[name]
-        if not Path(cmd[0]).exists() and not shutil.which(cmd[0]):
+        spec = others[name]
+        if not Path(spec.cmd[0]).exists() and not shutil.which(spec.cmd[0]):
             print(f"{name}: not installed, skipped", flush=True)
             continue
         try:
-            other = Server(cmd, extra_env, ready)
+            other = Server(spec.cmd, spec.env, spec.ready)
         except RuntimeError as exc:
             print(f"{name}: failed to start ({exc}), skipped", flush=True)
             continue
@@ -330,9 +377,9 @@ def main() -> None:
                 else:
                     time.sleep(2)
                 rps, p50, p99, errs = run_wrk(
-                    other.url + path, reqs[1]["native"], c, args.duration, tmp
+                    other.url + spec.path, reqs[1][spec.api], c, args.duration, tmp
                 )
-                report(Cell(name, "native", 1, c, rps, rps, p50, p99, errs))
+                report(Cell(name, spec.api, 1, c, rps, rps, p50, p99, errs))
         finally:
             other.stop()
 
