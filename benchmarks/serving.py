@@ -37,7 +37,7 @@ COMPARE = ("no-batching", "litserve", "bentoml", "fastapi-lean", "pytriton")
 sys.path.insert(0, str(ROOT))
 
 from raw_ort import raw_onnxruntime, raw_parallel  # noqa: E402
-from serving_report import Cell, markdown, rewrite, targets  # noqa: E402
+from serving_report import Cell, ceiling, markdown, rewrite, targets  # noqa: E402
 
 from benchmarks.serve_process import free_port  # noqa: E402
 from service.manifest import MANIFEST_FILE, MODEL_FILE, Manifest  # noqa: E402
@@ -280,6 +280,7 @@ def main() -> None:
             flush=True,
         )
 
+    print(ceiling(raw), flush=True)
     reqs = {n: bodies(manifest, n, tmp) for n in (1, 64)}
     serve = [sys.executable, "-m", "notsure.cli", "serve"]
     # A queue deep enough for 64 clients x 64 images: the benchmark measures throughput, not

@@ -94,6 +94,19 @@ def targets(cells: list[Cell], raw: dict[str, dict[str, float]]) -> list[tuple[s
     return out
 
 
+def ceiling(raw: dict[str, dict[str, float]]) -> str:
+    """What batching can gain inside onnxruntime itself: best batched vs best batch-1 img/s."""
+    best = {
+        n: max(v["img_s"] for k, v in raw.items() if k.startswith(f"batch{n}-"))
+        for n in ("1", "64")
+    }
+    return (
+        f"Batching's ceiling in onnxruntime on this machine (no HTTP): best batch-64 "
+        f"{best['64']:.0f} img/s vs best batch-1 {best['1']:.0f} img/s = "
+        f"{best['64'] / best['1']:.2f}x."
+    )
+
+
 def markdown(cells: list[Cell], raw: dict[str, dict[str, float]], meta: dict[str, str]) -> str:
     lines = [
         f"Machine: {meta['machine']}; Python {meta['python']}; {meta['duration_s']} s per "
@@ -105,6 +118,7 @@ def markdown(cells: list[Cell], raw: dict[str, dict[str, float]], meta: dict[str
     for k, v in raw.items():
         ms = f"{v['ms_per_run']:.2f}" if "ms_per_run" in v else "-"
         lines.append(f"| {k} | {v['img_s']:.0f} | {ms} |")
+    lines += ["", ceiling(raw)]
     lines += [
         "",
         "| server | API | images/request | concurrency | req/s | img/s | p50 ms | p99 ms "
