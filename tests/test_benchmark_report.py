@@ -1,0 +1,65 @@
+"""The serving benchmark's verdicts are computed, not typed: check them on hand-made cells."""
+
+from __future__ import annotations
+
+from benchmarks.serving_report import Cell, ceiling, targets
+
+RAW = {
+    "batch1-intra1": {"img_s": 1000.0, "ms_per_run": 1.0},
+    "batch1-intra2": {"img_s": 1600.0, "ms_per_run": 0.6},
+    "batch1-parallel": {"img_s": 2000.0},
+    "batch64-intra2": {"img_s": 2100.0, "ms_per_run": 30.5},
+    "batch64-parallel": {"img_s": 2080.0},
+}
+
+
+def _cells() -> list[Cell]:
+    return [
+        Cell("notsure", "native", 1, 1, 700.0, 700.0, 1.3, 2.0, 0),
+        Cell("notsure", "native", 1, 32, 900.0, 900.0, 30.0, 80.0, 0),
+        Cell("notsure", "v2-binary", 64, 8, 30.0, 1920.0, 250.0, 280.0, 0, raw_img_s=2000.0),
+        Cell("no-batching", "native", 1, 32, 580.0, 580.0, 50.0, 70.0, 0),
+        Cell("pytriton", "v2-json", 1, 1, 250.0, 250.0, 4.0, 6.0, 0),
+        Cell("fastapi-lean", "native", 1, 32, 950.0, 950.0, 40.0, 400.0, 0),
+    ]
+
+
+def test_ceiling_is_best_batched_over_best_batch_one() -> None:
+    assert ceiling(RAW).endswith("2100 img/s vs best batch-1 2000 img/s = 1.05x.")
+
+
+def test_targets_from_cells() -> None:
+    got = {name: (measured, ok) for name, measured, ok in targets(_cells(), RAW)}
+    v2 = got[
+        "64-image V2 binary >= 85% of raw onnxruntime img/s (raw measured just before each cell)"
+    ]
+    assert v2 == ("1920 vs 2000 img/s (96%) at c=8", True)
+    assert got["1-image c=32 >= 1.5x batching off"] == ("900 vs 580 req/s (1.55x)", True)
+    assert got["1-image c=1 ahead of pytriton"] == ("700 vs 250 req/s", True)
+    assert got["1-image c=32 ahead of fastapi-lean"] == ("900 vs 950 req/s", False)
+    every = got["1-image ahead of every compared server at every concurrency"]
+    assert every == ("closest: 900 vs 950 req/s (fastapi-lean, c=32, 0.95x)", False)
+    # The lowest batch-1 run time of the raw table is the latency budget's base.
+    assert got["p50 at c=1 (native) <= raw batch-1 latency + 1.5 ms"] == (
+        "1.30 ms vs 0.60 + 1.5 ms",
+        True,
+    )
+
+
+def test_alternating_pairs_overrule_the_single_cells() -> None:
+    ab = {
+        "median_on": 820.0,
+        "median_off": 660.0,
+        "median_ratio": 1.24,
+        "min_ratio": 1.13,
+        "max_ratio": 1.36,
+        "pairs": [{}] * 6,
+    }
+    rows = [r for r in targets(_cells(), RAW, ab) if "batching off" in r[0]]
+    assert rows == [
+        (
+            "1-image c=32 >= 1.5x batching off (median of alternating pairs)",
+            "820 vs 660 req/s, ratio median 1.24x (range 1.13-1.36, 6 pairs)",
+            False,
+        )
+    ]
