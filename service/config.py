@@ -36,6 +36,8 @@ class Settings(BaseSettings):
         default=0, ge=0, description="threads per onnxruntime run; 0: cores / inference_threads"
     )
     log_level: str = "info"
+    # FastAPI's OpenTelemetry spans/metrics/logs (needs a configured OpenTelemetry SDK).
+    opentelemetry: bool = False
 
     # Decisions.
     thresholds: dict[str, float] = Field(

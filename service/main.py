@@ -112,6 +112,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         summary="Image classification that answers NOT SURE when the J-score is below T.",
         lifespan=lifespan,
+        # FastAPI's built-in OpenTelemetry hooks look up the global providers on every request;
+        # the service reports through Prometheus, so they stay off unless asked for.
+        telemetry={
+            "tracing": settings.opentelemetry,
+            "metrics": settings.opentelemetry,
+            "logs": settings.opentelemetry,
+        },
     )
     app.state.notsure = state
     _publish_body_schemas(app)

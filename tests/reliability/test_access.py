@@ -259,7 +259,9 @@ def test_model_files_load_only_with_a_matching_sha256(
     onnx.write_bytes(onnx.read_bytes() + b"\0")  # one appended byte: same graph, other sha256
     with TestClient(create_app(Settings(model_repository=writable_repo))) as c:
         assert c.get("/v2/health/ready").status_code == 503
-    assert opened == [RCE]  # onnxruntime never saw the unverified file
+    # onnxruntime never saw the unverified file; the verified one may be opened twice (the
+    # every-core session for lone batches, on a multi-core host).
+    assert set(opened) == {RCE} and len(opened) in (1, 2)
 
 
 FORBIDDEN_MODULES = {

@@ -506,3 +506,12 @@ def test_openapi_documents_every_route(client: TestClient) -> None:
     assert "PredictResponse" in json.dumps(predict["responses"]["200"])
     infer = paths["/v2/models/{name}/infer"]["post"]
     assert "application/octet-stream" in infer["requestBody"]["content"]
+
+
+def test_generated_request_ids_are_unique_32_hex() -> None:
+    from service.middleware import RequestIds
+
+    a, b = RequestIds(), RequestIds()
+    ids = [a.next() for _ in range(1000)] + [b.next() for _ in range(1000)]
+    assert len(set(ids)) == 2000
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
