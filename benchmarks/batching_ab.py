@@ -37,6 +37,7 @@ def measure_pairs(
     concurrency: int,
     off_env: dict[str, str],
     tmp: Path,
+    on_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Alternate wrk runs on a batching and a batching-off server; the pairs and their median."""
     manifest = Manifest.load(ROOT / "models" / model / "1" / MANIFEST_FILE)
@@ -48,7 +49,7 @@ def measure_pairs(
     }
     serve = [sys.executable, "-m", "notsure.cli", "serve"]
     path = f"/v1/models/{model}/predict"
-    on = Server(serve, base, "/v2/health/ready")
+    on = Server(serve, {**base, **(on_env or {})}, "/v2/health/ready")
     try:
         off = Server(serve, {**base, **off_env}, "/v2/health/ready")
     except RuntimeError:
@@ -105,11 +106,15 @@ def main() -> None:
         default="NOTSURE_BATCHING=false",
         help="extra settings of the 'off' server, comma-separated KEY=VALUE",
     )
+    ap.add_argument("--on-env", default="", help="extra settings of the 'on' server, likewise")
     ap.add_argument("--out", type=Path, default=None, help="write the pairs as JSON here")
     args = ap.parse_args()
     off_env = dict(kv.split("=", 1) for kv in args.off_env.split(",") if kv)
+    on_env = dict(kv.split("=", 1) for kv in args.on_env.split(",") if kv)
     tmp = Path(tempfile.mkdtemp(prefix="notsure-ab-"))
-    ab = measure_pairs(args.model, args.pairs, args.duration, args.concurrency, off_env, tmp)
+    ab = measure_pairs(
+        args.model, args.pairs, args.duration, args.concurrency, off_env, tmp, on_env
+    )
     print(summary_line(ab))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

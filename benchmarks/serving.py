@@ -33,7 +33,14 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 OTHERS = ROOT / "benchmarks" / "others"  # the comparison servers
-COMPARE = ("no-batching", "litserve", "bentoml", "fastapi-lean", "pytriton")
+COMPARE = (
+    "no-batching",
+    "litserve",
+    "bentoml",
+    "fastapi-lean",
+    "fastapi-lean-default",
+    "pytriton",
+)
 sys.path.insert(0, str(ROOT))
 
 from raw_ort import raw_onnxruntime, raw_parallel  # noqa: E402
@@ -353,6 +360,14 @@ def main() -> None:
         "fastapi-lean": Other(
             [sys.executable, str(OTHERS / "fastapi_app.py")],
             {"MODEL_DIR": str(vdir)},
+            "/health",
+            "/predict",
+        ),
+        # The same endpoint with onnxruntime's own thread default (every core for each run), as
+        # a hand-written service gets it without thinking about threads.
+        "fastapi-lean-default": Other(
+            [sys.executable, str(OTHERS / "fastapi_app.py")],
+            {"MODEL_DIR": str(vdir), "SCORER_THREADS": "0"},
             "/health",
             "/predict",
         ),

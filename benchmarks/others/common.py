@@ -16,14 +16,16 @@ from service.scoring import Scores, score_logits
 
 
 class Scorer:
-    """One onnxruntime session (one intra-op thread, like a notsure inference slot)."""
+    """One onnxruntime session: one intra-op thread, like a notsure inference slot, unless
+    SCORER_THREADS says otherwise (0: onnxruntime's default, one per core)."""
 
     def __init__(self, model_dir: str) -> None:
         d = Path(model_dir)
         self.manifest = Manifest.load(d / "manifest.json")
         self.kernel = self.manifest.kernel.to_kernel()
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
+        # SCORER_THREADS=0: onnxruntime's own default (one thread per core).
+        opts.intra_op_num_threads = int(os.environ.get("SCORER_THREADS", "1"))
         self.sess = ort.InferenceSession(
             str(d / "model.onnx"), opts, providers=["CPUExecutionProvider"]
         )
