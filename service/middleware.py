@@ -12,6 +12,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.deps import AppState
+from service.api.hot import HotRoutes
 from service.errors import PayloadTooLarge
 from service.inference import ARRIVING_KEY, VERSION_KEY
 
@@ -40,8 +41,8 @@ def _model_of(path: str) -> str | None:
 
 
 class ServiceMiddleware:
-    def __init__(self, app: ASGIApp, state: AppState) -> None:
-        self.app, self.state = app, state
+    def __init__(self, app: ASGIApp, state: AppState, hot: HotRoutes | None = None) -> None:
+        self.app, self.state, self.hot = app, state, hot
         self.ids = RequestIds()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -100,7 +101,8 @@ class ServiceMiddleware:
         if gauge is not None:
             gauge.inc()
         try:
-            await self.app(scope, receive_limited, send_wrapper)
+            fast = self.hot.match(scope) if self.hot is not None else None
+            await (fast or self.app)(scope, receive_limited, send_wrapper)
         finally:
             if scope.pop(ARRIVING_KEY, False):
                 state.arrivals.count -= 1

@@ -40,10 +40,10 @@ StateDep = Annotated[AppState, Depends(get_state)]
 
 # Path parameters of every model route: names are validated here, so a request can never name
 # a path outside the repository (lookups are dictionary keys, never joined into file paths).
-NAME = Annotated[
-    str, Path(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="model name (see /v1/models)")
-]
-VERSION = Annotated[int, Path(ge=1, le=1_000_000, description="model version")]
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+VERSION_MAX = 1_000_000
+NAME = Annotated[str, Path(pattern=NAME_PATTERN, description="model name (see /v1/models)")]
+VERSION = Annotated[int, Path(ge=1, le=VERSION_MAX, description="model version")]
 
 
 async def get_app_settings(state: StateDep) -> Settings:
@@ -53,7 +53,7 @@ async def get_app_settings(state: StateDep) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 
-def _check_key(state: AppState, authorization: str | None, x_api_key: str | None) -> None:
+def check_key(state: AppState, authorization: str | None, x_api_key: str | None) -> None:
     if not state.keys.accepts(key_from_headers(authorization, x_api_key)):
         raise Unauthorized(
             "missing or unknown API key",
@@ -68,7 +68,7 @@ async def require_key(
     x_api_key: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> None:
     """Guards predict, infer and model-admin routes when API keys are configured."""
-    _check_key(state, authorization, x_api_key)
+    check_key(state, authorization, x_api_key)
 
 
 async def require_key_for_health(
@@ -77,7 +77,7 @@ async def require_key_for_health(
     x_api_key: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> None:
     if state.settings.protect_health:
-        _check_key(state, authorization, x_api_key)
+        check_key(state, authorization, x_api_key)
 
 
 async def require_key_for_metrics(
@@ -86,4 +86,4 @@ async def require_key_for_metrics(
     x_api_key: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> None:
     if state.settings.protect_metrics:
-        _check_key(state, authorization, x_api_key)
+        check_key(state, authorization, x_api_key)

@@ -63,7 +63,9 @@ def _response(mv: ModelVersion, outcome: Outcome, request_id: str | None, reveal
     return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
 
 
-async def _predict(state: AppState, request: Request, name: str, version: int | None) -> Response:
+async def handle_predict(
+    state: AppState, request: Request, name: str, version: int | None
+) -> Response:
     settings = state.settings
     mv = resolve(state, request, name, version)
     body = await _read(request)
@@ -118,7 +120,7 @@ async def _read(request: Request) -> PredictRequest:
 )
 async def predict(name: NAME, request: Request, state: StateDep) -> Response:
     """Each image gets a label and its J-score, or NOT SURE when J < T."""
-    return await _predict(state, request, name, None)
+    return await handle_predict(state, request, name, None)
 
 
 @router.post(
@@ -130,7 +132,7 @@ async def predict(name: NAME, request: Request, state: StateDep) -> Response:
 async def predict_version(
     name: NAME, version: VERSION, request: Request, state: StateDep
 ) -> Response:
-    return await _predict(state, request, name, version)
+    return await handle_predict(state, request, name, version)
 
 
 @router.post(

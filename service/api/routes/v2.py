@@ -85,7 +85,9 @@ async def version_ready(
     return Response(status_code=200)
 
 
-async def _infer(state: AppState, request: Request, name: str, version: int | None) -> Response:
+async def handle_infer(
+    state: AppState, request: Request, name: str, version: int | None
+) -> Response:
     mv = resolve(state, request, name, version)
     body = await request.body()
     decoded = v2codec.decode(body, request.headers.get("inference-header-content-length"))
@@ -149,7 +151,7 @@ async def _infer(state: AppState, request: Request, name: str, version: int | No
 @router.post("/models/{name}/infer", response_model=V2InferResponse, openapi_extra=INFER_BODY)
 async def model_infer(name: NAME, request: Request, state: StateDep) -> Response:
     """Inference with the latest ready version; label is -1 for NOT SURE."""
-    return await _infer(state, request, name, None)
+    return await handle_infer(state, request, name, None)
 
 
 @router.post(
@@ -160,4 +162,4 @@ async def model_infer(name: NAME, request: Request, state: StateDep) -> Response
 async def version_infer(
     name: NAME, version: VERSION, request: Request, state: StateDep
 ) -> Response:
-    return await _infer(state, request, name, version)
+    return await handle_infer(state, request, name, version)

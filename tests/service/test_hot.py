@@ -1,0 +1,141 @@
+"""The inference fast path answers exactly as the FastAPI routes do, request for request.
+
+Each case is sent to two apps over the same repository, one with the fast path and one
+without (FastAPI routing and dependencies: the reference), and the answers are compared.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.config import Settings
+from service.main import create_app
+from training.data import synthetic
+
+RCE = "tiny-rce"
+KEY = "k" * 32
+PIXELS = (synthetic(2, seed=3).x.numpy()[:, 0] * 255).round().astype(int).tolist()
+NATIVE = {"instances": PIXELS}
+V2 = {
+    "inputs": [
+        {
+            "name": "input",
+            "shape": [2, 1, 28, 28],
+            "datatype": "FP32",
+            "data": (np.asarray(PIXELS, np.float32) / 255).ravel().tolist(),
+        }
+    ]
+}
+# (method, path, json body, headers)
+CASES = [
+    ("POST", f"/v1/models/{RCE}/predict", NATIVE, {}),
+    ("POST", f"/v1/models/{RCE}/versions/1/predict", NATIVE, {}),
+    ("POST", f"/v2/models/{RCE}/infer", V2, {}),
+    ("POST", f"/v2/models/{RCE}/versions/1/infer", V2, {}),
+    ("POST", f"/v1/models/{RCE}/predict", NATIVE, {"Authorization": f"Bearer {KEY}"}),
+    ("POST", f"/v1/models/{RCE}/predict", NATIVE, {"X-API-Key": KEY}),
+    ("POST", f"/v1/models/{RCE}/predict", NATIVE, {"Authorization": "Bearer wrong"}),
+    ("POST", f"/v2/models/{RCE}/infer", V2, {"X-API-Key": "wrong"}),
+    ("POST", "/v1/models/nope/predict", NATIVE, {"X-API-Key": KEY}),
+    ("POST", f"/v1/models/{RCE}/versions/7/predict", NATIVE, {"X-API-Key": KEY}),
+    ("POST", f"/v1/models/{RCE}/versions/0/predict", NATIVE, {"X-API-Key": KEY}),
+    ("POST", f"/v1/models/{RCE}/versions/01/predict", NATIVE, {"X-API-Key": KEY}),
+    ("POST", f"/v1/models/{RCE}/versions/1000001/predict", NATIVE, {"X-API-Key": KEY}),
+    ("POST", "/v1/models/Bad_Name/predict", NATIVE, {"X-API-Key": KEY}),
+    ("POST", "/v1/models/abc%0A/predict", NATIVE, {"X-API-Key": KEY}),
+    ("POST", f"/v1/models/{RCE}/predict/", NATIVE, {"X-API-Key": KEY}),
+    ("POST", f"/v1/models/{RCE}/infer", V2, {"X-API-Key": KEY}),
+    ("POST", f"/v2/models/{RCE}/predict", NATIVE, {"X-API-Key": KEY}),
+    ("GET", f"/v1/models/{RCE}/predict", None, {"X-API-Key": KEY}),
+    ("POST", f"/v1/models/{RCE}/predict", {"instances": [[[300]]]}, {"X-API-Key": KEY}),
+    ("POST", f"/v1/models/{RCE}/predict", {"wrong": 1}, {"X-API-Key": KEY}),
+    ("POST", f"/v2/models/{RCE}/infer", {"inputs": []}, {"X-API-Key": KEY}),
+]
+
+
+def _client(repo: Path, fast: bool, keys: list[str]) -> TestClient:
+    return TestClient(create_app(Settings(model_repository=repo, fast_path=fast, api_keys=keys)))
+
+
+@pytest.fixture(params=[[], [KEY]], ids=["open", "keys"])
+def pair(model_repo: Path, request: pytest.FixtureRequest) -> Iterator[tuple[TestClient, ...]]:
+    with (
+        _client(model_repo, True, request.param) as fast,
+        _client(model_repo, False, request.param) as ref,
+    ):
+        yield fast, ref
+
+
+def _answer(c: TestClient, method: str, path: str, body: object, headers: dict[str, str]):  # type: ignore[no-untyped-def]
+    r = c.request(method, path, json=body, headers=headers)
+    try:
+        payload = r.json()
+    except json.JSONDecodeError:
+        payload = r.text
+    kept = {k: v for k, v in r.headers.items() if k in ("content-type", "retry-after", "allow")}
+    return r.status_code, payload, kept
+
+
+@pytest.mark.parametrize(("method", "path", "body", "headers"), CASES)
+def test_fast_path_answers_like_the_fastapi_routes(
+    pair: tuple[TestClient, TestClient],
+    method: str,
+    path: str,
+    body: object,
+    headers: dict[str, str],
+) -> None:
+    fast, ref = pair
+    assert _answer(fast, method, path, body, headers) == _answer(ref, method, path, body, headers)
+
+
+def _requests_total(c: TestClient) -> dict[str, float]:
+    out = {}
+    for line in c.get("/metrics").text.splitlines():
+        if line.startswith("notsure_requests_total{"):
+            labels, value = line.rsplit(" ", 1)
+            out[labels] = float(value)
+    return out
+
+
+def test_fast_path_requests_carry_the_route_labels(model_repo: Path) -> None:
+    with _client(model_repo, True, []) as fast, _client(model_repo, False, []) as ref:
+        for c in (fast, ref):
+            assert c.post(f"/v1/models/{RCE}/versions/1/predict", json=NATIVE).status_code == 200
+            assert c.post(f"/v2/models/{RCE}/infer", json=V2).status_code == 200
+            assert c.post("/v1/models/nope/predict", json=NATIVE).status_code == 404
+        assert _requests_total(fast) == _requests_total(ref)
+        labels = "".join(_requests_total(fast))
+        assert 'endpoint="/v1/models/{name}/versions/{version}/predict"' in labels
+        assert 'endpoint="/v2/models/{name}/infer"' in labels
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "fast"),
+    [
+        ("POST", f"/v1/models/{RCE}/predict", True),
+        ("POST", f"/v1/models/{RCE}/versions/12/predict", True),
+        ("POST", f"/v2/models/{RCE}/infer", True),
+        ("POST", f"/v2/models/{RCE}/versions/1000000/infer", True),
+        ("POST", f"/v2/models/{RCE}/versions/1000001/infer", False),
+        ("POST", f"/v1/models/{RCE}/versions/0/predict", False),
+        ("POST", f"/v1/models/{RCE}/versions/01/predict", False),
+        ("POST", "/v1/models/Bad_Name/predict", False),
+        ("POST", "/v1/models/abc\n/predict", False),
+        ("POST", f"/v1/models/{RCE}/predict/files", False),
+        ("POST", f"/v1/models/{RCE}/infer", False),
+        ("POST", f"/v1/models/{RCE}/predict/", False),
+        ("GET", f"/v1/models/{RCE}/predict", False),
+        ("POST", "/v1/models", False),
+    ],
+)
+def test_which_requests_take_the_fast_path(method: str, path: str, fast: bool) -> None:
+    from service.api.hot import HotRoutes
+
+    hot = HotRoutes(state=None)  # type: ignore[arg-type]  # match() never reads the state
+    assert (hot.match({"method": method, "path": path}) is not None) == fast
