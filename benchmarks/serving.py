@@ -328,6 +328,14 @@ def main() -> None:
     finally:
         srv.stop()
 
+    def lean(threads: str) -> Other:
+        return Other(
+            [sys.executable, str(OTHERS / "fastapi_app.py")],
+            {"MODEL_DIR": str(vdir), "SCORER_THREADS": threads},
+            "/health",
+            "/predict",
+        )
+
     others = {
         "no-batching": Other(
             serve,
@@ -357,20 +365,10 @@ def main() -> None:
             "/readyz",
             "/predict",
         ),
-        "fastapi-lean": Other(
-            [sys.executable, str(OTHERS / "fastapi_app.py")],
-            {"MODEL_DIR": str(vdir)},
-            "/health",
-            "/predict",
-        ),
+        "fastapi-lean": lean("1"),
         # The same endpoint with onnxruntime's own thread default (every core for each run), as
         # a hand-written service gets it without thinking about threads.
-        "fastapi-lean-default": Other(
-            [sys.executable, str(OTHERS / "fastapi_app.py")],
-            {"MODEL_DIR": str(vdir), "SCORER_THREADS": "0"},
-            "/health",
-            "/predict",
-        ),
+        "fastapi-lean-default": lean("0"),
         # Triton is ready (/v2/health/ready) before PyTriton has loaded the model into it.
         "pytriton": Other(
             [

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from service.batching import ArrivalTracker, Batcher, Plan, plan
+from service.batching import ArrivalTracker, Batcher, Plan, RunFn, plan
 from service.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
 
 
@@ -220,6 +220,20 @@ async def test_lone_batch_runs_wide_and_holds_every_slot(executor: ThreadPoolExe
     assert calls == [("wide", [1]), ("wide", [1, 1])]
 
 
+def _two_slots(
+    narrow: RunFn[np.ndarray],
+    wide: RunFn[np.ndarray],
+    executor: ThreadPoolExecutor,
+    arrivals: ArrivalTracker,
+    max_batch: int,
+) -> Batcher[np.ndarray]:
+    """Two narrow slots, and `wide` for a batch that runs alone."""
+    return Batcher(
+        narrow, executor, max_batch=max_batch, max_delay_s=0.0, max_queue_images=10, slots=2,
+        arrivals=arrivals, run_alone=wide,
+    )  # fmt: skip
+
+
 async def test_batch_runs_narrow_when_requests_are_arriving(executor: ThreadPoolExecutor) -> None:
     seen: list[str] = []
 
@@ -232,10 +246,7 @@ async def test_batch_runs_narrow_when_requests_are_arriving(executor: ThreadPool
         return _echo(x, sizes)
 
     arrivals = ArrivalTracker()
-    b = Batcher(
-        narrow, executor, max_batch=8, max_delay_s=0.0, max_queue_images=10, slots=2,
-        arrivals=arrivals, run_alone=wide,
-    )  # fmt: skip
+    b = _two_slots(narrow, wide, executor, arrivals, max_batch=8)
     await b.submit(_images(1.0), timeout_s=5)
     arrivals.count = 1  # another request is being received: the cores will be needed
     await b.submit(_images(2.0), timeout_s=5)
@@ -253,10 +264,7 @@ async def test_failed_wide_batch_gives_back_every_slot(executor: ThreadPoolExecu
         return _echo(x, sizes)
 
     arrivals = ArrivalTracker()
-    b = Batcher(
-        narrow, executor, max_batch=1, max_delay_s=0.0, max_queue_images=10, slots=2,
-        arrivals=arrivals, run_alone=wide,
-    )  # fmt: skip
+    b = _two_slots(narrow, wide, executor, arrivals, max_batch=1)
     with pytest.raises(InferenceFailed):
         await b.submit(_images(1.0), timeout_s=5)
     arrivals.count = 1  # busy from now on: batches run narrow, one slot each
