@@ -137,16 +137,20 @@ class Batcher(Generic[R]):
     def queued_images(self) -> int:
         return self._queued_images
 
-    async def submit(self, x: F32, timeout_s: float) -> R:
-        """Queue (n, C, H, W) images and wait for their result."""
-        if self._closing:
-            raise ShuttingDown("the server is shutting down", fix="retry on another replica")
-        n = int(x.shape[0])
+    def admit(self, n: int) -> None:
+        """Raise Overloaded when n more images would not fit in the queue."""
         if self._queued_images + n > self.max_queue_images:
             raise Overloaded(
                 f"queue full ({self._queued_images} images waiting, limit {self.max_queue_images})",
                 retry_after_s=self.retry_after_s,
             )
+
+    async def submit(self, x: F32, timeout_s: float) -> R:
+        """Queue (n, C, H, W) images and wait for their result."""
+        if self._closing:
+            raise ShuttingDown("the server is shutting down", fix="retry on another replica")
+        n = int(x.shape[0])
+        self.admit(n)
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         item: _Pending[R] = _Pending(x, loop.create_future(), now, now + timeout_s)

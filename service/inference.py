@@ -57,6 +57,22 @@ def mark_queued(request: Request, state: AppState) -> None:
         state.arrivals.count -= 1
 
 
+def _count_rejection(state: AppState, mv: ModelVersion, exc: Exception) -> None:
+    state.metrics.rejected.labels(mv.name, str(mv.version), REJECTED[type(exc)]).inc()
+
+
+def shed_early(state: AppState, mv: ModelVersion) -> None:
+    """Refuse with 503 before the body is read when the queue cannot take one more image: a
+    shed then costs neither the upload nor the parsing."""
+    if mv.batcher is None:
+        return
+    try:
+        mv.batcher.admit(1)
+    except Overloaded as exc:
+        _count_rejection(state, mv, exc)
+        raise
+
+
 async def infer(
     state: AppState,
     request: Request,
@@ -72,7 +88,7 @@ async def infer(
     try:
         scores = await mv.batcher.submit(x, state.settings.request_timeout_s)
     except (Overloaded, DeadlineExceeded, ShuttingDown) as exc:
-        state.metrics.rejected.labels(*labels, REJECTED[type(exc)]).inc()
+        _count_rejection(state, mv, exc)
         raise
     outcome = Outcome(scores, threshold)
     n_acc = int(outcome.accepted.sum())

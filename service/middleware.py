@@ -33,6 +33,14 @@ class RequestIds:
         return f"{self._prefix}{next(self._count):016x}"
 
 
+def _level(code: int) -> int:
+    """Client errors at INFO; sheds and timeouts (503/504: load, not faults) at WARNING, so an
+    overload does not flood the error log; other 5xx at ERROR."""
+    if code < 500:
+        return logging.INFO
+    return logging.WARNING if code in (503, 504) else logging.ERROR
+
+
 def _model_of(path: str) -> str | None:
     parts = path.split("/")
     if len(parts) > 3 and parts[2] == "models":
@@ -120,7 +128,7 @@ class ServiceMiddleware:
         m.request_latency.labels(*labels, endpoint).observe(time.perf_counter() - start)
         if code >= 400 or log.isEnabledFor(logging.DEBUG):
             log.log(
-                logging.INFO if code < 500 else logging.ERROR,
+                _level(code),
                 "%s %s %s -> %d (%.1f ms) id=%s",
                 scope["method"],
                 scope["path"],

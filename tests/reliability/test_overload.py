@@ -122,3 +122,48 @@ def test_overload_sheds_fast_keeps_health_and_recovers(
             assert r.status_code == 200
         assert mv.batcher.queued_images == 0  # type: ignore[union-attr]
         assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
+
+
+def test_a_full_queue_refuses_before_the_body_arrives(
+    model_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the queue full, a request is refused from its headers alone: the client that
+    announced a megabyte and sent none of it gets its 503 at once."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings = Settings(
+        model_repository=model_repo,
+        max_queue_images=QUEUE,
+        max_batch_size=IMAGES,
+        inference_threads=1,
+        retry_after_s=2,
+    )
+    with LiveServer(settings) as server:
+        mv = model_version(server)
+        slow_down(monkeypatch, mv, BATCH_S)
+        assert mv.batcher is not None
+
+        def post(i: int) -> int:
+            body, headers = v2_binary(pixels(IMAGES, seed=i))
+            url = f"{server.url}/v2/models/{RCE}/infer"
+            return httpx.post(url, content=body, headers=headers, timeout=30).status_code
+
+        with ThreadPoolExecutor(3) as pool:
+            burst = [pool.submit(post, i) for i in range(3)]  # one runs, two fill the queue
+            deadline = time.monotonic() + 10
+            while mv.batcher.queued_images < QUEUE and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert mv.batcher.queued_images == QUEUE
+            for path in (f"/v2/models/{RCE}/infer", f"/v1/models/{RCE}/predict"):
+                with socket.create_connection(("127.0.0.1", server.port), timeout=BATCH_S / 4) as s:
+                    s.sendall(
+                        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        f"Content-Length: 1000000\r\n\r\n".encode()
+                    )
+                    head = s.recv(4096)  # times out (the test fails) if the server waits
+                assert head.startswith(b"HTTP/1.1 503"), head[:80]
+                assert b"retry-after: 2" in head.lower()
+            assert sorted(f.result() for f in burst) == [200, 200, 200]
+        text = httpx.get(f"{server.url}/metrics").text
+        assert metric(text, "notsure_rejected_total", model=RCE, reason="queue_full") == 2

@@ -515,3 +515,18 @@ def test_generated_request_ids_are_unique_32_hex() -> None:
     ids = [a.next() for _ in range(1000)] + [b.next() for _ in range(1000)]
     assert len(set(ids)) == 2000
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+
+def test_sheds_and_timeouts_log_as_warnings_not_errors() -> None:
+    import logging
+
+    from service.middleware import _level
+
+    assert [_level(c) for c in (200, 404, 422, 500, 503, 504)] == [
+        logging.INFO,
+        logging.INFO,
+        logging.INFO,
+        logging.ERROR,
+        logging.WARNING,
+        logging.WARNING,
+    ]

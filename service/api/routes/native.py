@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from service.api.deps import NAME, VERSION, AppState, StateDep, require_key
 from service.errors import InvalidInput, PayloadTooLarge, invalid_input_from
 from service.imaging import decode_image, instance_to_tensor
-from service.inference import Outcome, infer, resolve, threshold_for
+from service.inference import Outcome, infer, resolve, shed_early, threshold_for
 from service.repository import ModelVersion
 from service.schemas import (
     API_ERRORS,
@@ -68,6 +68,7 @@ async def handle_predict(
 ) -> Response:
     settings = state.settings
     mv = resolve(state, request, name, version)
+    shed_early(state, mv)
     body = await _read(request)
     if len(body.instances) > settings.max_instances:
         raise PayloadTooLarge(

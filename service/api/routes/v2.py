@@ -13,7 +13,7 @@ from service import v2codec
 from service.api.deps import NAME, VERSION, AppState, StateDep, require_key
 from service.errors import InvalidInput, PayloadTooLarge
 from service.imaging import check_batch
-from service.inference import infer, resolve, threshold_for
+from service.inference import infer, resolve, shed_early, threshold_for
 from service.repository import ModelVersion
 from service.schemas import (
     API_ERRORS,
@@ -89,6 +89,7 @@ async def handle_infer(
     state: AppState, request: Request, name: str, version: int | None
 ) -> Response:
     mv = resolve(state, request, name, version)
+    shed_early(state, mv)
     body = await request.body()
     decoded = v2codec.decode(body, request.headers.get("inference-header-content-length"))
     req = decoded.request
