@@ -7,6 +7,7 @@ manifest. A version that fails stays listed with its error, and readiness report
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 from concurrent.futures import Executor
@@ -19,7 +20,7 @@ from pydantic import ValidationError
 from service.batching import ArrivalTracker, Batcher
 from service.config import Settings
 from service.errors import InferenceFailed, ModelNotFound, ModelNotReady
-from service.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
+from service.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
 from service.metrics import BatchMetrics, Metrics
 from service.runtime import CPU, OnnxModel
 from service.scoring import Kernel, Scores, score_logits
@@ -146,18 +147,21 @@ class Repository:
         onnx_path = mv.path / MODEL_FILE
         if not onnx_path.is_file():
             raise ModelLoadError("model.onnx is missing")
-        if sha256_file(onnx_path) != manifest.sha256:
+        # Read once, hash those bytes and hand the same bytes to onnxruntime: nothing can swap
+        # the file between the check and the load.
+        graph = onnx_path.read_bytes()
+        if hashlib.sha256(graph).hexdigest() != manifest.sha256:
             raise ModelLoadError(
                 "model.onnx does not match the manifest's sha256 (corrupt or "
                 "replaced); refusing to load it"
             )
         model = OnnxModel(
-            onnx_path, device=self.settings.device, intra_op_threads=self.settings.intra_threads()
+            graph, device=self.settings.device, intra_op_threads=self.settings.intra_threads()
         )
         _check_graph(manifest, model)
         wide_threads = self.settings.lone_batch_threads() if model.provider == CPU else 0
         if wide_threads:
-            mv.wide_model = OnnxModel(onnx_path, device="cpu", intra_op_threads=wide_threads)
+            mv.wide_model = OnnxModel(graph, device="cpu", intra_op_threads=wide_threads)
         cfg = self.settings.batching_for(mv.name)
         for m in (model, mv.wide_model):
             for n in sorted({1, cfg.max_batch_size}):  # warm-up: first runs allocate and plan

@@ -68,13 +68,17 @@ class GraphSignature:
 class OnnxModel:
     """One InferenceSession. `run` is safe to call from several threads at once."""
 
-    def __init__(self, path: Path, device: Device = "auto", intra_op_threads: int = 0) -> None:
+    def __init__(
+        self, model: Path | bytes, device: Device = "auto", intra_op_threads: int = 0
+    ) -> None:
+        """`model`: an .onnx file, or its bytes (already verified by the caller)."""
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads:
             opts.intra_op_num_threads = intra_op_threads
         providers = select_providers(device, ort.get_available_providers(), cuda_driver_present())
-        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        source = model if isinstance(model, bytes) else str(model)
+        self.session = ort.InferenceSession(source, sess_options=opts, providers=providers)
         # onnxruntime silently falls back to the CPU when CUDA fails to initialise: report what
         # it actually uses, not what was asked for.
         self.provider: str = self.session.get_providers()[0]

@@ -5,6 +5,7 @@ request ids in the log, no internals in error bodies, nothing unpickled."""
 from __future__ import annotations
 
 import ast
+import hashlib
 import hmac
 import logging
 import os
@@ -20,8 +21,7 @@ from benchmarks.soak import ServeProcess
 from service import security
 from service.config import Settings
 from service.main import create_app
-from service.manifest import MODEL_FILE
-from service.runtime import OnnxModel
+from service.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
 from tests.reliability.conftest import RCE, pixels
 
 X = {"instances": pixels(1)[:, 0].tolist()}
@@ -242,26 +242,58 @@ def test_unexpected_errors_hide_their_internals(
     assert r.json() == {"error": "internal error; this is a bug in notsure", "request_id": "oops-1"}
 
 
+def _sessions_seen(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """What onnxruntime's InferenceSession is created from, call by call."""
+    from service import runtime
+
+    seen: list[object] = []
+    real = runtime.ort.InferenceSession
+
+    def session(model: object, *args: object, **kwargs: object) -> object:
+        seen.append(model)
+        return real(model, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runtime.ort, "InferenceSession", session)
+    return seen
+
+
 def test_model_files_load_only_with_a_matching_sha256(
     writable_repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from service import repository
-
-    opened: list[str] = []
-    real = OnnxModel
-
-    def spy(path: Path, **kwargs: object) -> object:
-        opened.append(path.parent.parent.name)
-        return real(path, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(repository, "OnnxModel", spy)
+    seen = _sessions_seen(monkeypatch)
     onnx = writable_repo / "tiny-ce" / "1" / MODEL_FILE
     onnx.write_bytes(onnx.read_bytes() + b"\0")  # one appended byte: same graph, other sha256
     with TestClient(create_app(Settings(model_repository=writable_repo))) as c:
         assert c.get("/v2/health/ready").status_code == 503
-    # onnxruntime never saw the unverified file; the verified one may be opened twice (the
-    # every-core session for lone batches, on a multi-core host).
-    assert set(opened) == {RCE} and len(opened) in (1, 2)
+    # onnxruntime only ever got bytes, and only the verified model's (once, or twice with the
+    # every-core session for lone batches on a multi-core host).
+    want = Manifest.load(writable_repo / RCE / "1" / MANIFEST_FILE).sha256
+    assert len(seen) in (1, 2)
+    assert all(isinstance(m, bytes) and hashlib.sha256(m).hexdigest() == want for m in seen)
+
+
+def test_a_model_file_swapped_after_its_check_is_not_loaded(
+    writable_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file is replaced (by another valid model) the moment after it was read for the
+    check: what onnxruntime loads is still the verified content."""
+    seen = _sessions_seen(monkeypatch)
+    onnx = writable_repo / RCE / "1" / MODEL_FILE
+    verified, other = onnx.read_bytes(), (writable_repo / "tiny-ce" / "1" / MODEL_FILE).read_bytes()
+    real_read = Path.read_bytes
+
+    def read_then_swap(self: Path) -> bytes:
+        data = real_read(self)
+        if self == onnx:
+            onnx.write_bytes(other)
+        return data
+
+    monkeypatch.setattr(Path, "read_bytes", read_then_swap)
+    settings = Settings(model_repository=writable_repo, models=[RCE])
+    with TestClient(create_app(settings)) as c:
+        assert c.get("/v2/health/ready").status_code == 200
+    assert onnx.read_bytes() == other  # the swap did happen
+    assert seen and all(m == verified for m in seen)
 
 
 FORBIDDEN_MODULES = {
