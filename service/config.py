@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     # 28x28 or 32x32 inputs, so a 1-megapixel ceiling leaves room for resizing without letting
     # one request stall the others.
     max_image_pixels: int = Field(default=1024 * 1024, ge=1)
+    # Requests whose encoded images declare more pixels than this in all are decoded in a
+    # worker thread; smaller ones on the event loop (cheaper than the hand-off).
+    decode_inline_max_pixels: int = Field(default=256 * 256, ge=0)
 
     # Access.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)

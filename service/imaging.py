@@ -173,5 +173,27 @@ def instance_to_tensor(
     raise InvalidInput("unsupported instance type", field=field, fix=describe(shape))
 
 
+def declared_pixels(instance: object) -> int:
+    """Width x height that an encoded instance (base64 string or {'b64': ...}) declares in its
+    header, without decoding its pixels; 0 for pixel arrays and for anything unreadable (the
+    decode proper then says what is wrong with it)."""
+    text = instance if isinstance(instance, str) else getattr(instance, "b64", None)
+    if not isinstance(text, str):
+        return 0
+    try:
+        return header_pixels(_b64decode(text, ""))
+    except InvalidInput:  # not base64: refused by the decode proper
+        return 0
+
+
+def header_pixels(data: bytes) -> int:
+    """Width x height from an image file's header (0 when Pillow cannot read one)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return int(img.width * img.height)
+    except Exception:  # not an image, or Pillow's bomb guard: refused by the decode proper
+        return 0
+
+
 def batch_bytes(shape: Shape, n: int) -> int:
     return n * math.prod(shape) * 4

@@ -227,3 +227,41 @@ def test_lying_v2_shapes_are_422_without_allocating(
     req = {"inputs": [{"name": "input", "datatype": "FP32", **tensor}]}
     r = client.post(INFER, content=json.dumps(req), headers={"Content-Type": "application/json"})
     assert r.status_code == 422 and needle in r.json()["error"], r.text
+
+
+def test_decoding_big_images_does_not_stall_other_requests(model_repo: Path) -> None:
+    """A request of large (highly compressible) PNGs decodes in a worker thread: health probes
+    sent meanwhile are answered at once, not after the decoding."""
+    import threading
+    import time
+
+    import httpx
+
+    from tests.conftest import LiveServer
+
+    side = 4096
+    b64 = base64.b64encode(_png(Image.new("L", (side, side)))).decode()
+    body = {"instances": [b64] * 12, "resize": True}
+    settings = Settings(model_repository=model_repo, models=[RCE], max_image_pixels=side * side)
+    with LiveServer(settings) as server:
+        done: dict[str, float] = {}
+
+        def heavy() -> None:
+            t0 = time.perf_counter()
+            r = httpx.post(f"{server.url}/v1/models/{RCE}/predict", json=body, timeout=60)
+            assert r.status_code == 200 and len(r.json()["predictions"]) == 12
+            done["s"] = time.perf_counter() - t0
+
+        worker = threading.Thread(target=heavy)
+        worker.start()
+        probes = []
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            time.sleep(0.05)  # the big request is being decoded by now
+            while worker.is_alive():
+                t0 = time.perf_counter()
+                assert c.get("/v2/health/live").status_code == 200
+                probes.append(time.perf_counter() - t0)
+                time.sleep(0.02)
+        worker.join()
+    assert done["s"] > 0.3, done  # long enough for the probes to have overlapped it
+    assert len(probes) >= 3 and max(probes) < 0.1, (done, probes)

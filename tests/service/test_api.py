@@ -530,3 +530,18 @@ def test_sheds_and_timeouts_log_as_warnings_not_errors() -> None:
         logging.WARNING,
         logging.WARNING,
     ]
+
+
+def test_declared_pixels_come_from_the_header() -> None:
+    from types import SimpleNamespace
+
+    from service.imaging import declared_pixels, header_pixels
+
+    raw = base64.b64decode(png_b64(np.zeros((20, 30))))  # 30 wide, 20 high
+    b64 = base64.b64encode(raw).decode()
+    assert header_pixels(raw) == 600
+    assert declared_pixels(b64) == 600
+    assert declared_pixels("data:image/png;base64," + b64) == 600
+    assert declared_pixels(SimpleNamespace(b64=b64)) == 600
+    assert declared_pixels([[0.0] * 28] * 28) == 0  # pixel arrays are not decoded
+    assert declared_pixels("not base64!") == 0 and header_pixels(b"not an image") == 0
