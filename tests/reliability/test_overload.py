@@ -68,17 +68,21 @@ async def overload(url: str, mv: ModelVersion) -> dict[str, list]:  # type: igno
         return {"burst": list(await burst), "single": sheds, "probes": probes, "window": [window]}
 
 
-def test_overload_sheds_fast_keeps_health_and_recovers(
-    model_repo: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    settings = Settings(
+def _small_queue(model_repo: Path) -> Settings:
+    """Room for two requests behind the running batch; one batch at a time."""
+    return Settings(
         model_repository=model_repo,
         max_queue_images=QUEUE,
         max_batch_size=IMAGES,
         inference_threads=1,
         retry_after_s=2,
     )
-    with LiveServer(settings) as server:
+
+
+def test_overload_sheds_fast_keeps_health_and_recovers(
+    model_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with LiveServer(_small_queue(model_repo)) as server:
         mv = model_version(server)
         batches = slow_down(monkeypatch, mv, BATCH_S)
         out = asyncio.run(overload(server.url, mv))
@@ -132,14 +136,7 @@ def test_a_full_queue_refuses_before_the_body_arrives(
     import socket
     from concurrent.futures import ThreadPoolExecutor
 
-    settings = Settings(
-        model_repository=model_repo,
-        max_queue_images=QUEUE,
-        max_batch_size=IMAGES,
-        inference_threads=1,
-        retry_after_s=2,
-    )
-    with LiveServer(settings) as server:
+    with LiveServer(_small_queue(model_repo)) as server:
         mv = model_version(server)
         slow_down(monkeypatch, mv, BATCH_S)
         assert mv.batcher is not None
