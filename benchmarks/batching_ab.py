@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from serving import Server, bodies, run_wrk, wait_idle  # noqa: E402
+from loadgen import Server, bodies, run_wrk, wait_idle  # noqa: E402
 
 from service.manifest import MANIFEST_FILE, Manifest  # noqa: E402
 

@@ -163,10 +163,9 @@ class Repository:
         if wide_threads:
             mv.wide_model = OnnxModel(graph, device="cpu", intra_op_threads=wide_threads)
         cfg = self.settings.batching_for(mv.name)
-        for m in (model, mv.wide_model):
+        for m in filter(None, (model, mv.wide_model)):
             for n in sorted({1, cfg.max_batch_size}):  # warm-up: first runs allocate and plan
-                if m is not None:
-                    m.run(np.zeros((n, *manifest.input_shape), np.float32))
+                m.run(np.zeros((n, *manifest.input_shape), np.float32))
         overrides = self.settings.thresholds
         mv.threshold = overrides.get(
             f"{mv.name}/{mv.version}", overrides.get(mv.name, manifest.threshold)
