@@ -13,15 +13,14 @@
 
 # gpu or cpu: picks the runtime base image and the onnxruntime wheel.
 ARG VARIANT=gpu
-# The PyPI onnxruntime-gpu 1.31 wheels link CUDA 13 (libcublas.so.13, libcudart.so.13) and
-# load cuDNN 9: the CUDA base must match the onnxruntime build, so both are pinned together.
+# The PyPI onnxruntime-gpu 1.31 wheels (the version in requirements/lock-service.txt) link
+# CUDA 13 (libcublas.so.13, libcudart.so.13) and load cuDNN 9: the CUDA base must match the
+# locked onnxruntime build; change both together.
 ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 ARG UBUNTU_IMAGE=ubuntu:24.04
-ARG ORT_VERSION=1.31.1
 
 FROM ${UBUNTU_IMAGE} AS build
 ARG VARIANT
-ARG ORT_VERSION
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # Ubuntu's python3 is the interpreter of both stages; its version is fixed by the base tag, and
 # apt pins of Ubuntu package versions would break with every security update (DL3008).
@@ -34,18 +33,22 @@ ENV PATH=/opt/venv/bin:$PATH \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3 -m venv /opt/venv
 WORKDIR /src
-# Only what `pip install .` needs for the service: training/ (torch) stays out of the image.
+# Only what the service needs: training/ (torch) stays out of the image.
 COPY pyproject.toml README.md ./
+COPY requirements/lock-service.txt requirements/
 COPY service/ service/
 COPY notsure/ notsure/
-# pyproject's default dependencies (onnxruntime-gpu on linux x86_64), with onnxruntime pinned to
-# the build the CUDA base was chosen for. The CPU variant swaps in the plain onnxruntime wheel of
-# the same version: both install the same `onnxruntime` module, so they cannot coexist. The
-# import check runs isolated (-I) so it sees the installed packages, not /src.
-RUN echo "onnxruntime-gpu==${ORT_VERSION}" > /tmp/constraints.txt \
-    && pip install --constraint /tmp/constraints.txt . \
+# The exact versions of the service lock (what the tests ran against), then the project itself
+# without resolving anything again. The lock pins onnxruntime-gpu (linux x86_64); the CPU
+# variant swaps in the plain onnxruntime wheel of the same version: both install the same
+# `onnxruntime` module, so they cannot coexist. The CUDA base above is chosen for the locked
+# onnxruntime-gpu release. The import check runs isolated (-I) so it sees the installed
+# packages, not /src.
+RUN pip install --no-deps -r requirements/lock-service.txt \
+    && pip install --no-deps . \
     && if [ "${VARIANT}" = cpu ]; then \
-        pip uninstall -y onnxruntime-gpu && pip install "onnxruntime==${ORT_VERSION}"; \
+        ort="$(sed -n 's/^onnxruntime-gpu==\([^ ;]*\).*/\1/p' requirements/lock-service.txt)" \
+        && pip uninstall -y onnxruntime-gpu && pip install --no-deps "onnxruntime==${ort}"; \
     fi \
     && python -I -c "import onnxruntime, service.main, notsure.cli; print(onnxruntime.get_available_providers())"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Header, Path, Request
+from fastapi import Depends, Path, Request
 
 from service.batching import ArrivalTracker
 from service.config import Settings
@@ -53,6 +53,14 @@ async def get_app_settings(state: StateDep) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 
+def check_request_key(state: AppState, request: Request) -> None:
+    # The key headers are read from the request itself, not declared as FastAPI `Header`
+    # parameters: those become pydantic fields with an alias, and some pydantic releases warn
+    # about that alias on every request (a warning that `-W error` turns into a 500).
+    headers = request.headers
+    check_key(state, headers.get("authorization"), headers.get("x-api-key"))
+
+
 def check_key(state: AppState, authorization: str | None, x_api_key: str | None) -> None:
     if not state.keys.accepts(key_from_headers(authorization, x_api_key)):
         raise Unauthorized(
@@ -63,27 +71,21 @@ def check_key(state: AppState, authorization: str | None, x_api_key: str | None)
 
 
 async def require_key(
-    state: StateDep,
-    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
-    x_api_key: Annotated[str | None, Header(include_in_schema=False)] = None,
+    state: StateDep, request: Request
 ) -> None:
     """Guards predict, infer and model-admin routes when API keys are configured."""
-    check_key(state, authorization, x_api_key)
+    check_request_key(state, request)
 
 
 async def require_key_for_health(
-    state: StateDep,
-    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
-    x_api_key: Annotated[str | None, Header(include_in_schema=False)] = None,
+    state: StateDep, request: Request
 ) -> None:
     if state.settings.protect_health:
-        check_key(state, authorization, x_api_key)
+        check_request_key(state, request)
 
 
 async def require_key_for_metrics(
-    state: StateDep,
-    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
-    x_api_key: Annotated[str | None, Header(include_in_schema=False)] = None,
+    state: StateDep, request: Request
 ) -> None:
     if state.settings.protect_metrics:
-        check_key(state, authorization, x_api_key)
+        check_request_key(state, request)

@@ -121,15 +121,24 @@ def test_gpu_and_cpu_variants_share_one_python() -> None:
     assert args["UBUNTU_IMAGE"] == f"ubuntu:{cuda.group(3)}"
 
 
+def locked_onnxruntime_gpu() -> str:
+    """The onnxruntime-gpu version the image installs: the service lock's pin."""
+    lock = (ROOT / "requirements/lock-service.txt").read_text()
+    m = re.search(r"^onnxruntime-gpu==([^\s;]+)", lock, re.M)
+    assert m, "the service lock pins no onnxruntime-gpu"
+    return m.group(1)
+
+
 def test_cuda_base_matches_the_pinned_onnxruntime_build() -> None:
     """onnxruntime-gpu links one CUDA major; the pinned wheel must find it in the base image."""
     from onnxruntime.capi import build_and_package_info as info
 
     args = global_args()
-    if info.package_name != "onnxruntime-gpu" or onnxruntime.__version__ != args["ORT_VERSION"]:
+    locked = locked_onnxruntime_gpu()
+    if info.package_name != "onnxruntime-gpu" or onnxruntime.__version__ != locked:
         pytest.skip(
             f"installed {info.package_name} {onnxruntime.__version__}, the image pins "
-            f"onnxruntime-gpu {args['ORT_VERSION']}: its CUDA version is not known here"
+            f"onnxruntime-gpu {locked}: its CUDA version is not known here"
         )
     cuda = re.match(r"nvidia/cuda:(\d+)\.(\d+)", args["CUDA_IMAGE"])
     assert cuda is not None
