@@ -92,7 +92,9 @@ def problems(pyproject: Path = ROOT / "pyproject.toml", locks_dir: Path = HERE) 
     service, dev = pins_by_lock.get("lock-service.txt", {}), pins_by_lock.get("lock-dev.txt", {})
     for name in sorted(service.keys() & dev.keys()):
         if service[name] != dev[name]:
-            found.append(f"{name}: {service[name]} in lock-service.txt, {dev[name]} in lock-dev.txt")
+            found.append(
+                f"{name}: {service[name]} in lock-service.txt, {dev[name]} in lock-dev.txt"
+            )
     return found
 
 

@@ -70,22 +70,16 @@ def check_key(state: AppState, authorization: str | None, x_api_key: str | None)
         )
 
 
-async def require_key(
-    state: StateDep, request: Request
-) -> None:
+async def require_key(state: StateDep, request: Request) -> None:
     """Guards predict, infer and model-admin routes when API keys are configured."""
     check_request_key(state, request)
 
 
-async def require_key_for_health(
-    state: StateDep, request: Request
-) -> None:
+async def require_key_for_health(state: StateDep, request: Request) -> None:
     if state.settings.protect_health:
         check_request_key(state, request)
 
 
-async def require_key_for_metrics(
-    state: StateDep, request: Request
-) -> None:
+async def require_key_for_metrics(state: StateDep, request: Request) -> None:
     if state.settings.protect_metrics:
         check_request_key(state, request)
