@@ -14,8 +14,9 @@ PIP := $(PY) -m pip
 # pip-tools, only for `make lock`; pinned so every refresh resolves the same way.
 PIP_TOOLS := pip-tools==7.6.2
 # pip-compile flags shared by both lock files: no extras markers, no index URLs (they are this
-# machine's, not the project's), and setuptools pinned too (the editable install builds with it).
-COMPILE := $(VENV)/bin/pip-compile -q --allow-unsafe --strip-extras --no-emit-index-url \
+# machine's, not the project's), and the build requirements pinned too (the editable install builds
+# with them, without build isolation).
+COMPILE := $(VENV)/bin/pip-compile -q --allow-unsafe --all-build-deps --strip-extras --no-emit-index-url \
 	--no-emit-find-links
 
 .PHONY: serve test install install-dev system-deps lint lock venv
