@@ -31,11 +31,17 @@ STAMP = "pyproject-deps.sha256"
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;]+)")
 
 
+BUILD = "build-system"
+
+
 def dependency_tables(pyproject: Path) -> dict[str, list[str]]:
-    """The dependency lists of pyproject.toml: "" for the project's own, then each extra."""
-    project = tomllib.loads(pyproject.read_text())["project"]
+    """The dependency lists of pyproject.toml: "" for the project's own, each extra, and the
+    build requirements (every lock pins them: installs build the project without isolation)."""
+    toml = tomllib.loads(pyproject.read_text())
+    project = toml["project"]
     tables = {"": list(project.get("dependencies", []))}
     tables.update(project.get("optional-dependencies", {}))
+    tables[BUILD] = list(toml.get("build-system", {}).get("requires", []))
     return tables
 
 
@@ -73,15 +79,16 @@ def problems(pyproject: Path = ROOT / "pyproject.toml", locks_dir: Path = HERE) 
             found.append(f"{lock_name} is missing: run `make lock`")
             continue
         pins = pins_by_lock[lock_name] = read_pins(lock)
-        for table in ("", *extras):
+        for table in ("", BUILD, *extras):
             for spec in tables.get(table, []):
                 req = Requirement(spec)
-                if req.marker is not None and not req.marker.evaluate({"extra": table}):
+                extra = "" if table == BUILD else table
+                if req.marker is not None and not req.marker.evaluate({"extra": extra}):
                     continue  # not for this platform (the locks are made for the CI's)
                 name = canonicalize_name(req.name)
                 if name == project_name:
                     continue
-                where = f"[{table}]" if table else "dependencies"
+                where = {"": "dependencies", BUILD: "build-system"}.get(table, f"[{table}]")
                 if name not in pins:
                     found.append(f"{lock_name}: {req.name} ({where}) is not pinned")
                 elif not req.specifier.contains(pins[name], prereleases=True):

@@ -63,6 +63,15 @@ def test_a_narrowed_range_outside_the_pin_fails(project: tuple[Path, Path]) -> N
     assert any("numpy==" in p and "outside" in p for p in found)
 
 
+def test_build_requirements_are_locked_for_every_install(project: tuple[Path, Path]) -> None:
+    pyproject, locks = project
+    for lock in ("lock-service.txt", "lock-dev.txt"):
+        assert "setuptools" in lockcheck.read_pins(locks / lock)
+    pyproject.write_text(pyproject.read_text().replace('"setuptools>=68"', '"setuptools<60"'))
+    found = lockcheck.problems(pyproject, locks)
+    assert sum("build-system's '<60'" in p for p in found) == 2
+
+
 def test_locks_that_pin_different_versions_fail(project: tuple[Path, Path]) -> None:
     pyproject, locks = project
     service = locks / "lock-service.txt"
