@@ -1,4 +1,4 @@
-"""The serving benchmark's report: the markdown table and the issue's targets, from the cells."""
+"""The serving benchmark's report: the markdown table and the performance targets, from the cells."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class Cell:
 def targets(
     cells: list[Cell], raw: dict[str, dict[str, float]], ab: dict[str, Any] | None = None
 ) -> list[tuple[str, str, bool]]:
-    """The issue's performance targets, checked against the measured cells (and, for batching
+    """The service's performance targets, checked against the measured cells (and, for batching
     on vs off, the median of the alternating pairs `ab` when they were measured)."""
     out: list[tuple[str, str, bool]] = []
 
