@@ -1,4 +1,4 @@
-"""The serving benchmark's report: the markdown table and the performance targets, from the cells."""
+"""The serving benchmark's report: the markdown table and the performance targets."""
 
 from __future__ import annotations
 
