@@ -80,8 +80,11 @@ def from_values(
     dtype = dtype_of(datatype, f"{field}.datatype")
     count = element_count(shape, f"{field}.shape")
     try:
-        arr = np.asarray(values, dtype=dtype).reshape(-1)
-    except (ValueError, TypeError, OverflowError) as exc:
+        # A number outside the datatype's range (1e10 as FP16) is the client's mistake, not a
+        # numpy warning that slips through as inf.
+        with np.errstate(over="raise", invalid="raise"):
+            arr = np.asarray(values, dtype=dtype).reshape(-1)
+    except (ValueError, TypeError, OverflowError, FloatingPointError) as exc:
         raise InvalidInput(f"data is not a list of {datatype} numbers", field=data_field) from exc
     if arr.size != count:
         raise InvalidInput(

@@ -52,6 +52,19 @@ def test_response_has_no_id_when_the_request_had_none(client: TestClient) -> Non
         ({"inputs": [{"name": "input", "shape": [1, 1, 28, 28]}]}, "inputs.0.datatype"),
         ({"inputs": "not a list"}, "inputs"),
         (_json_body(pixels(1)) | {"parameters": {"threshold": "high"}}, "parameters.threshold"),
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "input",
+                        "shape": [1, 1, 28, 28],
+                        "datatype": "FP16",
+                        "data": [1e10] * 784,
+                    }
+                ]
+            },
+            "inputs[0].data",  # outside FP16's range
+        ),
     ],
 )
 def test_malformed_v2_requests_are_400_native_stays_422(
