@@ -154,8 +154,7 @@ def serve(
     ] = None,
     grpc_port: Annotated[int | None, typer.Option(help="gRPC port (NOTSURE_GRPC_PORT)")] = None,
 ) -> None:
-    """Serve every model in the repository over HTTP (native + KServe V2 + /metrics) and
-    KServe V2 gRPC."""
+    """Serve the repository's models: HTTP (native, KServe V2, /metrics) and KServe V2 gRPC."""
     from service.config import Settings
     from service.server import run
 
