@@ -15,8 +15,8 @@ from service.schemas import V2ServerMetadata
 router = APIRouter(tags=["health"])
 
 
-# The protocol's path is `/v2`; clients that join paths send `/v2/`, which must answer the same
-# (not a 307 redirect that some clients do not follow for a metadata call).
+# The Open Inference Protocol's REST spec names the server metadata `GET /v2/`; Triton and
+# tritonclient use `/v2`. Both answer (FastAPI would send a 307 redirect for one of them).
 @router.get("/v2", response_model=V2ServerMetadata, dependencies=[Depends(require_key_for_health)])
 @router.get(
     "/v2/",
