@@ -81,10 +81,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     NOTSURE_HOST=0.0.0.0 \
     NOTSURE_PORT=8000 \
+    NOTSURE_GRPC_PORT=8001 \
     NOTSURE_MODEL_REPOSITORY=/app/models \
     NOTSURE_DEVICE=auto
 USER 10001:10001
-EXPOSE 8000
+# HTTP (native API, KServe V2 REST, /metrics) and KServe V2 gRPC, as Triton.
+EXPOSE 8000 8001
 # Ready = every model loaded (503 before). The start period covers loading on a cold GPU.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "/usr/local/bin/notsure-healthcheck"]

@@ -154,7 +154,10 @@ class Server:
 
     def __init__(self, cmd: list[str], env: dict[str, str], ready_path: str) -> None:
         self.port = free_port()
-        env = {**os.environ, **env, "PORT": str(self.port), "NOTSURE_PORT": str(self.port)}
+        # notsure's gRPC port gets a free one too (unless given): two servers at once (batching
+        # on and off) would both want 8001.
+        env = {**os.environ, "NOTSURE_GRPC_PORT": str(free_port()), **env,
+               "PORT": str(self.port), "NOTSURE_PORT": str(self.port)}  # fmt: skip
         self.cmd = [c.replace("{port}", str(self.port)) for c in cmd]
         self.proc = subprocess.Popen(
             ["nice", "-n", "-15", *self.cmd],

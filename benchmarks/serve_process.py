@@ -43,12 +43,13 @@ class ServeProcess:
         settings: Mapping[str, str] | None = None,
         start_timeout_s: float = 120.0,
     ) -> None:
-        self.port = free_port()
+        self.port, self.grpc_port = free_port(), free_port()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("NOTSURE_")}
         self.env.update(
             {
                 "NOTSURE_HOST": "127.0.0.1",
                 "NOTSURE_PORT": str(self.port),
+                "NOTSURE_GRPC_PORT": str(self.grpc_port),
                 "NOTSURE_MODEL_REPOSITORY": str(repo),
                 "NOTSURE_DEVICE": "cpu",
                 **(settings or {}),
@@ -60,6 +61,10 @@ class ServeProcess:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
 
     @property
     def pid(self) -> int:

@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,11 +36,13 @@ COMPARE = (
     "fastapi-lean",
     "fastapi-lean-default",
     "pytriton",
+    "pytriton-grpc",
 )
+PROTOCOLS = ("native", "v2-binary", "grpc")  # notsure's cells: two HTTP APIs (wrk), gRPC
 sys.path.insert(0, str(ROOT))
 
 from batching_ab import measure_pairs, summary_line  # noqa: E402
-from loadgen import Server, bodies, run_wrk, wait_idle  # noqa: E402
+from loadgen import Server, bodies, free_port, run_wrk, wait_idle  # noqa: E402
 from raw_ort import raw_onnxruntime, raw_parallel  # noqa: E402
 from serving_report import Cell, ceiling, markdown, rewrite, targets  # noqa: E402
 
@@ -54,6 +57,23 @@ class Other(NamedTuple):
     ready: str  # GET path that answers 200 once the model is loaded
     path: str  # POST path of the requests
     api: str = "native"  # the body it takes, a key of bodies()
+
+
+def grpc_load(
+    target: str, model: str, images: int, concurrency: int, duration_s: float, shape: list[int],
+    input_name: str = "input", datatype: str = "FP32",
+) -> tuple[float, float, float, dict[str, int]]:  # fmt: skip
+    """req/s, p50 and p99 ms, errors of one gRPC cell, from benchmarks/grpc_load.py run in its
+    own process (the load generator must not share the driver's interpreter)."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "grpc_load.py"), "--target", target,
+           "--model", model, "--images", str(images), "--concurrency", str(concurrency),
+           "--duration", str(duration_s), "--input", input_name, "--datatype", datatype,
+           "--shape", *map(str, shape)]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + 120, cwd=ROOT)
+    if out.returncode != 0:
+        return 0.0, 0.0, 0.0, {"load generator failed": 1, out.stderr[-200:]: 1}
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return r["req_s"], r["p50_ms"], r["p99_ms"], r["errors"]
 
 
 def main() -> None:
@@ -74,6 +94,14 @@ def main() -> None:
         default=5,
         help="alternating batching on/off runs at c=32 for the 1.5x target (0: skip)",
     )
+    ap.add_argument(
+        "--protocols",
+        nargs="*",
+        default=list(PROTOCOLS),
+        choices=PROTOCOLS,
+        help="notsure's cells: native JSON and V2 binary over HTTP (wrk), V2 over gRPC",
+    )
+    ap.add_argument("--skip-raw", action="store_true", help="no raw onnxruntime rows (a smoke run)")
     ap.add_argument("--quick", action="store_true", help="3 s cells, concurrency 1 and 32")
     ap.add_argument("--out", type=Path, default=None, help="folder for results.json/.md")
     ap.add_argument("--rewrite", action="store_true", help="only rebuild results.md from --out")
@@ -84,8 +112,11 @@ def main() -> None:
     if args.quick:
         args.duration, args.concurrency = 3.0, [1, 32]
         args.ab_pairs = min(args.ab_pairs, 2)
-    if shutil.which("wrk") is None:
-        sys.exit("wrk is needed: apt-get install wrk")
+    needs_wrk = {"native", "v2-binary"} & set(args.protocols) or set(args.compare) - {
+        "pytriton-grpc"
+    }
+    if needs_wrk and shutil.which("wrk") is None:
+        sys.exit("wrk is needed for HTTP cells: apt-get install wrk (or --protocols grpc)")
     vdir = ROOT / "models" / args.model / "1"
     manifest = Manifest.load(vdir / MANIFEST_FILE)
     cells: list[Cell] = []
@@ -101,7 +132,7 @@ def main() -> None:
             flush=True,
         )
 
-    for batch in (1, 64):
+    for batch in () if args.skip_raw else (1, 64):
         for intra in (1, 2):
             ips, ms = raw_onnxruntime(
                 vdir / MODEL_FILE, manifest.input_shape, batch, max(2.0, args.duration / 2), intra
@@ -125,7 +156,8 @@ def main() -> None:
             flush=True,
         )
 
-    print(ceiling(raw), flush=True)
+    if raw:
+        print(ceiling(raw), flush=True)
     reqs = {n: bodies(manifest, n, tmp) for n in (1, 64)}
     serve = [sys.executable, "-m", "notsure.cli", "serve"]
     # A queue deep enough for 64 clients x 64 images: the benchmark measures throughput, not
@@ -135,26 +167,37 @@ def main() -> None:
         "NOTSURE_LOG_LEVEL": "warning",
         "NOTSURE_MAX_QUEUE_IMAGES": "16384",
     }
-    srv = Server(serve, env, "/v2/health/ready")
+    grpc_port = free_port()
+    srv = Server(serve, {**env, "NOTSURE_GRPC_PORT": str(grpc_port)}, "/v2/health/ready")
+    paths = {
+        "native": f"/v1/models/{args.model}/predict",
+        "v2-binary": f"/v2/models/{args.model}/infer",
+    }
     try:
         for n in (1, 64):
-            for api, path in (
-                ("native", f"/v1/models/{args.model}/predict"),
-                ("v2-binary", f"/v2/models/{args.model}/infer"),
-            ):
+            for api in args.protocols:
                 for c in args.concurrency:
                     wait_idle(srv.url)
                     # The machine's free CPU drifts: measure the raw baseline in the same
                     # minute as the cell it is compared with.
-                    base = max(
-                        raw_onnxruntime(vdir / MODEL_FILE, manifest.input_shape, n, 2.0, 1)[0],
-                        raw_parallel(
-                            vdir / MODEL_FILE, manifest.input_shape, n, 2.0, os.cpu_count() or 1
-                        ),
+                    base = (
+                        0.0
+                        if args.skip_raw
+                        else max(
+                            raw_onnxruntime(vdir / MODEL_FILE, manifest.input_shape, n, 2.0, 1)[0],
+                            raw_parallel(
+                                vdir / MODEL_FILE, manifest.input_shape, n, 2.0, os.cpu_count() or 1
+                            ),
+                        )
                     )
-                    rps, p50, p99, errs = run_wrk(
-                        srv.url + path, reqs[n][api], c, args.duration, tmp
-                    )
+                    if api == "grpc":
+                        load = grpc_load(f"127.0.0.1:{grpc_port}", args.model, n, c,
+                                         args.duration, list(manifest.input_shape))  # fmt: skip
+                        rps, p50, p99, errs = load
+                    else:
+                        rps, p50, p99, errs = run_wrk(
+                            srv.url + paths[api], reqs[n][api], c, args.duration, tmp
+                        )
                     report(Cell("notsure", api, n, c, rps, rps * n, p50, p99, errs, base))
     finally:
         srv.stop()
@@ -212,6 +255,12 @@ def main() -> None:
             "v2-json",
         ),
     }
+    pytriton_grpc = free_port()
+    # The same PyTriton app with its gRPC endpoint on, loaded by the same gRPC client as
+    # notsure's gRPC cells (UINT8 images, as its HTTP comparison).
+    others["pytriton-grpc"] = others["pytriton"]._replace(
+        env={**others["pytriton"].env, "GRPC_PORT": str(pytriton_grpc)}, api="grpc"
+    )
     for name in args.compare:
         spec = others[name]
         if not Path(spec.cmd[0]).exists() and not shutil.which(spec.cmd[0]):
@@ -228,6 +277,14 @@ def main() -> None:
                     wait_idle(other.url)
                 else:
                     time.sleep(2)
+                if spec.api == "grpc":
+                    for n in (1, 64):
+                        load = grpc_load(f"127.0.0.1:{pytriton_grpc}", manifest.name, n, c,
+                                         args.duration, list(manifest.input_shape[1:]),
+                                         "images", "UINT8")  # fmt: skip
+                        rps, p50, p99, errs = load
+                        report(Cell(name, spec.api, n, c, rps, rps * n, p50, p99, errs))
+                    continue
                 rps, p50, p99, errs = run_wrk(
                     other.url + spec.path, reqs[1][spec.api], c, args.duration, tmp
                 )
@@ -264,8 +321,12 @@ def main() -> None:
                 indent=2,
             )
         )
-        (args.out / "results.md").write_text(markdown(cells, raw, meta, ab))
-        print(f"wrote {args.out / 'results.json'} and results.md")
+        if raw:  # the report and the targets compare against the raw onnxruntime rows
+            (args.out / "results.md").write_text(markdown(cells, raw, meta, ab))
+        print(f"wrote {args.out / 'results.json'}" + (" and results.md" if raw else ""))
+    if not raw:
+        print("no raw onnxruntime rows (--skip-raw): no report table, targets not checked")
+        return
     for name, measured, ok in targets(cells, raw, ab):
         print(f"{'MET ' if ok else 'MISS'} {name}: {measured}")
 

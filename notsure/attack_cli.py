@@ -41,6 +41,9 @@ def attack(
     ctx: typer.Context,
     model: Annotated[list[str] | None, Opt(help="model name(s); repeat or comma-separate")] = None,
     url: Annotated[str, Opt(help="base URL of the running service")] = "http://127.0.0.1:8000",
+    protocol: Annotated[
+        str, Opt(help="http or grpc (KServe V2; grpc uses --url's host, port 8001 unless grpc://)")
+    ] = "http",
     eps: Annotated[list[float] | None, Opt(help="pixel-unit budgets: --eps 0.1 0.2 0.3")] = None,
     n: Annotated[int, Opt(help="clean test images (the mixed set has 2N)")] = 1000,
     out: Annotated[Path, Opt(help="report folder")] = Path("runs/attack"),
@@ -70,9 +73,11 @@ def attack(
     costs = _split(cost, ("ce",))
     if bad := [c for c in costs if c not in ("ce", "rce")]:
         raise typer.BadParameter(f"{bad[0]!r}: use ce and/or rce", param_hint="--cost")
+    if protocol not in ("http", "grpc"):
+        raise typer.BadParameter(f"{protocol!r}: use http or grpc", param_hint="--protocol")
     cfg = AttackRunConfig(
         models=_split(model, DEFAULT_MODELS), eps=_eps(eps, ctx.args),
-        costs=costs, labels=labels, method=method,  # type: ignore[arg-type]
+        costs=costs, labels=labels, method=method, protocol=protocol,  # type: ignore[arg-type]
         steps=steps, n=n, url=url, offline=offline, models_dir=models_dir, data_dir=data_dir,
         out_dir=out, cache_dir=cache_dir, request_batch=batch_size, timeout_s=timeout,
         retries=retries, api_key=api_key, device=device, threads=threads, dry_run=dry_run,

@@ -149,8 +149,12 @@ def serve(
     port: Annotated[int | None, typer.Option(help="port (NOTSURE_PORT)")] = None,
     model_repository: Annotated[Path | None, typer.Option(help="NOTSURE_MODEL_REPOSITORY")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cuda or cpu (NOTSURE_DEVICE)")] = None,
+    grpc: Annotated[
+        bool | None, typer.Option("--grpc/--no-grpc", help="KServe V2 gRPC (NOTSURE_GRPC_ENABLED)")
+    ] = None,
+    grpc_port: Annotated[int | None, typer.Option(help="gRPC port (NOTSURE_GRPC_PORT)")] = None,
 ) -> None:
-    """Serve every model in the repository over HTTP (native + KServe V2 + /metrics)."""
+    """Serve the repository's models: HTTP (native, KServe V2, /metrics) and KServe V2 gRPC."""
     from service.config import Settings
     from service.server import run
 
@@ -161,6 +165,8 @@ def serve(
             "port": port,
             "model_repository": model_repository,
             "device": device,
+            "grpc_enabled": grpc,
+            "grpc_port": grpc_port,
         }.items()
         if v is not None
     }

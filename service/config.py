@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     fast_path: bool = True
     # FastAPI's OpenTelemetry spans/metrics/logs (needs a configured OpenTelemetry SDK).
     opentelemetry: bool = False
+    # gRPC (KServe V2 / Open Inference Protocol), in the same process as HTTP
+    grpc_enabled: bool = True
+    grpc_port: int = 8001
 
     # Decisions.
     thresholds: dict[str, float] = Field(

@@ -1,19 +1,28 @@
-"""The service's exception tree. One handler (service.main) maps it to HTTP responses.
+"""The service's exception tree. One handler (service.api.handlers) maps it to HTTP responses;
+the gRPC servicer answers each with its `grpc_code`.
 
-    ServeError                      base; never raised itself
-    ├── ClientError                 4xx: the request must change
-    │   ├── InvalidInput            422: a field is malformed (names the field and the fix)
-    │   ├── PayloadTooLarge         413: body or instance count over a limit
-    │   ├── Unauthorized            401: missing or unknown API key
-    │   └── ModelNotFound           404: unknown model name or version
-    ├── ModelNotReady               503: known model that failed to load or is not loaded yet
-    ├── Overloaded                  503 + Retry-After: the batching queue is full
-    ├── DeadlineExceeded            504: waited in the queue past the request timeout
-    ├── ShuttingDown                503: the server is draining
-    └── InferenceFailed             500: onnxruntime raised while running a batch
+    ServeError                      base; never raised itself              HTTP   gRPC
+    ├── ClientError                 the request must change                4xx
+    │   ├── InvalidInput            a field is malformed (names the field  422*   INVALID_ARGUMENT
+    │   │                           and the fix)
+    │   ├── PayloadTooLarge         body or instance count over a limit    413    INVALID_ARGUMENT
+    │   ├── Unauthorized            missing or unknown API key             401    UNAUTHENTICATED
+    │   └── ModelNotFound           unknown model name or version          404    NOT_FOUND
+    ├── ModelNotReady               known model that failed to load or is  503    UNAVAILABLE
+    │                               not loaded yet
+    ├── Overloaded                  the batching queue is full             503    RESOURCE_EXHAUSTED
+    │                               (+ Retry-After)
+    ├── DeadlineExceeded            waited in the queue past the request   504    DEADLINE_EXCEEDED
+    │                               timeout (or the client's gRPC deadline)
+    ├── ShuttingDown                the server is draining                 503    UNAVAILABLE
+    └── InferenceFailed             onnxruntime raised while running a     500    INTERNAL
+                                    batch
+
+* 400 on the KServe V2 routes, as the Open Inference Protocol's REST spec (and Triton) answer.
 
 Error bodies are `{"error": message, "field": ..., "fix": ...}`: "error" is what the KServe V2
-protocol (and tritonclient) reads; no stack traces or file paths ever appear in them.
+protocol (and tritonclient) reads; gRPC statuses carry the same JSON as their details. No stack
+traces or file paths ever appear in them.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ class ServeError(Exception):
     """Base of every error the service turns into an HTTP response."""
 
     status_code = 500
+    grpc_code = "INTERNAL"  # a grpc.StatusCode name; errors.py does not import grpc
 
     def __init__(self, message: str, *, field: str | None = None, fix: str | None = None) -> None:
         super().__init__(message)
@@ -49,14 +59,17 @@ class ClientError(ServeError):
 
 class InvalidInput(ClientError):
     status_code = 422
+    grpc_code = "INVALID_ARGUMENT"
 
 
 class PayloadTooLarge(ClientError):
     status_code = 413
+    grpc_code = "INVALID_ARGUMENT"
 
 
 class Unauthorized(ClientError):
     status_code = 401
+    grpc_code = "UNAUTHENTICATED"
 
     def headers(self) -> dict[str, str]:
         return {"WWW-Authenticate": 'Bearer realm="notsure"'}
@@ -64,14 +77,17 @@ class Unauthorized(ClientError):
 
 class ModelNotFound(ClientError):
     status_code = 404
+    grpc_code = "NOT_FOUND"
 
 
 class ModelNotReady(ServeError):
     status_code = 503
+    grpc_code = "UNAVAILABLE"
 
 
 class Overloaded(ServeError):
     status_code = 503
+    grpc_code = "RESOURCE_EXHAUSTED"
 
     def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
         super().__init__(message, fix=f"retry after {retry_after_s} s or reduce the request rate")
@@ -83,10 +99,12 @@ class Overloaded(ServeError):
 
 class DeadlineExceeded(ServeError):
     status_code = 504
+    grpc_code = "DEADLINE_EXCEEDED"
 
 
 class ShuttingDown(ServeError):
     status_code = 503
+    grpc_code = "UNAVAILABLE"
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": "1", "Connection": "close"}

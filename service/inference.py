@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
-from fastapi import Request
 
 from service.api.deps import AppState
 from service.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overloaded, ShuttingDown
@@ -20,6 +21,14 @@ REJECTED = {Overloaded: "queue_full", DeadlineExceeded: "timeout", ShuttingDown:
 VERSION_KEY = "notsure.version"
 
 
+class Call(Protocol):
+    """What these steps need of a request: a mutable scope for per-request notes (a Starlette
+    Request's ASGI scope, or a plain dict for a gRPC call)."""
+
+    @property
+    def scope(self) -> MutableMapping[str, Any]: ...
+
+
 @dataclass(frozen=True)
 class Outcome:
     scores: Scores
@@ -30,7 +39,7 @@ class Outcome:
         return self.scores.j_score >= self.threshold
 
 
-def resolve(state: AppState, request: Request, name: str, version: int | None) -> ModelVersion:
+def resolve(state: AppState, request: Call, name: str, version: int | None) -> ModelVersion:
     """The model version a request is for; noted on the request for the metrics labels."""
     mv = state.repository.get(name, version)
     request.scope[VERSION_KEY] = str(mv.version)
@@ -51,7 +60,7 @@ def threshold_for(state: AppState, mv: ModelVersion, requested: float | None) ->
     return requested
 
 
-def mark_queued(request: Request, state: AppState) -> None:
+def mark_queued(request: Call, state: AppState) -> None:
     """The request's body is in: it no longer counts as arriving for the batcher."""
     if request.scope.pop(ARRIVING_KEY, False):
         state.arrivals.count -= 1
@@ -75,18 +84,22 @@ def shed_early(state: AppState, mv: ModelVersion) -> None:
 
 async def infer(
     state: AppState,
-    request: Request,
+    request: Call,
     mv: ModelVersion,
     x: npt.NDArray[np.float32],
     threshold: float,
+    timeout_s: float | None = None,
 ) -> Outcome:
-    """Run (B, C, H, W) images through the model's batcher and record the decisions."""
+    """Run (B, C, H, W) images through the model's batcher and record the decisions; they
+    wait in its queue at most `timeout_s` (the request timeout when None or longer)."""
     mark_queued(request, state)
     if mv.batcher is None:
         raise ModelNotReady(f"model {mv.name!r} version {mv.version} is not ready")
     labels = (mv.name, str(mv.version))
     try:
-        scores = await mv.batcher.submit(x, state.settings.request_timeout_s)
+        limit = state.settings.request_timeout_s
+        wait = limit if timeout_s is None else min(timeout_s, limit)
+        scores = await mv.batcher.submit(x, wait)
     except (Overloaded, DeadlineExceeded, ShuttingDown) as exc:
         _count_rejection(state, mv, exc)
         raise

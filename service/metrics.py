@@ -40,10 +40,13 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
         mv = ["model", "version"]
+        # protocol: http or grpc. endpoint: the HTTP route template or the gRPC method
+        # (/inference.GRPCInferenceService/ModelInfer). code: the HTTP status, for gRPC the
+        # status the same answer gets over HTTP, so one 5xx rate (dashboard, alerts) covers both.
         self.requests = Counter(
             "notsure_requests",
-            "HTTP requests by route and status code.",
-            ["model", "version", "endpoint", "code"],
+            "Requests by protocol, route or method, and status code.",
+            ["model", "version", "endpoint", "code", "protocol"],
             registry=r,
         )
         self.predictions = Counter(
@@ -62,7 +65,7 @@ class Metrics:
         self.request_latency = Histogram(
             "notsure_request_duration_seconds",
             "Time from request received to response ready.",
-            ["model", "version", "endpoint"],
+            ["model", "version", "endpoint", "protocol"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )

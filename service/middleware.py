@@ -124,8 +124,8 @@ class ServiceMiddleware:
         version = scope.get(VERSION_KEY, "") if model else ""
         labels = (model or "", version)
         m = self.state.metrics
-        m.requests.labels(*labels, endpoint, str(code)).inc()
-        m.request_latency.labels(*labels, endpoint).observe(time.perf_counter() - start)
+        m.requests.labels(*labels, endpoint, str(code), "http").inc()
+        m.request_latency.labels(*labels, endpoint, "http").observe(time.perf_counter() - start)
         if code >= 400 or log.isEnabledFor(logging.DEBUG):
             log.log(
                 _level(code),

@@ -127,11 +127,12 @@ class V2ServerMetadata(BaseModel):
 API_ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
     for code, text in {
-        400: "the body is not parseable JSON (e.g. nested too deeply)",
+        400: "a malformed KServe V2 request (the body names the field and the fix), or a "
+        "body that is not parseable JSON (e.g. nested too deeply)",
         401: "missing or unknown API key",
         404: "unknown model or version",
         413: "body or instance count over a limit",
-        422: "malformed input; the body names the field and the fix",
+        422: "malformed input to the native API; the body names the field and the fix",
         503: "model not ready, queue full (Retry-After) or shutting down",
         504: "waited in the queue past the request timeout",
     }.items()

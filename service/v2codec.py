@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,61 @@ DATATYPE_OF = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
 class DecodedRequest:
     request: V2InferRequest
     tensors: dict[str, npt.NDArray[Any]]
+
+
+def dtype_of(datatype: str, field: str) -> np.dtype[Any]:
+    """The numpy dtype of a V2 datatype name that the service accepts for pixels."""
+    dtype = DTYPES.get(datatype)
+    if dtype is None:
+        raise InvalidInput(
+            f"unsupported datatype {datatype}",
+            field=field,
+            fix="send FP32 pixels in [0, 1] (or UINT8 0-255)",
+        )
+    return dtype
+
+
+def element_count(shape: Sequence[int], field: str) -> int:
+    if any(d < 0 for d in shape) or len(shape) > 8:
+        raise InvalidInput(f"invalid shape {list(shape)}", field=field)
+    return math.prod(shape)
+
+
+def from_bytes(
+    raw: bytes | memoryview, datatype: str, shape: Sequence[int], field: str
+) -> npt.NDArray[Any]:
+    """Input `field`'s tensor from raw little-endian bytes (the binary extension, gRPC's
+    raw_input_contents); no copy."""
+    dtype = dtype_of(datatype, f"{field}.datatype")
+    count = element_count(shape, f"{field}.shape")
+    if len(raw) != count * dtype.itemsize:
+        raise InvalidInput(
+            f"{len(raw)} bytes of data, shape {list(shape)} of {datatype} needs "
+            f"{count * dtype.itemsize}",
+            field=field,
+        )
+    return np.frombuffer(raw, dtype=dtype, count=count).reshape(shape)
+
+
+def from_values(
+    values: Sequence[Any], datatype: str, shape: Sequence[int], field: str, data_field: str
+) -> npt.NDArray[Any]:
+    """Input `field`'s tensor from a flat or nested list of numbers at `data_field` (JSON
+    `data`, gRPC typed `contents`)."""
+    dtype = dtype_of(datatype, f"{field}.datatype")
+    count = element_count(shape, f"{field}.shape")
+    try:
+        # A number outside the datatype's range (1e10 as FP16) is the client's mistake, not a
+        # numpy warning that slips through as inf.
+        with np.errstate(over="raise", invalid="raise"):
+            arr = np.asarray(values, dtype=dtype).reshape(-1)
+    except (ValueError, TypeError, OverflowError, FloatingPointError) as exc:
+        raise InvalidInput(f"data is not a list of {datatype} numbers", field=data_field) from exc
+    if arr.size != count:
+        raise InvalidInput(
+            f"data has {arr.size} elements, shape {list(shape)} needs {count}", field=data_field
+        )
+    return arr.reshape(shape)
 
 
 def _header_length(raw: str | None, body_len: int) -> int | None:
@@ -70,19 +126,11 @@ def decode(body: bytes, header_length: str | None) -> DecodedRequest:
             fix="see the KServe V2 inference request schema",
         ) from exc
     tensors: dict[str, npt.NDArray[Any]] = {}
-    offset = 0
+    offset, view = 0, memoryview(binary)
     for i, t in enumerate(req.inputs):
         field = f"inputs[{i}]"
-        dtype = DTYPES.get(t.datatype)
-        if dtype is None:
-            raise InvalidInput(
-                f"unsupported datatype {t.datatype}",
-                field=f"{field}.datatype",
-                fix="send FP32 pixels in [0, 1] (or UINT8 0-255)",
-            )
-        if any(d < 0 for d in t.shape) or len(t.shape) > 8:
-            raise InvalidInput(f"invalid shape {t.shape}", field=f"{field}.shape")
-        count = math.prod(t.shape)
+        dtype = dtype_of(t.datatype, f"{field}.datatype")
+        count = element_count(t.shape, f"{field}.shape")
         size = (t.parameters or {}).get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size != count * dtype.itemsize:
@@ -93,23 +141,13 @@ def decode(body: bytes, header_length: str | None) -> DecodedRequest:
                 )
             if offset + size > len(binary):
                 raise InvalidInput("binary tensor data is shorter than declared", field=field)
-            arr = np.frombuffer(binary, dtype=dtype, count=count, offset=offset)
+            arr = from_bytes(view[offset : offset + size], t.datatype, t.shape, field)
             offset += size
         elif t.data is not None:
-            try:
-                arr = np.asarray(t.data, dtype=dtype).reshape(-1)
-            except (ValueError, TypeError, OverflowError) as exc:
-                raise InvalidInput(
-                    f"data is not a list of {t.datatype} numbers", field=f"{field}.data"
-                ) from exc
-            if arr.size != count:
-                raise InvalidInput(
-                    f"data has {arr.size} elements, shape {t.shape} needs {count}",
-                    field=f"{field}.data",
-                )
+            arr = from_values(t.data, t.datatype, t.shape, field, f"{field}.data")
         else:
             raise InvalidInput("input has neither data nor binary_data_size", field=field)
-        tensors[t.name] = arr.reshape(t.shape)
+        tensors[t.name] = arr
     if offset != len(binary):
         raise InvalidInput(
             f"{len(binary) - offset} bytes of binary data are not claimed by any input",

@@ -86,21 +86,25 @@ class LiveServer:
     def __init__(self, settings: object) -> None:
         import threading
 
-        import uvicorn
-
         from service.config import Settings
-        from service.server import uvicorn_config
+        from service.server import build_server
 
         assert isinstance(settings, Settings)
-        self.port = free_port()
-        self.settings = settings.model_copy(update={"host": "127.0.0.1", "port": self.port})
-        self.server = uvicorn.Server(uvicorn_config(self.settings))
+        self.port, self.grpc_port = free_port(), free_port()
+        self.settings = settings.model_copy(
+            update={"host": "127.0.0.1", "port": self.port, "grpc_port": self.grpc_port}
+        )
+        self.server = build_server(self.settings)
         self.app = self.server.config.app
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
 
     def __enter__(self) -> LiveServer:
         import time

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ from training.attack_io import (
 )
 from training.attacks import AttackConfig, Cost, LabelSource, Method, attack, attack_targets
 from training.attacks import fgsm_direction as _fgsm_direction
+from training.grpc_client import GrpcClient, target_of
 from training.modelio import load_torch_model
 from training.progress import progress_bar
 from training.service_client import Decisions, OfflineScorer, V2Client
@@ -50,6 +52,7 @@ class AttackRunConfig:
     steps: int = 10  # iterative methods only
     n: int = 1000
     url: str = "http://127.0.0.1:8000"
+    protocol: Literal["http", "grpc"] = "http"  # KServe V2 over HTTP or gRPC (port 8001)
     offline: bool = False  # score with the ONNX file in-process instead of the service
     models_dir: Path = Path("models")
     data_dir: Path = Path("data")
@@ -116,11 +119,12 @@ def run_model(cfg: AttackRunConfig, name: str, source: str) -> ModelRecord:
     cache = cache_root(cfg) / f"{name}-v{manifest.version}"
     ds = test_images(manifest, cfg.data_dir, cfg.n)
     x_np = ds.x.numpy()
-    scorer: OfflineScorer | V2Client
+    scorer: OfflineScorer | V2Client | GrpcClient
     if cfg.offline:
         scorer = OfflineScorer(model_dir, manifest, cfg.threads)
     else:
-        scorer = V2Client(cfg.url, name, manifest.version, cfg.timeout_s, cfg.retries, cfg.api_key)
+        client = GrpcClient if cfg.protocol == "grpc" else V2Client
+        scorer = client(cfg.url, name, manifest.version, cfg.timeout_s, cfg.retries, cfg.api_key)
         scorer.wait_ready(cfg.timeout_s)
     base = (manifest.sha256, cfg.n, manifest.training.dataset if manifest.training else "", source)
     rec_timings: dict[str, float] = {}
@@ -155,7 +159,7 @@ def run_model(cfg: AttackRunConfig, name: str, source: str) -> ModelRecord:
                 dec, ex = scored(f"{cost}@{eps:g}", make_adv, key)
                 record.adv[(cost, eps)], record.examples[f"{cost}@{eps:g}"] = dec, ex
     finally:
-        if isinstance(scorer, V2Client):
+        if not isinstance(scorer, OfflineScorer):
             scorer.close()
     return record
 
@@ -194,6 +198,8 @@ def run(cfg: AttackRunConfig) -> AttackRun:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     source = "offline" if cfg.offline else cfg.url
+    if not cfg.offline and cfg.protocol == "grpc":
+        source = f"grpc://{target_of(cfg.url)}"
     t0 = time.perf_counter()
     records = [run_model(cfg, name, source) for name in cfg.models]
     return AttackRun(cfg, source, records, time.perf_counter() - t0)

@@ -9,7 +9,8 @@ PyTriton ships its own Triton build and pins its own dependencies, so it lives i
 
 It speaks KServe V2 only: POST /v2/models/<name>/infer with a UINT8 tensor "images" of shape
 (N, 28, 28), N <= 64. Ready once /v2/models/<name>/ready answers 200 (/v2/health/ready
-already does before the model is loaded). gRPC and metrics are off (no extra ports).
+already does before the model is loaded). Metrics are off; gRPC is on only when GRPC_PORT is
+set (the same tensors over KServe V2 gRPC, on 127.0.0.1).
 """
 
 import os
@@ -50,7 +51,10 @@ if __name__ == "__main__":
     config = TritonConfig(
         http_address="127.0.0.1",
         http_port=int(os.environ["PORT"]),
-        allow_grpc=False,
+        # gRPC only when asked for (benchmarks/serving.py's pytriton-grpc cells).
+        allow_grpc="GRPC_PORT" in os.environ,
+        grpc_address="127.0.0.1",
+        grpc_port=int(os.environ.get("GRPC_PORT", "8001")),
         allow_metrics=False,
         log_verbose=0,
     )

@@ -13,21 +13,32 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from service.errors import ServeError, invalid_input_from
+from service.errors import InvalidInput, ServeError, invalid_input_from
 
 log = logging.getLogger(__name__)
+V2_PREFIX = "/v2"
+
+
+def http_status(exc: ServeError, path: str) -> int:
+    """The status of an error on this path: the Open Inference Protocol's REST API (and Triton)
+    answer a malformed request with 400, the native API keeps FastAPI's 422."""
+    if isinstance(exc, InvalidInput) and path.startswith(V2_PREFIX):
+        return 400
+    return exc.status_code
 
 
 def validation_error(request: Request, exc: Exception) -> JSONResponse:
     """FastAPI's request validation -> one message naming the field and the fix."""
     assert isinstance(exc, RequestValidationError)
     err = invalid_input_from(exc.errors())
-    return JSONResponse(err.body(), status_code=err.status_code)
+    return JSONResponse(err.body(), status_code=http_status(err, request.url.path))
 
 
 def serve_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServeError)
-    return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers())
+    return JSONResponse(
+        exc.body(), status_code=http_status(exc, request.url.path), headers=exc.headers()
+    )
 
 
 def http_error(request: Request, exc: Exception) -> JSONResponse:

@@ -136,8 +136,9 @@ class ServiceProcess:
         self.port = free_port()
         serve = dockerfile_stages()[-1]
         self.argv = image_command(tuple(serve.all("CMD")[-1].value), serve.copies())
+        self.grpc_port = free_port()
         self.env = service_env({"NOTSURE_HOST": "127.0.0.1", "NOTSURE_PORT": str(self.port),
-                                **env})  # fmt: skip
+                                "NOTSURE_GRPC_PORT": str(self.grpc_port), **env})  # fmt: skip
         self.log_path = log_dir / f"service-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.ready_headers: dict[str, str] = {}  # e.g. an API key when health is protected

@@ -86,9 +86,10 @@ def test_service_environment_names_real_settings(name: str) -> None:
     (mount,) = [v for v in svc["volumes"] if v["target"] == env["NOTSURE_MODEL_REPOSITORY"]]
     assert mount["read_only"] is True
     assert (ROOT / default_of(mount["source"])).resolve() == (ROOT / "models").resolve()
-    # The published port is the one the service listens on.
-    (port,) = svc["ports"]
-    assert default_of(port).split(":")[-1] == env["NOTSURE_PORT"]
+    # The published ports are the ones the service listens on: HTTP, then gRPC.
+    http, grpc = svc["ports"]
+    assert default_of(http).split(":")[-1] == env["NOTSURE_PORT"]
+    assert default_of(grpc).split(":")[-1] == env["NOTSURE_GRPC_PORT"]
 
 
 def test_thresholds_as_compose_passes_them_reach_the_settings(monkeypatch: pytest.MonkeyPatch

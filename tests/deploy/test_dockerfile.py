@@ -68,7 +68,8 @@ def test_serving_stage_is_the_last_and_runs_notsure_serve_as_non_root() -> None:
     assert [c.value for c in serve.all("CMD")] == [("notsure", "serve")]
     env = serve.env()
     assert env["NOTSURE_HOST"] == "0.0.0.0"
-    assert env["NOTSURE_PORT"] in {c.value[0] for c in serve.all("EXPOSE")}
+    exposed = {port for c in serve.all("EXPOSE") for port in c.value}
+    assert {env["NOTSURE_PORT"], env["NOTSURE_GRPC_PORT"]} <= exposed
     # A numeric uid:gid that is not root (Kubernetes' runAsNonRoot can check a number only).
     user = serve.all("USER")[-1].value[0]
     uid, _, gid = user.partition(":")

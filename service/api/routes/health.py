@@ -8,16 +8,24 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from notsure import __version__
+from service import v2infer
 from service.api.deps import StateDep, require_key_for_health, require_key_for_metrics
 from service.schemas import V2ServerMetadata
 
 router = APIRouter(tags=["health"])
 
 
+# The Open Inference Protocol's REST spec names the server metadata `GET /v2/`; Triton and
+# tritonclient use `/v2`. Both answer (FastAPI would send a 307 redirect for one of them).
 @router.get("/v2", response_model=V2ServerMetadata, dependencies=[Depends(require_key_for_health)])
+@router.get(
+    "/v2/",
+    response_model=V2ServerMetadata,
+    dependencies=[Depends(require_key_for_health)],
+    include_in_schema=False,
+)
 async def server_metadata() -> dict[str, Any]:
-    return {"name": "notsure", "version": __version__, "extensions": ["binary_tensor_data"]}
+    return v2infer.server_metadata()
 
 
 # Liveness and readiness answer with a status and no body: response_class=Response documents

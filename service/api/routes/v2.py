@@ -4,17 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from service import v2codec
+from service import v2codec, v2infer
 from service.api.deps import NAME, VERSION, AppState, StateDep, require_key
-from service.errors import InvalidInput, PayloadTooLarge
-from service.imaging import check_batch
-from service.inference import infer, resolve, shed_early, threshold_for
-from service.repository import ModelVersion
+from service.inference import resolve, shed_early
 from service.schemas import (
     API_ERRORS,
     V2InferRequest,
@@ -27,7 +22,6 @@ router = APIRouter(
     prefix="/v2", tags=["kserve-v2"], dependencies=[Depends(require_key)], responses=API_ERRORS
 )
 
-OUTPUTS = ("label", "j_score", "confidence", "non_me", "probabilities")
 INFER_BODY = {
     "requestBody": {
         "required": True,
@@ -43,32 +37,16 @@ INFER_BODY = {
 }
 
 
-def _metadata(mv: ModelVersion, state: AppState) -> dict[str, Any]:
-    assert mv.manifest is not None
-    c, h, w = mv.manifest.input_shape
-    n = mv.manifest.num_classes
-    versions = sorted(state.repository.versions.get(mv.name, {}))
-    return {
-        "name": mv.name,
-        "versions": [str(v) for v in versions],
-        "platform": "onnxruntime_onnx",
-        "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, c, h, w]}],
-        "outputs": [{"name": "label", "datatype": "INT64", "shape": [-1]}]
-        + [{"name": o, "datatype": "FP32", "shape": [-1]} for o in OUTPUTS[1:4]]
-        + [{"name": "probabilities", "datatype": "FP32", "shape": [-1, n]}],
-    }
-
-
 @router.get("/models/{name}", response_model=V2ModelMetadata)
 async def model_metadata(name: NAME, request: Request, state: StateDep) -> dict[str, Any]:
-    return _metadata(resolve(state, request, name, None), state)
+    return v2infer.metadata(resolve(state, request, name, None), state)
 
 
 @router.get("/models/{name}/versions/{version}", response_model=V2ModelMetadata)
 async def version_metadata(
     name: NAME, version: VERSION, request: Request, state: StateDep
 ) -> dict[str, Any]:
-    return _metadata(resolve(state, request, name, version), state)
+    return v2infer.metadata(resolve(state, request, name, version), state)
 
 
 @router.get("/models/{name}/ready", response_class=Response)
@@ -93,53 +71,23 @@ async def handle_infer(
     body = await request.body()
     decoded = v2codec.decode(body, request.headers.get("inference-header-content-length"))
     req = decoded.request
-    if len(req.inputs) != 1:
-        raise InvalidInput(
-            f"expected exactly one input, got {len(req.inputs)}",
-            field="inputs",
-            fix='send one tensor named "input" of shape [B, C, H, W]',
-        )
-    assert mv.manifest is not None
-    x = check_batch(decoded.tensors[req.inputs[0].name], mv.manifest.input_shape, "inputs[0]")
-    if x.shape[0] > state.settings.max_instances:
-        raise PayloadTooLarge(
-            f"{x.shape[0]} images, the limit is {state.settings.max_instances}",
-            field="inputs[0].shape",
-        )
     params = req.parameters or {}
-    requested = params.get("threshold")
-    if requested is not None and not isinstance(requested, int | float):
-        raise InvalidInput("threshold must be a number", field="parameters.threshold")
-    threshold = threshold_for(state, mv, requested)
-    outcome = await infer(state, request, mv, x, threshold)
-
-    s = outcome.scores
-    values: dict[str, npt.NDArray[Any]] = {
-        "label": np.where(outcome.accepted, s.label, -1).astype(np.int64),
-        "j_score": s.j_score.astype(np.float32),
-        "confidence": s.confidence.astype(np.float32),
-        "non_me": s.non_me.astype(np.float32),
-        "probabilities": s.probabilities.astype(np.float32),
-    }
-    all_binary = bool(params.get("binary_data_output", False))
-    wanted = [o.name for o in req.outputs] if req.outputs else list(OUTPUTS)
-    unknown = [w for w in wanted if w not in values]
-    if unknown:
-        raise InvalidInput(
-            f"unknown output {unknown[0]!r}",
-            field="outputs",
-            fix=f"choose from {', '.join(OUTPUTS)}",
-        )
+    answer = await v2infer.run(
+        state,
+        request,
+        mv,
+        [(t.name, decoded.tensors[t.name]) for t in req.inputs],
+        params,
+        [o.name for o in req.outputs or []],
+    )
     binary = {o.name for o in req.outputs or [] if (o.parameters or {}).get("binary_data")}
-    if all_binary:
-        binary = set(wanted)
-    header = {
-        "model_name": mv.name,
-        "model_version": str(mv.version),
-        "id": req.id,
-        "parameters": {"threshold": threshold},
-    }
-    content, hlen = v2codec.encode(header, [(w, values[w]) for w in wanted], binary)
+    if params.get("binary_data_output", False):
+        binary = {n for n, _ in answer.outputs}
+    header: dict[str, Any] = {"model_name": mv.name, "model_version": str(mv.version)}
+    if req.id is not None:  # the protocol's id is a string: absent, not null, when not sent
+        header["id"] = req.id
+    header["parameters"] = {"threshold": answer.threshold}
+    content, hlen = v2codec.encode(header, answer.outputs, binary)
     if hlen is None:
         return Response(content, media_type="application/json")
     return Response(

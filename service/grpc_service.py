@@ -1,0 +1,324 @@
+"""KServe V2 / Open Inference Protocol over gRPC: the `inference.GRPCInferenceService` servicer.
+
+The messages and the servicer base are the generated code that tritonclient[grpc] ships (the
+same `grpc_service.proto` Triton and KServe serve), so any client generated from that proto
+works. Each RPC runs the HTTP route's own steps (`service.inference`, `service.v2infer`,
+`service.v2codec`) and answers errors with the `{error, field, fix}` text of the HTTP body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+from google.protobuf.message import DecodeError
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from service import v2codec, v2infer
+from service.api.deps import AppState, check_key
+from service.api.handlers import V2_PREFIX, http_status
+from service.errors import InvalidInput, ServeError
+from service.inference import VERSION_KEY, resolve, shed_early
+
+log = logging.getLogger(__name__)
+SERVICE = "inference.GRPCInferenceService"
+Context = Any  # grpc.aio.ServicerContext (grpc ships no type hints)
+
+_INTERNAL = {"error": "internal error; this is a bug in notsure"}
+# Typed `contents` field of each datatype the decoder accepts; FP16 travels only as raw bytes.
+_CONTENTS = {
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+}
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A request whose bytes do not parse as the method's message (see `register`)."""
+
+    reason: str
+
+
+def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """The generated parser, returning Malformed instead of raising: grpc answers a parser
+    exception with INTERNAL, but bytes that are not the message are the client's mistake."""
+
+    def parse_or_mark(raw: bytes) -> Any:
+        try:
+            return parse(raw)
+        except (DecodeError, ValueError, RuntimeError) as exc:
+            return Malformed(str(exc) or type(exc).__name__)
+
+    return parse_or_mark
+
+
+class _Captured:
+    """Stands in for a server to receive the generated method table."""
+
+    handlers: dict[str, Any]
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.handlers = handlers
+
+
+def register(servicer: InferenceServicer, server: Any) -> None:
+    """Add the servicer to a grpc.aio server with the generated method table (names, message
+    types, streaming kinds), its request parsers made lenient."""
+    captured = _Captured()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, captured)
+    handlers = {
+        name: h._replace(request_deserializer=_lenient(h.request_deserializer))
+        for name, h in captured.handlers.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
+
+def _check_parsed(request: Any, method: str) -> None:
+    if isinstance(request, Malformed):
+        raise InvalidInput(
+            f"the request is not a valid {method}Request message: {request.reason}",
+            field="message",
+            fix=f"send a serialized inference.{method}Request (grpc_service.proto)",
+        )
+
+
+def _model_of(request: Any, field: str) -> str:
+    return "" if isinstance(request, Malformed) else str(getattr(request, field))
+
+
+def _key_of(context: Context) -> tuple[str | None, str | None]:
+    meta = {k.lower(): v for k, v in context.invocation_metadata() or ()}
+    return _text(meta.get("authorization")), _text(meta.get("x-api-key"))
+
+
+class _Call:
+    """The per-call notes `service.inference` keeps (the model version for the metrics)."""
+
+    def __init__(self) -> None:
+        self.scope: dict[str, Any] = {}
+
+
+def _param(p: Any) -> Any:
+    """An InferParameter's value (its oneof)."""
+    which = p.WhichOneof("parameter_choice")
+    return None if which is None else getattr(p, which)
+
+
+def _inputs(req: Any) -> list[tuple[str, npt.NDArray[Any]]]:
+    """The request's tensors, from `raw_input_contents` (one blob per input) or typed
+    `contents`, through the same decoder as the HTTP route."""
+    raw = req.raw_input_contents
+    if raw and len(raw) != len(req.inputs):
+        raise InvalidInput(
+            f"raw_input_contents has {len(raw)} entries for {len(req.inputs)} inputs",
+            field="raw_input_contents",
+            fix="send one raw blob per input, or typed contents for every input",
+        )
+    out = []
+    for i, t in enumerate(req.inputs):
+        field, shape = f"inputs[{i}]", list(t.shape)
+        if raw:
+            arr = v2codec.from_bytes(raw[i], t.datatype, shape, field)
+        else:
+            v2codec.dtype_of(t.datatype, f"{field}.datatype")
+            values = getattr(t.contents, _CONTENTS.get(t.datatype, "fp32_contents"))
+            arr = v2codec.from_values(values, t.datatype, shape, field, f"{field}.contents")
+        out.append((t.name, arr))
+    return out
+
+
+def _response(mv_name: str, version: int, req: Any, answer: v2infer.Answer) -> Any:
+    """Outputs as raw little-endian bytes (as Triton answers; tritonclient reads only those)."""
+    resp = pb.ModelInferResponse(model_name=mv_name, model_version=str(version), id=req.id)
+    resp.parameters["threshold"].double_param = answer.threshold
+    for name, arr in answer.outputs:
+        resp.outputs.add(name=name, datatype=v2codec.DATATYPE_OF[arr.dtype], shape=list(arr.shape))
+        resp.raw_output_contents.append(
+            np.ascontiguousarray(arr, arr.dtype.newbyteorder("<")).tobytes()
+        )
+    return resp
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    """ServerLive/Ready/Metadata, ModelReady/Metadata, ModelInfer and ModelStreamInfer."""
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+
+    # -- the wrapper every RPC runs in: key, metrics, errors -> status --------------------------
+
+    async def _rpc(
+        self,
+        method: str,
+        request: Any,
+        context: Context,
+        body: Callable[[_Call], Awaitable[Any]],
+        *,
+        model_field: str | None = None,
+        health: bool = False,
+    ) -> Any:
+        state, call, start = self.state, _Call(), time.perf_counter()
+        model = _model_of(request, model_field) if model_field else None
+        known = model if model in state.repository.versions else None
+        gauge = state.metrics.inflight.labels(known, "") if known else None
+        if gauge is not None:
+            gauge.inc()
+        code, status, details = 200, grpc.StatusCode.INTERNAL, ""
+        trailers: tuple[tuple[str, str], ...] = ()
+        try:
+            if not health or state.settings.protect_health:
+                check_key(state, *_key_of(context))
+            _check_parsed(request, method)
+            return await body(call)
+        except asyncio.CancelledError:  # the client went away, or its deadline passed
+            remaining = context.time_remaining()
+            code = 504 if remaining is not None and remaining <= 0 else 499
+            raise
+        except ServeError as exc:
+            code, status = _http_code(exc), grpc.StatusCode[exc.grpc_code]
+            details = json.dumps(exc.body())
+            trailers = tuple((k.lower(), v) for k, v in exc.headers().items() if k != "Connection")
+        except Exception:  # a bug: log it, answer INTERNAL without internals
+            log.exception("unhandled error in gRPC %s", method)
+            code, status, details = 500, grpc.StatusCode.INTERNAL, json.dumps(_INTERNAL)
+        finally:
+            if gauge is not None:
+                gauge.dec()
+            self._record(method, known, call, code, start)
+        if trailers:
+            context.set_trailing_metadata(trailers)
+        await context.abort(status, details)
+
+    def _record(self, method: str, model: str | None, call: _Call, code: int, start: float) -> None:
+        labels = (model or "", call.scope.get(VERSION_KEY, "") if model else "")
+        endpoint = f"/{SERVICE}/{method}"
+        m = self.state.metrics
+        m.requests.labels(*labels, endpoint, str(code), "grpc").inc()
+        m.request_latency.labels(*labels, endpoint, "grpc").observe(time.perf_counter() - start)
+        if code >= 400:
+            level = (
+                logging.INFO
+                if code < 500
+                else logging.WARNING
+                if code in (503, 504)
+                else logging.ERROR
+            )
+            log.log(level, "gRPC %s %s -> %d (%.1f ms)", method, model or "-", code,
+                    1000 * (time.perf_counter() - start))  # fmt: skip
+
+    def _version(self, raw: str, field: str = "model_version") -> int | None:
+        if not raw:
+            return None
+        if not raw.isdigit() or not 1 <= int(raw) <= 1_000_000:
+            raise InvalidInput(f"model_version {raw!r} is not a version number", field=field,
+                               fix="send a positive integer, or empty for the latest")  # fmt: skip
+        return int(raw)
+
+    # -- server ----------------------------------------------------------------------------------
+
+    async def ServerLive(self, request: Any, context: Context) -> Any:
+        async def body(call: _Call) -> Any:
+            return pb.ServerLiveResponse(live=True)
+
+        return await self._rpc("ServerLive", request, context, body, health=True)
+
+    async def ServerReady(self, request: Any, context: Context) -> Any:
+        async def body(call: _Call) -> Any:
+            st = self.state
+            return pb.ServerReadyResponse(ready=st.repository.ready and not st.draining)
+
+        return await self._rpc("ServerReady", request, context, body, health=True)
+
+    async def ServerMetadata(self, request: Any, context: Context) -> Any:
+        async def body(call: _Call) -> Any:
+            return pb.ServerMetadataResponse(**v2infer.server_metadata())
+
+        return await self._rpc("ServerMetadata", request, context, body, health=True)
+
+    # -- models ----------------------------------------------------------------------------------
+
+    async def ModelReady(self, request: Any, context: Context) -> Any:
+        async def body(call: _Call) -> Any:
+            try:
+                resolve(self.state, call, request.name, self._version(request.version, "version"))
+            except ServeError as exc:
+                if exc.grpc_code != "UNAVAILABLE":
+                    raise
+                return pb.ModelReadyResponse(ready=False)  # known, but not loaded
+            return pb.ModelReadyResponse(ready=True)
+
+        return await self._rpc("ModelReady", request, context, body, model_field="name")
+
+    async def ModelMetadata(self, request: Any, context: Context) -> Any:
+        async def body(call: _Call) -> Any:
+            version = self._version(request.version, "version")
+            meta = v2infer.metadata(resolve(self.state, call, request.name, version), self.state)
+            return pb.ModelMetadataResponse(**meta)
+
+        return await self._rpc("ModelMetadata", request, context, body, model_field="name")
+
+    async def _infer(self, request: Any, call: _Call, timeout_s: float | None) -> Any:
+        state = self.state
+        mv = resolve(state, call, request.model_name, self._version(request.model_version))
+        shed_early(state, mv)
+        params = {k: _param(v) for k, v in request.parameters.items()}
+        answer = await v2infer.run(
+            state, call, mv, _inputs(request), params, [o.name for o in request.outputs],
+            timeout_s,
+        )  # fmt: skip
+        return _response(mv.name, mv.version, request, answer)
+
+    async def ModelInfer(self, request: Any, context: Context) -> Any:
+        async def body(call: _Call) -> Any:
+            # The client's gRPC deadline bounds the wait in the batching queue.
+            return await self._infer(request, call, context.time_remaining())
+
+        return await self._rpc("ModelInfer", request, context, body, model_field="model_name")
+
+    async def ModelStreamInfer(self, request_iterator: Any, context: Context) -> AsyncIterator[Any]:
+        """One response per request, in order; an error answers that request, not the stream
+        (as Triton's stream: `error_message` set, the stream stays open)."""
+        async for request in request_iterator:
+            call, start, code = _Call(), time.perf_counter(), 200
+            model: str | None = _model_of(request, "model_name")
+            if model not in self.state.repository.versions:
+                model = None
+            try:
+                check_key(self.state, *_key_of(context))
+                _check_parsed(request, "ModelInfer")
+                resp = await self._infer(request, call, context.time_remaining())
+                out = pb.ModelStreamInferResponse(infer_response=resp)
+            except ServeError as exc:
+                code = _http_code(exc)
+                out = pb.ModelStreamInferResponse(error_message=json.dumps(exc.body()))
+            except Exception:
+                log.exception("unhandled error in gRPC ModelStreamInfer")
+                code = 500
+                out = pb.ModelStreamInferResponse(error_message=json.dumps(_INTERNAL))
+            self._record("ModelStreamInfer", model, call, code, start)
+            yield out
+
+
+def _http_code(exc: ServeError) -> int:
+    """The status the same error gets on the HTTP V2 routes (the metrics' `code` label)."""
+    return http_status(exc, V2_PREFIX)
+
+
+def _text(value: str | bytes | None) -> str | None:
+    return value.decode("latin-1") if isinstance(value, bytes) else value

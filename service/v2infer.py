@@ -1,0 +1,117 @@
+"""The Open Inference Protocol's model steps, whichever transport carried them (HTTP or gRPC).
+
+A transport decodes its request into named tensors and parameters, calls `run`, and encodes the
+named outputs that come back; model metadata is built here once for both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from notsure import __version__
+from service.api.deps import AppState
+from service.errors import InvalidInput, PayloadTooLarge
+from service.imaging import check_batch
+from service.inference import Call, infer, threshold_for
+from service.repository import ModelVersion
+
+INPUT = "input"
+OUTPUTS = ("label", "j_score", "confidence", "non_me", "probabilities")
+PLATFORM = "onnxruntime_onnx"
+
+
+def server_metadata() -> dict[str, Any]:
+    return {"name": "notsure", "version": __version__, "extensions": ["binary_tensor_data"]}
+
+
+def metadata(mv: ModelVersion, state: AppState) -> dict[str, Any]:
+    """Model metadata: one FP32 image input, the decision outputs (label -1 is NOT SURE)."""
+    assert mv.manifest is not None
+    c, h, w = mv.manifest.input_shape
+    n = mv.manifest.num_classes
+    versions = sorted(state.repository.versions.get(mv.name, {}))
+    return {
+        "name": mv.name,
+        "versions": [str(v) for v in versions],
+        "platform": PLATFORM,
+        "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, c, h, w]}],
+        "outputs": [{"name": "label", "datatype": "INT64", "shape": [-1]}]
+        + [{"name": o, "datatype": "FP32", "shape": [-1]} for o in OUTPUTS[1:4]]
+        + [{"name": "probabilities", "datatype": "FP32", "shape": [-1, n]}],
+    }
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The requested outputs in order, and the T that was applied."""
+
+    outputs: list[tuple[str, npt.NDArray[Any]]]
+    threshold: float
+
+
+def check_outputs(wanted: Sequence[str]) -> list[str]:
+    """The requested output names (all when none are named); unknown names are refused."""
+    if not wanted:
+        return list(OUTPUTS)
+    for name in wanted:
+        if name not in OUTPUTS:
+            raise InvalidInput(
+                f"unknown output {name!r}",
+                field="outputs",
+                fix=f"choose from {', '.join(OUTPUTS)}",
+            )
+    return list(wanted)
+
+
+async def run(
+    state: AppState,
+    call: Call,
+    mv: ModelVersion,
+    inputs: Sequence[tuple[str, npt.NDArray[Any]]],
+    parameters: Mapping[str, Any],
+    wanted: Sequence[str],
+    timeout_s: float | None = None,
+) -> Answer:
+    """Validate the decoded input, batch and score it, decide, and return the named outputs."""
+    if len(inputs) != 1:
+        raise InvalidInput(
+            f"expected exactly one input, got {len(inputs)}",
+            field="inputs",
+            fix=f'send one tensor named "{INPUT}" of shape [B, C, H, W]',
+        )
+    name, tensor = inputs[0]
+    if name != INPUT:
+        raise InvalidInput(
+            f"unknown input {name!r}",
+            field="inputs[0].name",
+            fix=f'name the tensor "{INPUT}" (see the model metadata)',
+        )
+    names = check_outputs(wanted)
+    assert mv.manifest is not None
+    x = check_batch(tensor, mv.manifest.input_shape, "inputs[0]")
+    if x.shape[0] > state.settings.max_instances:
+        raise PayloadTooLarge(
+            f"{x.shape[0]} images, the limit is {state.settings.max_instances}",
+            field="inputs[0].shape",
+        )
+    requested = parameters.get("threshold")
+    if requested is not None and (
+        isinstance(requested, bool) or not isinstance(requested, int | float)
+    ):
+        raise InvalidInput("threshold must be a number", field="parameters.threshold")
+    threshold = threshold_for(state, mv, requested)
+    outcome = await infer(state, call, mv, x, threshold, timeout_s)
+    s = outcome.scores
+    values: dict[str, npt.NDArray[Any]] = {
+        "label": np.where(outcome.accepted, s.label, -1).astype(np.int64),
+        "j_score": s.j_score.astype(np.float32),
+        "confidence": s.confidence.astype(np.float32),
+        "non_me": s.non_me.astype(np.float32),
+        "probabilities": s.probabilities.astype(np.float32),
+    }
+    return Answer([(n, values[n]) for n in names], threshold)
