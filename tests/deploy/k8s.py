@@ -62,7 +62,7 @@ def kustomize_command() -> list[str]:
         return [found, "build"]
     if found := shutil.which("kubectl"):
         return [found, "kustomize"]
-    pytest.fail("neither kustomize nor kubectl is installed: `make system-deps` installs one")
+    pytest.fail("neither kustomize nor kubectl is installed: install kustomize v5 or kubectl 1.27+")
 
 
 def kustomize_build(path: Path) -> list[Doc]:
