@@ -35,14 +35,23 @@ install-dev: venv
 	$(PIP) install -q -r requirements/lock-dev.txt
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 
-# Debian packages the tests use as real peers (Prometheus + promtool). Needs root; skipped
-# when they are already present.
+# Debian packages the tests use as real peers: Prometheus + promtool, and haproxy (the balancer
+# in front of several replicas). Needs root; skipped when they are already present. The
+# manifest checks also need kustomize (or kubectl, which embeds it); Debian's kubectl is too old
+# (kustomize v2), so that one is only checked for.
+SYSTEM_DEPS := promtool:prometheus haproxy:haproxy
 system-deps:
-	@if ! command -v promtool >/dev/null 2>&1; then \
+	@missing=""; for dep in $(SYSTEM_DEPS); do \
+		command -v "$${dep%%:*}" >/dev/null 2>&1 || missing="$$missing $${dep#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
-		else echo "promtool missing: sudo apt-get install prometheus" >&2; exit 1; fi; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		else echo "missing:$$missing (sudo apt-get install$$missing)" >&2; exit 1; fi; \
 	fi
+	@command -v kustomize >/dev/null 2>&1 || kubectl kustomize --help >/dev/null 2>&1 || { \
+		echo "kustomize missing: install kustomize v5 or kubectl >= 1.27" \
+			"(https://kubectl.docs.kubernetes.io/installation/kustomize/)" >&2; exit 1; }
 
 serve: install
 	$(VENV)/bin/notsure serve

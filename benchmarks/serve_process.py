@@ -42,8 +42,9 @@ class ServeProcess:
         log_path: Path,
         settings: Mapping[str, str] | None = None,
         start_timeout_s: float = 120.0,
+        port: int | None = None,  # a fixed port, e.g. to restart a replica behind a balancer
     ) -> None:
-        self.port, self.grpc_port = free_port(), free_port()
+        self.port, self.grpc_port = port or free_port(), free_port()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("NOTSURE_")}
         self.env.update(
             {

@@ -171,7 +171,12 @@ def build_calls(model: str, shape: tuple[int, int, int], seed: int) -> list[Call
                         "parameters": {"binary_data_size": int(x[:n].nbytes)},
                     }
                 ],
-                "outputs": [{"name": "j_score", "parameters": {"binary_data": True}}],
+                # j_score as binary data, the labels in the JSON header (-1: NOT SURE): the
+                # multi-replica soak counts decisions from them.
+                "outputs": [
+                    {"name": "j_score", "parameters": {"binary_data": True}},
+                    {"name": "label"},
+                ],
             },
             separators=(",", ":"),
         ).encode()

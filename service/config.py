@@ -66,6 +66,18 @@ class Settings(BaseSettings):
     # for ResNet-32 on 2 cores. CPU provider only.
     lone_batch_all_cores: bool = True
 
+    # Slow and idle clients. Each open connection holds a file descriptor and a parser: a few
+    # thousand clients that trickle their headers a byte at a time (or open a socket and send
+    # nothing) would otherwise stay open for ever and lock everyone else out.
+    # Beyond max_connections a new connection is answered 503 and closed at once.
+    max_connections: int = Field(default=2048, ge=1)
+    # From a connection's first byte of a request (or from its opening) to the end of the
+    # request's headers; past it: 408 and close. Real clients send headers in one packet.
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    # The longest pause between two reads of a request body (not counting pauses the server
+    # asks for by stopping reading); past it: 408 and close.
+    body_timeout_s: float = Field(default=20.0, gt=0)
+
     # Request limits.
     max_instances: int = Field(default=256, ge=1)
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 
 from service.api.deps import AppState
 from service.config import Settings
+from service.connections import guarded_protocol
 from service.main import create_app
 
 if TYPE_CHECKING:
@@ -41,7 +42,8 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
         # (httpx 5 s, ALB 60 s): otherwise the server closes a connection just as a client sends
         # on it and the client sees a reset, not a response. 75 s is nginx's default.
         timeout_keep_alive=KEEP_ALIVE_S,
-        http="httptools",
+        # httptools with a connection cap and header/body read timeouts (service/connections.py).
+        http=guarded_protocol(settings),
         loop="uvloop",
         lifespan="on",
     )

@@ -1,0 +1,208 @@
+"""Several `notsure serve` replicas on 127.0.0.1 behind a real haproxy configured with
+deploy/haproxy/haproxy.cfg, and the real Prometheus scraping each replica with
+deploy/prometheus's config and rules (benchmarks/fleet_soak.py)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from benchmarks.serve_process import ServeProcess, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
+
+HAPROXY_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
+
+
+def haproxy_config(port: int, replica_ports: list[int], stats_socket: Path) -> str:
+    """deploy/haproxy/haproxy.cfg with its listen address, stats socket and servers moved to
+    127.0.0.1 (every other setting as shipped)."""
+    text = HAPROXY_CFG.read_text()
+    text, binds = re.subn(r"(?m)^(\s*)bind \S+$", rf"\1bind 127.0.0.1:{port}", text)
+    text, socks = re.subn(r"stats socket \S+", f"stats socket {stats_socket}", text)
+    servers = "\n".join(f"    server r{i} 127.0.0.1:{p} check" for i, p in enumerate(replica_ports))
+    text, n = re.subn(r"(?m)^\s*server r\d+ .*$\n?", "", text)
+    if (binds, socks) != (1, 1) or not n:
+        raise RuntimeError(f"{HAPROXY_CFG}: expected one bind, one stats socket, server lines")
+    return text.rstrip("\n") + "\n" + servers + "\n"
+
+
+def _wait(what: str, probe: Callable[[], bool], timeout: float, proc: subprocess.Popen[bytes],
+          log: Path) -> None:  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited:\n{log.read_text(errors='replace')[-3000:]}")
+        if probe():
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} not ready within {timeout} s")
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+class Process:
+    """A helper binary (haproxy, prometheus) in the foreground, stopped with SIGTERM."""
+
+    def __init__(self, argv: list[str], log: Path) -> None:
+        self.argv, self.log = argv, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> subprocess.Popen[bytes]:
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT)
+        return self.proc
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+def binary(name: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        raise RuntimeError(f"{name} is not installed: `make system-deps` installs it")
+    return found
+
+
+class Fleet:
+    """n replicas, haproxy in front on `url`, Prometheus scraping every replica each second."""
+
+    def __init__(self, repo: Path, workdir: Path, replicas: int = 3,
+                 settings: dict[str, str] | None = None) -> None:  # fmt: skip
+        self.repo, self.workdir, self.settings = repo, workdir, settings or {}
+        self.ports = [free_port() for _ in range(replicas)]
+        self.replicas: list[ServeProcess | None] = [None] * replicas
+        self.starts = [0] * replicas
+        self.port, self.prom_port = free_port(), free_port()
+        cfg = workdir / "haproxy.cfg"
+        cfg.write_text(haproxy_config(self.port, self.ports, workdir / "haproxy.sock"))
+        self.haproxy = Process([binary("haproxy"), "-f", str(cfg), "-db"], workdir / "haproxy.log")
+        self.prometheus = Process(self._prometheus_argv(), workdir / "prometheus.log")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def prom_url(self) -> str:
+        return f"http://127.0.0.1:{self.prom_port}"
+
+    def _prometheus_argv(self) -> list[str]:
+        config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+        config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+        config["rule_files"] = [str(PROMETHEUS_DIR / f) for f in config["rule_files"]]
+        targets = {"notsure": [f"127.0.0.1:{p}" for p in self.ports],
+                   "prometheus": [f"127.0.0.1:{self.prom_port}"]}  # fmt: skip
+        for job in config["scrape_configs"]:
+            job["static_configs"] = [{"targets": targets[job["job_name"]]}]
+        path = self.workdir / "prometheus.yml"
+        path.write_text(yaml.safe_dump(config))
+        return [binary("prometheus"), f"--config.file={path}",
+                f"--storage.tsdb.path={self.workdir / 'prometheus-data'}",
+                f"--web.listen-address=127.0.0.1:{self.prom_port}", "--log.level=warn"]  # fmt: skip
+
+    def start_replica(self, i: int) -> ServeProcess:
+        self.starts[i] += 1
+        log = self.workdir / f"replica-{i}-{self.starts[i]}.log"
+        server = ServeProcess(self.repo, log, self.settings, port=self.ports[i]).start()
+        self.replicas[i] = server
+        return server
+
+    def terminate_replica(self, i: int) -> int:
+        """SIGTERM, as Kubernetes sends it; returns the exit code after the drain."""
+        server = self.replicas[i]
+        assert server is not None
+        self.replicas[i] = None
+        return server.terminate()
+
+    def __enter__(self) -> Fleet:
+        try:
+            for i in range(len(self.ports)):
+                self.start_replica(i)
+            proc = self.haproxy.start()
+            _wait("haproxy", lambda: _http_ok(f"{self.url}/v2/health/ready"), 30, proc,
+                  self.haproxy.log)  # fmt: skip
+            proc = self.prometheus.start()
+            _wait("prometheus", lambda: _http_ok(f"{self.prom_url}/-/ready"), 60, proc,
+                  self.prometheus.log)  # fmt: skip
+            self.wait_until(lambda: self.targets_up() == len(self.ports), 30, "every target up")
+            # Every replica in haproxy's rotation (rise 2 = two passing checks) before traffic.
+            self.wait_until(lambda: self.servers_up() == len(self.ports), 30, "every server UP")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.haproxy.stop()
+        for i, server in enumerate(self.replicas):
+            if server is not None:
+                server.stop()
+                self.replicas[i] = None
+        self.prometheus.stop()
+
+    # --- observation --------------------------------------------------------------------------
+
+    @staticmethod
+    def wait_until(probe: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not probe():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"timed out after {timeout} s waiting for {what}")
+            time.sleep(0.2)
+
+    def query(self, expr: str, at: float | None = None) -> list[tuple[dict[str, str], float]]:
+        params: dict[str, Any] = {"query": expr}
+        if at is not None:
+            params["time"] = at
+        body = httpx.get(f"{self.prom_url}/api/v1/query", params=params, timeout=10).json()
+        if body["status"] != "success":
+            raise RuntimeError(f"query {expr!r} failed: {body}")
+        return [(s["metric"], float(s["value"][1])) for s in body["data"]["result"]]
+
+    def targets_up(self) -> int:
+        return sum(v == 1.0 for _, v in self.query('up{job="notsure"}'))
+
+    def _stat(self) -> list[dict[str, str]]:
+        """Rows of haproxy's runtime `show stat` CSV, as dicts by column name."""
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(self.workdir / "haproxy.sock"))
+            sock.sendall(b"show stat\n")
+            out = b"".join(iter(lambda: sock.recv(65536), b""))
+        lines = [line for line in out.decode().splitlines() if line]
+        header = lines[0].removeprefix("# ").split(",")
+        return [dict(zip(header, line.split(","), strict=False)) for line in lines[1:]]
+
+    def servers_up(self) -> int:
+        """Replicas haproxy has in rotation."""
+        return sum(r["status"] == "UP" for r in self._stat()
+                   if r["pxname"] == "notsure" and r["svname"] != "BACKEND")  # fmt: skip
+
+    def backend_counters(self) -> dict[str, int]:
+        """Retries, redispatches and responses by class of the backend, from haproxy itself."""
+        (row,) = [r for r in self._stat() if r["pxname"] == "notsure" and r["svname"] == "BACKEND"]
+        keys = ("stot", "wretr", "wredis", "econ", "eresp", "hrsp_2xx", "hrsp_4xx", "hrsp_5xx")
+        return {k: int(row[k] or 0) for k in keys}

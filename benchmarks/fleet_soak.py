@@ -1,0 +1,295 @@
+"""Multi-replica soak: 3 `notsure serve` replicas behind haproxy, Prometheus scraping each; mixed
+traffic through the balancer while one replica is sent SIGTERM and later restarted on its port.
+
+    python benchmarks/fleet_soak.py --repo models --duration 120 --concurrency 16 --out fleet.json
+
+Every request carries a unique X-Request-ID; a response counts as correct only when it is a 200
+that echoes that id with one prediction per image (benchmarks/soak.py's check). "lost" is a
+request that got no HTTP response, "duplicated" an id answered twice; 503/429 answers with
+Retry-After are the only errors a client may see ("told to retry"). haproxy names the replica
+that answered (X-Served-By), so each replica's Prometheus counters are compared with what the
+client was answered by that replica, and the dashboard's refuse-rate expression, summed over
+replicas, with the share of NOT SURE answers the client saw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
+from benchmarks.balancer import ROOT, Fleet
+from benchmarks.soak import SERVER_CALLS, Call, build_calls, check
+
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "notsure.json"
+Tally = dict[str, dict[str, int]]  # model -> decision -> images
+
+
+@dataclass(frozen=True)
+class FleetSoakConfig:
+    repo: Path
+    workdir: Path
+    replicas: int = 3
+    duration_s: float = 30.0
+    concurrency: int = 8
+    victim: int = 1  # the replica sent SIGTERM
+    kill_at: float = 0.3  # fractions of the duration
+    restart_at: float = 0.55
+    # Traffic goes on at least this long after the restarted replica is back in rotation (a
+    # restart takes seconds to tens of seconds on a busy machine).
+    after_restart_s: float = 8.0
+    timeout_s: float = 30.0
+    seed: int = 0
+    settings: tuple[tuple[str, str], ...] = ()  # NOTSURE_* variables of every replica
+
+
+@dataclass
+class FleetSoakResult:
+    replicas: int
+    duration_s: float
+    concurrency: int
+    victim: int
+    traffic_s: float = 0.0  # how long traffic really ran (past duration_s after a slow restart)
+    requests: int = 0
+    ok: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    told_to_retry: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    by_replica: dict[str, int] = field(default_factory=dict)  # answers per replica
+    req_per_s: float = 0.0
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    events: list[tuple[float, str]] = field(default_factory=list)
+    victim_exit_code: int | None = None
+    client_images: Tally = field(default_factory=dict)
+    # Per replica instance ("r0", "r1#1" before its restart, "r1#2" after): images by model
+    # and decision as the client was answered, and as Prometheus last scraped them.
+    client_by_instance: dict[str, Tally] = field(default_factory=dict)
+    scraped_by_instance: dict[str, Tally] = field(default_factory=dict)
+    refuse_rate: dict[str, dict[str, float]] = field(default_factory=dict)  # client, dashboard
+    # haproxy's own counters: sessions, retries, redispatches, connection and response errors.
+    balancer: dict[str, int] = field(default_factory=dict)
+
+
+def decisions(call: Call, r: httpx.Response) -> list[str]:
+    """The decision of each image of a correct answer."""
+    if not call.images:
+        return []
+    if call.kind.startswith("v2_binary"):
+        hlen = int(r.headers["inference-header-content-length"])
+        outputs = json.loads(r.content[:hlen])["outputs"]
+        labels = next(o["data"] for o in outputs if o["name"] == "label")
+    elif call.kind.startswith("v2_json"):
+        labels = next(o["data"] for o in r.json()["outputs"] if o["name"] == "label")
+    else:
+        return [p["decision"] for p in r.json()["predictions"]]
+    return ["not_sure" if label == -1 else "accepted" for label in labels]
+
+
+def _add(tally: Tally, model: str, decision: str, n: int = 1) -> None:
+    by = tally.setdefault(model, {})
+    by[decision] = by.get(decision, 0) + n
+
+
+class Traffic:
+    """Workers sending the soak's mix through the balancer, counting every answer."""
+
+    def __init__(self, cfg: FleetSoakConfig, res: FleetSoakResult, calls: list[Call]) -> None:
+        self.cfg, self.res, self.calls = cfg, res, calls
+        self.seen: Counter[str] = Counter()
+        self.latencies: list[float] = []
+        self.generation = [1] * cfg.replicas  # bumped when a replica restarts
+        self.deadline = time.monotonic() + cfg.duration_s  # pushed back after the restart
+        self.restarted = False  # workers keep going until the restarted replica has served
+
+    async def worker(self, wid: int, client: httpx.AsyncClient) -> None:
+        rng = np.random.default_rng(self.cfg.seed * 1000 + wid)
+        res = self.res
+        for seq in itertools.count():
+            if self.restarted and time.monotonic() >= self.deadline:
+                return
+            call = self.calls[int(rng.integers(len(self.calls)))]
+            rid = f"w{wid}-{seq}-{uuid.uuid4().hex[:12]}"
+            content = (call.body_prefix + rid.encode() + call.body_suffix
+                       if call.body_suffix is not None else call.body_prefix or None)  # fmt: skip
+            res.requests += 1
+            t0 = time.perf_counter()
+            try:
+                r = await client.request(call.method, call.path, content=content,
+                                         headers={"x-request-id": rid, **dict(call.headers)},
+                                         files=list(call.files) or None)  # fmt: skip
+            except httpx.HTTPError as exc:
+                res.lost += 1
+                res.errors[type(exc).__name__] = res.errors.get(type(exc).__name__, 0) + 1
+                continue
+            self.latencies.append(time.perf_counter() - t0)
+            self.seen[r.headers.get("x-request-id", "")] += 1
+            if self.seen[r.headers.get("x-request-id", "")] > 1:
+                res.duplicated += 1
+            if r.status_code in (429, 503) and "retry-after" in r.headers:
+                res.told_to_retry += 1
+                continue
+            why = check(call, rid, r)
+            if why is not None:
+                res.errors[why] = res.errors.get(why, 0) + 1
+                continue
+            res.ok += 1
+            replica = r.headers.get("x-served-by", "?")
+            res.by_replica[replica] = res.by_replica.get(replica, 0) + 1
+            model = call.path.split("/")[3] if call.images else ""
+            instance = f"{replica}#{self.generation[int(replica[1:])]}"
+            for d in decisions(call, r):
+                _add(res.client_images, model, d)
+                _add(res.client_by_instance.setdefault(instance, {}), model, d)
+
+
+async def _calls(url: str, seed: int) -> list[Call]:
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        models = [m for m in (await client.get("/v1/models")).json()["models"] if m["ready"]]
+        calls = list(SERVER_CALLS)
+        for i, m in enumerate(models):
+            c, h, w = (await client.get(f"/v2/models/{m['name']}")).json()["inputs"][0]["shape"][1:]
+            calls += build_calls(m["name"], (c, h, w), seed + i)
+    return calls
+
+
+async def _drive(cfg: FleetSoakConfig, fleet: Fleet, res: FleetSoakResult) -> float:
+    """Traffic for the whole duration; SIGTERM and restart of the victim meanwhile."""
+    traffic = Traffic(cfg, res, await _calls(fleet.url, cfg.seed))
+    limits = httpx.Limits(max_connections=cfg.concurrency,
+                          max_keepalive_connections=cfg.concurrency)  # fmt: skip
+    t0 = time.monotonic()
+    traffic.deadline = t0 + cfg.duration_s
+
+    def event(what: str) -> None:
+        res.events.append((round(time.monotonic() - t0, 2), what))
+
+    async def fault() -> None:
+        await asyncio.sleep(cfg.kill_at * cfg.duration_s)
+        event(f"SIGTERM r{cfg.victim}")
+        res.victim_exit_code = await asyncio.to_thread(fleet.terminate_replica, cfg.victim)
+        event(f"r{cfg.victim} exited {res.victim_exit_code}")
+        # Prometheus' last samples of the old instance, before the new one reuses its port.
+        res.scraped_by_instance[f"r{cfg.victim}#1"] = _scraped(fleet, fleet.ports[cfg.victim])
+        await asyncio.sleep(max(0.0, cfg.restart_at * cfg.duration_s - (time.monotonic() - t0)))
+        traffic.generation[cfg.victim] += 1
+        event(f"restart r{cfg.victim}")
+        await asyncio.to_thread(fleet.start_replica, cfg.victim)
+        event(f"r{cfg.victim} ready")
+        await asyncio.to_thread(fleet.wait_until, lambda: fleet.servers_up() == cfg.replicas,
+                                30, "the restarted replica in rotation")  # fmt: skip
+        event(f"r{cfg.victim} back in rotation")
+        traffic.deadline = max(traffic.deadline, time.monotonic() + cfg.after_restart_s)
+        traffic.restarted = True
+
+    async with httpx.AsyncClient(base_url=fleet.url, limits=limits,
+                                 timeout=cfg.timeout_s) as client:  # fmt: skip
+        await asyncio.gather(fault(), *(traffic.worker(i, client)
+                                        for i in range(cfg.concurrency)))  # fmt: skip
+    elapsed = time.monotonic() - t0
+    res.traffic_s = round(elapsed, 1)
+    res.req_per_s = round(res.requests / elapsed, 1)
+    if traffic.latencies:
+        q = np.percentile(np.array(traffic.latencies) * 1000, [50, 99])
+        res.latency_ms = {"p50": round(float(q[0]), 1), "p99": round(float(q[1]), 1),
+                          "max": round(max(traffic.latencies) * 1000, 1)}  # fmt: skip
+    return elapsed
+
+
+def _scraped(fleet: Fleet, port: int) -> Tally:
+    """The last scraped notsure_predictions_total of one replica, by model and decision."""
+    tally: Tally = {}
+    expr = f'last_over_time(notsure_predictions_total{{instance="127.0.0.1:{port}"}}[1m])'
+    for labels, value in fleet.query(expr):
+        if value:
+            _add(tally, labels["model"], labels["decision"], int(value))
+    return tally
+
+
+def dashboard_refuse_expr(window_s: int) -> str:
+    """The dashboard's refuse-rate query as Grafana sends it with every model selected."""
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    (expr,) = [t["expr"] for p in panels if p["title"] == "Refuse rate per model"
+               for t in p["targets"] if t["refId"] == "A"]  # fmt: skip
+    return expr.replace("$__rate_interval", f"{window_s}s").replace('"$model"', '".+"')
+
+
+def run_fleet_soak(cfg: FleetSoakConfig) -> FleetSoakResult:
+    res = FleetSoakResult(cfg.replicas, cfg.duration_s, cfg.concurrency, cfg.victim)
+    with Fleet(cfg.repo, cfg.workdir, cfg.replicas, dict(cfg.settings)) as fleet:
+        started = time.time()
+        asyncio.run(_drive(cfg, fleet, res))
+        res.balancer = fleet.backend_counters()
+        # Three more scrapes of the final counters, then read them.
+        time.sleep(3.5)
+        for i, port in enumerate(fleet.ports):
+            gen = fleet.starts[i]
+            res.scraped_by_instance[f"r{i}#{gen}"] = _scraped(fleet, port)
+        window = int(time.time() - started) + 10  # the whole soak, and a little before it
+        dashboard = {labels["model"]: v for labels, v in fleet.query(dashboard_refuse_expr(window))}
+        for model, by in res.client_images.items():
+            total = sum(by.values())
+            res.refuse_rate[model] = {"client": by.get("not_sure", 0) / total,
+                                      "dashboard": dashboard.get(model, float("nan"))}  # fmt: skip
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--repo", type=Path, default=ROOT / "models", help="model repository")
+    p.add_argument("--duration", type=float, default=120.0, help="seconds of traffic")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--replicas", type=int, default=3)
+    p.add_argument("--out", type=Path, help="write the result as JSON here")
+    a = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="fleet-soak-") as work:
+        cfg = FleetSoakConfig(repo=a.repo.resolve(), workdir=Path(work), replicas=a.replicas,
+                              duration_s=a.duration, concurrency=a.concurrency)  # fmt: skip
+        res = run_fleet_soak(cfg)
+    text = json.dumps(asdict(res), indent=2)
+    if a.out:
+        a.out.write_text(text + "\n")
+    print(text)
+    problems = accounting_problems(res)
+    for line in problems:
+        print(f"PROBLEM: {line}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def accounting_problems(res: FleetSoakResult, refuse_tol: float = 0.005) -> list[str]:
+    """What the soak got wrong; empty when nothing was lost, duplicated or miscounted."""
+    out = []
+    if res.lost or res.duplicated or res.errors:
+        out.append(f"lost {res.lost}, duplicated {res.duplicated}, errors {res.errors}")
+    if res.victim_exit_code != 0:
+        out.append(f"the replica sent SIGTERM exited {res.victim_exit_code}")
+    for inst, client in res.client_by_instance.items():
+        scraped = res.scraped_by_instance.get(inst, {})
+        if inst == f"r{res.victim}#1":
+            # Answers given after the old instance's last scrape are never scraped: at most.
+            short = [(m, d) for m, by in scraped.items() for d, n in by.items()
+                     if n > client.get(m, {}).get(d, 0)]  # fmt: skip
+            if short:
+                out.append(f"{inst}: Prometheus counted more than the client got: {short}")
+        elif scraped != client:
+            out.append(f"{inst}: Prometheus {scraped} != client {client}")
+    for model, rr in res.refuse_rate.items():
+        if not abs(rr["client"] - rr["dashboard"]) <= refuse_tol:
+            out.append(f"{model}: refuse rate client {rr['client']} dashboard {rr['dashboard']}")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Three `notsure serve` replicas behind a real haproxy, the real Prometheus scraping each: a
+short soak through the balancer while one replica is sent SIGTERM and restarted. Nothing is
+lost or answered twice, no error reaches the client, each replica's counters in Prometheus
+match what the client was answered by it, and the dashboard's refuse-rate query summed over the
+replicas gives the share of NOT SURE the client saw. The longer run of docs/deployment.md is
+`python benchmarks/fleet_soak.py`, the same code."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from benchmarks.fleet_soak import (
+    FleetSoakConfig,
+    FleetSoakResult,
+    accounting_problems,
+    run_fleet_soak,
+)
+from benchmarks.soak import build_calls
+from service.config import Settings
+from service.main import create_app
+from tests.deploy.conftest import tool
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+DURATION_S = 24
+
+
+def split_thresholds(repo: Path, seed: int) -> dict[str, float]:
+    """Per model, the median J-score of the images the soak sends it: with that T about half of
+    them are answered NOT SURE, so the refuse rate compared below is not just 0 or 1 (with
+    their calibrated T the tiny models refuse all noise images, or none)."""
+    with TestClient(create_app(Settings(model_repository=repo, device="cpu"))) as client:
+        models = [m["name"] for m in client.get("/v1/models").json()["models"]]
+        out = {}
+        for i, model in enumerate(models):  # the order and seeds benchmarks/fleet_soak.py uses
+            (v2_json,) = [c for c in build_calls(model, (1, 28, 28), seed + i)
+                          if c.kind.startswith("v2_binary_128")]  # fmt: skip
+            r = client.post(f"/v2/models/{model}/infer", content=v2_json.body_prefix,
+                            headers=dict(v2_json.headers))  # fmt: skip
+            assert r.status_code == 200, r.text
+            hlen = int(r.headers["inference-header-content-length"])
+            j = np.frombuffer(r.content[hlen:], dtype="<f4")  # (128,) J-scores
+            out[model] = float(np.median(j))
+    return out
+
+
+@pytest.fixture(scope="module")
+def soak(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> FleetSoakResult:
+    tool("haproxy"), tool("prometheus")  # a clear failure when a binary is missing
+    thresholds = split_thresholds(model_repo, seed=0)
+    cfg = FleetSoakConfig(repo=model_repo, workdir=tmp_path_factory.mktemp("fleet"),
+                          duration_s=DURATION_S, concurrency=8, kill_at=0.25, restart_at=0.4,
+                          settings=(("NOTSURE_THRESHOLDS", json.dumps(thresholds)),))  # fmt: skip
+    res = run_fleet_soak(cfg)
+    print(f"\nfleet soak {DURATION_S} s: {res.requests} requests, {res.ok} ok, lost {res.lost}, "
+          f"duplicated {res.duplicated}, told to retry {res.told_to_retry}, errors {res.errors}, "
+          f"by replica {res.by_replica}, haproxy {res.balancer}, events {res.events}, "
+          f"refuse rate {res.refuse_rate}")  # fmt: skip
+    return res
+
+
+def test_nothing_is_lost_duplicated_or_refused(soak: FleetSoakResult) -> None:
+    assert soak.requests > 100
+    assert (soak.lost, soak.duplicated, soak.errors, soak.told_to_retry) == (0, 0, {}, 0)
+    assert soak.ok == soak.requests
+    assert soak.victim_exit_code == 0  # drained, not killed
+    events = [e for _, e in soak.events]
+    assert events == ["SIGTERM r1", "r1 exited 0", "restart r1", "r1 ready",
+                      "r1 back in rotation"]  # fmt: skip
+
+
+def test_every_replica_served_and_the_restarted_one_again(soak: FleetSoakResult) -> None:
+    assert set(soak.by_replica) == {"r0", "r1", "r2"}
+    assert {"r0#1", "r1#1", "r1#2", "r2#1"} <= set(soak.client_by_instance)
+    assert soak.balancer["hrsp_5xx"] == 0
+
+
+def test_prometheus_counts_what_the_client_was_answered(soak: FleetSoakResult) -> None:
+    assert accounting_problems(soak) == []
+    for inst in ("r0#1", "r2#1", "r1#2"):  # alive at the end: exactly equal
+        assert soak.scraped_by_instance[inst] == soak.client_by_instance[inst], inst
+    # The median split at least one model's images (a barely trained tiny model can give every
+    # noise image the same J-score, which no T splits).
+    assert any(0.2 < rr["client"] < 0.8 for rr in soak.refuse_rate.values()), soak.refuse_rate
+    for model, rr in soak.refuse_rate.items():
+        assert rr["dashboard"] == pytest.approx(rr["client"], abs=0.005), model
+
+
+def test_the_accounting_catches_a_lost_or_miscounted_answer(soak: FleetSoakResult) -> None:
+    bad = copy.deepcopy(soak)
+    bad.lost = 1
+    model = next(iter(bad.client_by_instance["r0#1"]))
+    decision = next(iter(bad.client_by_instance["r0#1"][model]))
+    bad.scraped_by_instance["r0#1"][model][decision] += 1  # the server answered one more
+    bad.refuse_rate[model]["dashboard"] = bad.refuse_rate[model]["client"] + 0.05
+    problems = "\n".join(accounting_problems(bad))
+    assert "lost 1" in problems
+    assert "r0#1: Prometheus" in problems
+    assert f"{model}: refuse rate" in problems
