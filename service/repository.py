@@ -8,6 +8,7 @@ manifest. A version that fails stays listed with its error, and readiness report
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import logging
 from concurrent.futures import Executor
@@ -20,10 +21,11 @@ from pydantic import ValidationError
 from service.batching import ArrivalTracker, Batcher
 from service.config import Settings
 from service.errors import InferenceFailed, ModelNotFound, ModelNotReady
-from service.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
+from service.kdensity import KernelSet
+from service.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, check_threshold
 from service.metrics import BatchMetrics, Metrics
 from service.runtime import CPU, OnnxModel
-from service.scoring import Kernel, Scores, score_logits
+from service.scoring import Kernel, ScoreName, Scores, score_logits
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,8 @@ class ModelVersion:
     wide_model: OnnxModel | None = None
     batcher: Batcher[Scores] | None = None
     kernel: Kernel | None = None
+    kernel_set: KernelSet | None = None  # K-density's training features, when the model has one
+    score: ScoreName = "j_score"
     threshold: float = 0.0
     error: str | None = None
 
@@ -64,10 +68,11 @@ class ModelVersion:
 
     def _infer(self, model: OnnxModel, x: np.ndarray, sizes: list[int]) -> list[Scores]:
         assert self.kernel is not None
-        logits = model.run(x)
-        if logits.shape[0] != x.shape[0]:
+        logits, feats = model.run_with_features(x) if self.kernel_set else (model.run(x), None)
+        if logits.shape[0] != x.shape[0] or (feats is not None and feats.shape[0] != x.shape[0]):
             raise InferenceFailed(f"model returned {logits.shape[0]} rows for {x.shape[0]} images")
-        scores = score_logits(logits, self.kernel, 0.0)
+        # T is applied by the caller (it may be a per-request one), hence threshold 0 here.
+        scores = score_logits(logits, self.kernel, 0.0, self.score, feats, self.kernel_set)
         bounds = [0, *itertools.accumulate(sizes)]
         return [scores.rows(a, b) for a, b in itertools.pairwise(bounds)]
 
@@ -86,6 +91,33 @@ def _check_graph(manifest: Manifest, model: OnnxModel) -> None:
             f"graph output {list(sig.output_shape)} does not have the manifest's "
             f"{manifest.num_classes} classes"
         )
+
+
+def _load_kernel_set(manifest: Manifest, model: OnnxModel, folder: Path) -> KernelSet | None:
+    """The K-density kernel set named by the manifest, checked against its sha256 and the
+    graph's features output; None when the manifest names none."""
+    kd = manifest.k_density
+    if kd is None:
+        return None
+    feats = model.signature.features_shape
+    if feats is None or len(feats) != 2 or feats[1] != kd.dim:
+        raise ModelLoadError(
+            f"the manifest names a K-density kernel set of dimension {kd.dim}, but the graph "
+            f"has {'no features output' if feats is None else f'features {list(feats)}'}; "
+            "re-export the model with `notsure export`"
+        )
+    path = folder / kd.file
+    if path.name != kd.file or not path.is_file():
+        raise ModelLoadError(f"the kernel set file {kd.file!r} is missing")
+    raw = path.read_bytes()
+    if hashlib.sha256(raw).hexdigest() != kd.sha256:
+        raise ModelLoadError(f"{kd.file} does not match the manifest's sha256; refusing it")
+    # np.load on the verified bytes; allow_pickle=False: a .npy of raw floats, never objects.
+    arr = np.load(io.BytesIO(raw), allow_pickle=False)
+    want = (manifest.num_classes, kd.per_class, kd.dim)
+    if arr.shape != want or arr.dtype != np.float32:
+        raise ModelLoadError(f"{kd.file} holds {arr.dtype} {list(arr.shape)}, expected {want}")
+    return KernelSet(features=arr, sigma2=kd.sigma2)
 
 
 def scan(root: Path) -> list[tuple[str, int, Path]]:
@@ -159,6 +191,8 @@ class Repository:
             graph, device=self.settings.device, intra_op_threads=self.settings.intra_threads()
         )
         _check_graph(manifest, model)
+        mv.kernel_set = _load_kernel_set(manifest, model, mv.path)
+        mv.score = manifest.score
         wide_threads = self.settings.lone_batch_threads() if model.provider == CPU else 0
         if wide_threads:
             mv.wide_model = OnnxModel(graph, device="cpu", intra_op_threads=wide_threads)
@@ -170,6 +204,10 @@ class Repository:
         mv.threshold = overrides.get(
             f"{mv.name}/{mv.version}", overrides.get(mv.name, manifest.threshold)
         )
+        try:
+            check_threshold(manifest.score, mv.threshold)
+        except ValueError as exc:
+            raise ModelLoadError(f"configured {exc}") from exc
         mv.model, mv.kernel = model, manifest.kernel.to_kernel()
         labels = (mv.name, str(mv.version))
         mv.batcher = Batcher(
@@ -189,13 +227,19 @@ class Repository:
         for decision in ("accepted", "not_sure"):
             self.metrics.predictions.labels(*labels, decision)
         self.metrics.model_info.labels(
-            *labels, model.provider, manifest.objective, f"{mv.threshold:g}", manifest.architecture
+            *labels,
+            model.provider,
+            manifest.objective,
+            f"{mv.threshold:g}",
+            manifest.architecture,
+            manifest.score,
         ).set(1)
         log.info(
-            "model %s version %d ready on %s (T=%.4g, %s, max batch %d, %d x %d threads%s)",
+            "model %s version %d ready on %s (%s >= %.4g, %s, max batch %d, %d x %d threads%s)",
             mv.name,
             mv.version,
             model.provider,
+            manifest.score,
             mv.threshold,
             manifest.objective,
             cfg.max_batch_size,

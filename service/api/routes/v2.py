@@ -27,7 +27,9 @@ router = APIRouter(
     prefix="/v2", tags=["kserve-v2"], dependencies=[Depends(require_key)], responses=API_ERRORS
 )
 
-OUTPUTS = ("label", "j_score", "confidence", "non_me", "probabilities")
+OUTPUTS = ("label", "j_score", "confidence", "non_me", "probabilities", "score", "energy")
+# Only for models whose graph has a features output and whose manifest has a kernel set.
+KD_OUTPUT = "k_density"
 INFER_BODY = {
     "requestBody": {
         "required": True,
@@ -43,6 +45,11 @@ INFER_BODY = {
 }
 
 
+def outputs_of(mv: ModelVersion) -> tuple[str, ...]:
+    """The output tensors this model version can answer with, in metadata order."""
+    return (*OUTPUTS, KD_OUTPUT) if mv.kernel_set is not None else OUTPUTS
+
+
 def _metadata(mv: ModelVersion, state: AppState) -> dict[str, Any]:
     assert mv.manifest is not None
     c, h, w = mv.manifest.input_shape
@@ -55,7 +62,8 @@ def _metadata(mv: ModelVersion, state: AppState) -> dict[str, Any]:
         "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, c, h, w]}],
         "outputs": [{"name": "label", "datatype": "INT64", "shape": [-1]}]
         + [{"name": o, "datatype": "FP32", "shape": [-1]} for o in OUTPUTS[1:4]]
-        + [{"name": "probabilities", "datatype": "FP32", "shape": [-1, n]}],
+        + [{"name": "probabilities", "datatype": "FP32", "shape": [-1, n]}]
+        + [{"name": o, "datatype": "FP32", "shape": [-1]} for o in outputs_of(mv)[5:]],
     }
 
 
@@ -120,15 +128,20 @@ async def handle_infer(
         "confidence": s.confidence.astype(np.float32),
         "non_me": s.non_me.astype(np.float32),
         "probabilities": s.probabilities.astype(np.float32),
+        "score": s.score.astype(np.float32),
+        "energy": s.energy.astype(np.float32),
     }
+    if s.k_density is not None:
+        values[KD_OUTPUT] = s.k_density.astype(np.float32)
     all_binary = bool(params.get("binary_data_output", False))
-    wanted = [o.name for o in req.outputs] if req.outputs else list(OUTPUTS)
+    available = outputs_of(mv)
+    wanted = [o.name for o in req.outputs] if req.outputs else list(available)
     unknown = [w for w in wanted if w not in values]
     if unknown:
         raise InvalidInput(
             f"unknown output {unknown[0]!r}",
             field="outputs",
-            fix=f"choose from {', '.join(OUTPUTS)}",
+            fix=f"choose from {', '.join(available)}",
         )
     binary = {o.name for o in req.outputs or [] if (o.parameters or {}).get("binary_data")}
     if all_binary:
@@ -137,7 +150,7 @@ async def handle_infer(
         "model_name": mv.name,
         "model_version": str(mv.version),
         "id": req.id,
-        "parameters": {"threshold": threshold},
+        "parameters": {"threshold": threshold, "score": s.score_name},
     }
     content, hlen = v2codec.encode(header, [(w, values[w]) for w in wanted], binary)
     if hlen is None:
