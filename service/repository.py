@@ -93,19 +93,24 @@ def _check_graph(manifest: Manifest, model: OnnxModel) -> None:
         )
 
 
-def _load_kernel_set(manifest: Manifest, model: OnnxModel, folder: Path) -> KernelSet | None:
-    """The K-density kernel set named by the manifest, checked against its sha256 and the
-    graph's features output; None when the manifest names none."""
+def _check_features(manifest: Manifest, model: OnnxModel) -> None:
+    """A manifest with a K-density kernel set needs the graph's features output to match it."""
     kd = manifest.k_density
-    if kd is None:
-        return None
     feats = model.signature.features_shape
-    if feats is None or len(feats) != 2 or feats[1] != kd.dim:
+    if kd is not None and (feats is None or len(feats) != 2 or feats[1] != kd.dim):
         raise ModelLoadError(
             f"the manifest names a K-density kernel set of dimension {kd.dim}, but the graph "
             f"has {'no features output' if feats is None else f'features {list(feats)}'}; "
             "re-export the model with `notsure export`"
         )
+
+
+def read_kernel_set(manifest: Manifest, folder: Path) -> KernelSet | None:
+    """The K-density kernel set the manifest names, checked against its sha256 and shape; None
+    when it names none. Raises ModelLoadError."""
+    kd = manifest.k_density
+    if kd is None:
+        return None
     path = folder / kd.file
     if path.name != kd.file or not path.is_file():
         raise ModelLoadError(f"the kernel set file {kd.file!r} is missing")
@@ -191,7 +196,8 @@ class Repository:
             graph, device=self.settings.device, intra_op_threads=self.settings.intra_threads()
         )
         _check_graph(manifest, model)
-        mv.kernel_set = _load_kernel_set(manifest, model, mv.path)
+        _check_features(manifest, model)
+        mv.kernel_set = read_kernel_set(manifest, mv.path)
         mv.score = manifest.score
         wide_threads = self.settings.lone_batch_threads() if model.provider == CPU else 0
         if wide_threads:

@@ -95,6 +95,9 @@ def build_k_density(
     if train.features is None:
         return None
     right = train.logits.argmax(axis=1) == labels
+    # A class the network never gets right (a barely trained model) uses all its images.
+    never = np.setdiff1d(np.arange(train.logits.shape[1]), labels[right])
+    right |= np.isin(labels, never)
     sigma2 = cfg.kd_sigma2 or DEFAULT_SIGMA2[objective]
     kset = build_kernel_set(
         train.features[right], labels[right], train.logits.shape[1], cfg.kd_per_class, sigma2
