@@ -15,7 +15,7 @@ from service.main import create_app
 from service.manifest import MANIFEST_FILE, Manifest
 from tests.service.test_api import images, offline
 
-MODELS = sorted(Path("models").glob("*/*/manifest.json"))
+MODELS = sorted((Path(__file__).parents[2] / "models").glob("*/*/manifest.json"))
 
 
 @pytest.mark.parametrize("path", MODELS, ids=lambda p: p.parent.parent.name)
