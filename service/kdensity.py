@@ -14,6 +14,7 @@ This module is numpy only: the service scores with it, and the attack code impor
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 
@@ -49,6 +50,30 @@ class KernelSet:
     @property
     def dim(self) -> int:
         return int(self.features.shape[2])
+
+
+def read_kernel_array(raw: bytes) -> npt.NDArray[np.float32]:
+    """A (L, N, D) little-endian float32 array from the bytes of a .npy file.
+
+    Parsed by hand (numpy's header reader, then `frombuffer`) rather than with `np.load`: the
+    service has no pickle-capable loader at all. ValueError when it is not such an array.
+    """
+    from numpy.lib import format as npy
+
+    f = io.BytesIO(raw)
+    try:
+        version = npy.read_magic(f)
+        read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+    except ValueError as exc:
+        raise ValueError(f"not a .npy array: {exc}") from exc
+    if dtype != np.dtype("<f4") or fortran or len(shape) != 3:
+        raise ValueError(f"expected a C-ordered float32 (L, N, D) array, got {dtype} {shape}")
+    count = int(np.prod(shape))
+    data = raw[f.tell() :]
+    if len(data) != 4 * count:
+        raise ValueError(f"{len(data)} data bytes for shape {shape} ({4 * count} expected)")
+    return np.frombuffer(data, dtype="<f4").reshape(shape).astype(np.float32)
 
 
 def log_k_density(features: Array, labels: npt.NDArray[np.integer], kset: KernelSet) -> F64:

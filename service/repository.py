@@ -8,7 +8,6 @@ manifest. A version that fails stays listed with its error, and readiness report
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 import logging
 from concurrent.futures import Executor
@@ -21,7 +20,7 @@ from pydantic import ValidationError
 from service.batching import ArrivalTracker, Batcher
 from service.config import Settings
 from service.errors import InferenceFailed, ModelNotFound, ModelNotReady
-from service.kdensity import KernelSet
+from service.kdensity import KernelSet, read_kernel_array
 from service.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, check_threshold
 from service.metrics import BatchMetrics, Metrics
 from service.runtime import CPU, OnnxModel
@@ -117,11 +116,13 @@ def read_kernel_set(manifest: Manifest, folder: Path) -> KernelSet | None:
     raw = path.read_bytes()
     if hashlib.sha256(raw).hexdigest() != kd.sha256:
         raise ModelLoadError(f"{kd.file} does not match the manifest's sha256; refusing it")
-    # np.load on the verified bytes; allow_pickle=False: a .npy of raw floats, never objects.
-    arr = np.load(io.BytesIO(raw), allow_pickle=False)
+    try:
+        arr = read_kernel_array(raw)  # the verified bytes, parsed without any pickle loader
+    except ValueError as exc:
+        raise ModelLoadError(f"{kd.file}: {exc}") from exc
     want = (manifest.num_classes, kd.per_class, kd.dim)
-    if arr.shape != want or arr.dtype != np.float32:
-        raise ModelLoadError(f"{kd.file} holds {arr.dtype} {list(arr.shape)}, expected {want}")
+    if arr.shape != want:
+        raise ModelLoadError(f"{kd.file} holds {list(arr.shape)}, expected {list(want)}")
     return KernelSet(features=arr, sigma2=kd.sigma2)
 
 

@@ -53,3 +53,26 @@ def test_build_kernel_set_takes_the_first_per_class() -> None:
     assert ks.features.tolist() == [[[2, 3], [6, 7]], [[0, 1], [4, 5]]]
     with pytest.raises(ValueError, match="class 2"):
         build_kernel_set(f, labels, 3, 2, 1.0)
+
+
+def npy_bytes(a: np.ndarray, **kw: bool) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, a, **kw)
+    return buf.getvalue()
+
+
+def test_read_kernel_array_round_trips_and_refuses_anything_else() -> None:
+    from service.kdensity import read_kernel_array
+
+    a = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    assert np.array_equal(read_kernel_array(npy_bytes(a)), a)
+    with pytest.raises(ValueError, match="float32"):
+        read_kernel_array(npy_bytes(a.astype(np.float64)))
+    with pytest.raises(ValueError, match="data bytes"):
+        read_kernel_array(npy_bytes(a)[:-4])
+    with pytest.raises(ValueError, match="float32"):
+        read_kernel_array(npy_bytes(np.array([{"x": 1}], dtype=object), allow_pickle=True))
+    with pytest.raises(ValueError, match=r"not a \.npy"):
+        read_kernel_array(b"PK\x03\x04 not an npy file at all")

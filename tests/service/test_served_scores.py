@@ -91,3 +91,14 @@ def test_tampered_kernel_set_keeps_the_model_out(writable_repo: Path) -> None:
         models = {m["name"]: m for m in c.get("/v1/models").json()["models"]}
     assert not models["tiny-ce"]["ready"] and "kernel_set.npy" in models["tiny-ce"]["error"]
     assert models["tiny-rce"]["ready"]
+
+
+def test_configured_threshold_outside_the_scores_range_keeps_the_model_out(
+    model_repo: Path,
+) -> None:
+    settings = Settings(model_repository=model_repo, thresholds={"tiny-rce": 1.5})
+    with TestClient(create_app(settings)) as c:
+        models = {m["name"]: m for m in c.get("/v1/models").json()["models"]}
+    assert not models["tiny-rce"]["ready"]
+    assert "j_score must be in [0, 1], got 1.5" in models["tiny-rce"]["error"]
+    assert models["tiny-ce"]["ready"]
