@@ -15,9 +15,11 @@ from rich.logging import RichHandler
 
 from notsure.attack_cli import register as register_attack
 from notsure.repro_cli import app as repro_app
+from notsure.validate_cli import app as validate_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.add_typer(repro_app, name="repro")
+app.add_typer(validate_app, name="validate")
 register_attack(app)
 
 
@@ -118,28 +120,78 @@ def export(
 def calibrate(
     model_dir: Annotated[Path, typer.Argument(help="models/<name>/<version>")],
     data_dir: Annotated[Path, typer.Option(help="folder in torchvision's layout")] = Path("data"),
+    score: Annotated[
+        str | None,
+        typer.Option(
+            help="the score T applies to: j_score, confidence, energy or k_density "
+            "(default: j_score for RCE models, confidence for CE models)"
+        ),
+    ] = None,
     target_clean_refuse: Annotated[
-        float, typer.Option(help="share of held-out clean images T should refuse")
-    ] = 0.05,
+        float | None,
+        typer.Option(help="share of clean images T may refuse [default: 0.05]"),
+    ] = None,
+    confidence: Annotated[
+        float | None,
+        typer.Option(
+            help="with --target-clean-refuse: guarantee the refuse rate stays at or below it "
+            "with this probability (e.g. 0.95); with --target-risk: the probability of its "
+            "guarantee [default: 0.95]"
+        ),
+    ] = None,
+    target_risk: Annotated[
+        float | None,
+        typer.Option(
+            help="instead of a refuse rate: the highest error rate tolerated among accepted "
+            "answers, guaranteed with --confidence (SGR)"
+        ),
+    ] = None,
     threshold: Annotated[float | None, typer.Option(help="set T directly instead")] = None,
-    eta: Annotated[float, typer.Option(help="relaxation factor of the kernel (Eq. 5)")] = 1.0,
+    eta: Annotated[
+        float | None, typer.Option(help="relaxation factor of the kernel (Eq. 5) [default: 1]")
+    ] = None,
+    kd_sigma2: Annotated[
+        float | None,
+        typer.Option(help="K-density bandwidth sigma^2 (default: 0.1/0.26 RCE, 1.0/0.26 CE)"),
+    ] = None,
 ) -> None:
-    """Compute mu, sigma (training set) and T (held-out data); write manifest.json."""
+    """Compute mu, sigma, the K-density kernel set (training set) and T (held-out data)."""
+    from dataclasses import replace
+
+    from service.scoring import SCORE_NAMES
     from training.calibrate import CalibrateConfig
     from training.calibrate import calibrate as run_calibrate
+    from training.guarantees import NoThreshold
 
-    m = run_calibrate(
-        CalibrateConfig(
-            model_dir=model_dir,
-            data_dir=data_dir,
-            target_clean_refuse=target_clean_refuse,
-            threshold=threshold,
-            eta=eta,
+    if score is not None and score not in SCORE_NAMES:
+        raise typer.BadParameter(f"choose one of {', '.join(SCORE_NAMES)}", param_hint="--score")
+    if target_risk is not None and target_clean_refuse is not None:
+        raise typer.BadParameter(
+            "give either --target-clean-refuse or --target-risk, not both",
+            param_hint="--target-risk",
         )
+    given = {
+        "data_dir": data_dir,
+        "score": score,
+        "target_clean_refuse": target_clean_refuse,
+        "confidence": confidence,
+        "target_risk": target_risk,
+        "threshold": threshold,
+        "eta": eta,
+        "kd_sigma2": kd_sigma2,
+    }
+    cfg = replace(
+        CalibrateConfig(model_dir=model_dir),
+        **{k: v for k, v in given.items() if v is not None},  # type: ignore[arg-type]
     )
+    try:
+        m = run_calibrate(cfg)
+    except NoThreshold as exc:
+        raise typer.BadParameter(str(exc)) from exc
     typer.echo(
-        f"{m.name}/{m.version}: sigma {m.kernel.sigma:.4g}, T {m.threshold:.4g}, "
-        f"clean test accuracy {m.metrics['clean_test_accuracy']:.4f}"
+        f"{m.name}/{m.version}: sigma {m.kernel.sigma:.4g}, {m.score} >= {m.threshold:.4g} "
+        f"({m.threshold_rule}), clean test accuracy {m.metrics['clean_test_accuracy']:.4f}, "
+        f"test refuse rate {m.metrics['test_refuse_rate']:.2%}"
     )
 
 

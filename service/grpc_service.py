@@ -147,6 +147,7 @@ def _response(mv_name: str, version: int, req: Any, answer: v2infer.Answer) -> A
     """Outputs as raw little-endian bytes (as Triton answers; tritonclient reads only those)."""
     resp = pb.ModelInferResponse(model_name=mv_name, model_version=str(version), id=req.id)
     resp.parameters["threshold"].double_param = answer.threshold
+    resp.parameters["score"].string_param = answer.score
     for name, arr in answer.outputs:
         resp.outputs.add(name=name, datatype=v2codec.DATATYPE_OF[arr.dtype], shape=list(arr.shape))
         resp.raw_output_contents.append(

@@ -11,8 +11,9 @@ import numpy.typing as npt
 
 from service.api.deps import AppState
 from service.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overloaded, ShuttingDown
+from service.manifest import check_threshold
 from service.repository import ModelVersion
-from service.scoring import Scores
+from service.scoring import Scores, accept
 
 ARRIVING_KEY = "notsure.arriving"
 # notsure_rejected_total{reason}: requests refused before inference (the dashboard's
@@ -36,7 +37,7 @@ class Outcome:
 
     @property
     def accepted(self) -> npt.NDArray[np.bool_]:
-        return self.scores.j_score >= self.threshold
+        return accept(self.scores.score, self.threshold)
 
 
 def resolve(state: AppState, request: Call, name: str, version: int | None) -> ModelVersion:
@@ -55,8 +56,10 @@ def threshold_for(state: AppState, mv: ModelVersion, requested: float | None) ->
             field="threshold",
             fix="omit it (the server applies its configured T)",
         )
-    if not 0.0 <= requested <= 1.0:
-        raise InvalidInput(f"threshold must be in [0, 1], got {requested}", field="threshold")
+    try:
+        check_threshold(mv.score, requested)
+    except ValueError as exc:
+        raise InvalidInput(str(exc), field="threshold") from exc
     return requested
 
 
@@ -113,4 +116,7 @@ async def infer(
     hist = m.j_score.labels(*labels)
     for j in scores.j_score.tolist():
         hist.observe(j)
+    named = m.score.labels(*labels, scores.score_name)
+    for v in scores.score.tolist():
+        named.observe(v)
     return outcome

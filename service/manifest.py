@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from service.scoring import Kernel
+from service.scoring import UNIT_SCORES, Kernel, ScoreName, default_score
 
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 WEIGHTS_FILE = "weights.safetensors"
+KERNEL_SET_FILE = "kernel_set.npy"
 
 
 class KernelParams(BaseModel):
@@ -30,6 +32,34 @@ class KernelParams(BaseModel):
 
     def to_kernel(self, eta: float | None = None) -> Kernel:
         return Kernel(mu=self.mu, sigma=self.sigma, eta=self.eta if eta is None else eta)
+
+
+class KDensityParams(BaseModel):
+    """The K-density detector's kernel set: `kernel_set.npy`, (classes, per_class, dim) float32
+    final hidden vectors of training images, and the bandwidth sigma^2."""
+
+    model_config = ConfigDict(frozen=True)
+
+    file: str = KERNEL_SET_FILE
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    sigma2: float = Field(gt=0)
+    per_class: int = Field(ge=1)
+    dim: int = Field(ge=1)
+
+
+class Guarantee(BaseModel):
+    """What the threshold promises, with probability >= confidence over the draw of the n
+    held-out images it was chosen on."""
+
+    model_config = ConfigDict(frozen=True)
+
+    rule: Literal["clean_refuse", "selective_risk"]
+    # clean_refuse: the refuse rate on clean images is <= target (exact binomial bound).
+    # selective_risk: the error rate among accepted images is <= target (SGR).
+    target: float = Field(gt=0, lt=1)
+    confidence: float = Field(gt=0, lt=1)
+    n: int = Field(ge=1)
+    bound: float | None = None  # selective_risk: the certified upper bound on the risk
 
 
 class TrainingInfo(BaseModel):
@@ -61,8 +91,15 @@ class Manifest(BaseModel):
     output: Literal["neg_logits", "logits"]
     architecture: str
     kernel: KernelParams
-    threshold: float = Field(ge=0.0, le=1.0)
+    # The score T applies to; manifests written before it existed get the objective's default.
+    score: ScoreName
+    threshold: float
     threshold_rule: str = ""
+    guarantee: Guarantee | None = None
+    # T of every score the model can compute, chosen by the same rule (the served one included):
+    # what `notsure validate ood` compares, and what an operator can switch to.
+    score_thresholds: dict[ScoreName, float] = Field(default_factory=dict)
+    k_density: KDensityParams | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
     training: TrainingInfo | None = None
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
@@ -80,11 +117,26 @@ class Manifest(BaseModel):
             raise ValueError(f"input_shape must be (1|3, H, W), got {v}")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_score(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("score") is None and "objective" in data:
+            data = {**data, "score": default_score(str(data["objective"]))}
+        return data
+
     @model_validator(mode="after")
     def _objective_matches_output(self) -> Manifest:
         expected = "neg_logits" if self.objective == "rce" else "logits"
         if self.output != expected:
             raise ValueError(f"a {self.objective} model must output {expected}, not {self.output}")
+        return self
+
+    @model_validator(mode="after")
+    def _threshold_fits_score(self) -> Manifest:
+        if self.score == "k_density" and self.k_density is None:
+            raise ValueError("score k_density needs the k_density kernel set parameters")
+        for name, t in {self.score: self.threshold, **self.score_thresholds}.items():
+            check_threshold(name, t)
         return self
 
     @classmethod
@@ -94,6 +146,14 @@ class Manifest(BaseModel):
     def save(self, path: Path) -> None:
         text = json.dumps(self.model_dump(mode="json"), indent=2) + "\n"
         path.write_text(text, encoding="utf-8")
+
+
+def check_threshold(score: str, t: float) -> None:
+    """ValueError unless T is a finite number, in [0, 1] for the scores that live there."""
+    if not math.isfinite(t):
+        raise ValueError(f"threshold for {score} must be finite, got {t}")
+    if score in UNIT_SCORES and not 0.0 <= t <= 1.0:
+        raise ValueError(f"threshold for {score} must be in [0, 1], got {t}")
 
 
 def sha256_file(path: Path) -> str:

@@ -31,6 +31,9 @@ LATENCY_BUCKETS = (
     10.0,
 )
 J_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05 ... 1.0
+# notsure_score holds every kind of score: [0, 1] in 0.05 steps (J, confidence, K-density),
+# then the range of energies (logsumexp of logits) seen on MNIST models.
+SCORE_BUCKETS = (*J_BUCKETS, 2.5, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 50.0, 100.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
@@ -60,6 +63,14 @@ class Metrics:
             "J-score (confidence x kernel non-ME) of each image.",
             mv,
             buckets=J_BUCKETS,
+            registry=r,
+        )
+        self.score = Histogram(
+            "notsure_score",
+            "Value of the score each model's T applies to (label score: j_score, confidence, "
+            "energy or k_density), per image.",
+            [*mv, "score"],
+            buckets=SCORE_BUCKETS,
             registry=r,
         )
         self.request_latency = Histogram(
@@ -114,7 +125,7 @@ class Metrics:
         self.model_info = Gauge(
             "notsure_model_info",
             "Static facts about a loaded model version (value is 1).",
-            [*mv, "provider", "objective", "threshold", "architecture"],
+            [*mv, "provider", "objective", "threshold", "architecture", "score"],
             registry=r,
         )
 

@@ -20,10 +20,11 @@ from pydantic import ValidationError
 from service.batching import ArrivalTracker, Batcher
 from service.config import Settings
 from service.errors import InferenceFailed, ModelNotFound, ModelNotReady
-from service.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
+from service.kdensity import KernelSet, read_kernel_array
+from service.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, check_threshold
 from service.metrics import BatchMetrics, Metrics
 from service.runtime import CPU, OnnxModel
-from service.scoring import Kernel, Scores, score_logits
+from service.scoring import Kernel, ScoreName, Scores, score_logits
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ class ModelVersion:
     wide_model: OnnxModel | None = None
     batcher: Batcher[Scores] | None = None
     kernel: Kernel | None = None
+    kernel_set: KernelSet | None = None  # K-density's training features, when the model has one
+    score: ScoreName = "j_score"
     threshold: float = 0.0
     error: str | None = None
 
@@ -64,10 +67,11 @@ class ModelVersion:
 
     def _infer(self, model: OnnxModel, x: np.ndarray, sizes: list[int]) -> list[Scores]:
         assert self.kernel is not None
-        logits = model.run(x)
-        if logits.shape[0] != x.shape[0]:
+        logits, feats = model.run_with_features(x) if self.kernel_set else (model.run(x), None)
+        if logits.shape[0] != x.shape[0] or (feats is not None and feats.shape[0] != x.shape[0]):
             raise InferenceFailed(f"model returned {logits.shape[0]} rows for {x.shape[0]} images")
-        scores = score_logits(logits, self.kernel, 0.0)
+        # T is applied by the caller (it may be a per-request one), hence threshold 0 here.
+        scores = score_logits(logits, self.kernel, 0.0, self.score, feats, self.kernel_set)
         bounds = [0, *itertools.accumulate(sizes)]
         return [scores.rows(a, b) for a, b in itertools.pairwise(bounds)]
 
@@ -86,6 +90,40 @@ def _check_graph(manifest: Manifest, model: OnnxModel) -> None:
             f"graph output {list(sig.output_shape)} does not have the manifest's "
             f"{manifest.num_classes} classes"
         )
+
+
+def _check_features(manifest: Manifest, model: OnnxModel) -> None:
+    """A manifest with a K-density kernel set needs the graph's features output to match it."""
+    kd = manifest.k_density
+    feats = model.signature.features_shape
+    if kd is not None and (feats is None or len(feats) != 2 or feats[1] != kd.dim):
+        raise ModelLoadError(
+            f"the manifest names a K-density kernel set of dimension {kd.dim}, but the graph "
+            f"has {'no features output' if feats is None else f'features {list(feats)}'}; "
+            "re-export the model with `notsure export`"
+        )
+
+
+def read_kernel_set(manifest: Manifest, folder: Path) -> KernelSet | None:
+    """The K-density kernel set the manifest names, checked against its sha256 and shape; None
+    when it names none. Raises ModelLoadError."""
+    kd = manifest.k_density
+    if kd is None:
+        return None
+    path = folder / kd.file
+    if path.name != kd.file or not path.is_file():
+        raise ModelLoadError(f"the kernel set file {kd.file!r} is missing")
+    raw = path.read_bytes()
+    if hashlib.sha256(raw).hexdigest() != kd.sha256:
+        raise ModelLoadError(f"{kd.file} does not match the manifest's sha256; refusing it")
+    try:
+        arr = read_kernel_array(raw)  # the verified bytes, parsed without any pickle loader
+    except ValueError as exc:
+        raise ModelLoadError(f"{kd.file}: {exc}") from exc
+    want = (manifest.num_classes, kd.per_class, kd.dim)
+    if arr.shape != want:
+        raise ModelLoadError(f"{kd.file} holds {list(arr.shape)}, expected {list(want)}")
+    return KernelSet(features=arr, sigma2=kd.sigma2)
 
 
 def scan(root: Path) -> list[tuple[str, int, Path]]:
@@ -159,6 +197,9 @@ class Repository:
             graph, device=self.settings.device, intra_op_threads=self.settings.intra_threads()
         )
         _check_graph(manifest, model)
+        _check_features(manifest, model)
+        mv.kernel_set = read_kernel_set(manifest, mv.path)
+        mv.score = manifest.score
         wide_threads = self.settings.lone_batch_threads() if model.provider == CPU else 0
         if wide_threads:
             mv.wide_model = OnnxModel(graph, device="cpu", intra_op_threads=wide_threads)
@@ -170,6 +211,10 @@ class Repository:
         mv.threshold = overrides.get(
             f"{mv.name}/{mv.version}", overrides.get(mv.name, manifest.threshold)
         )
+        try:
+            check_threshold(manifest.score, mv.threshold)
+        except ValueError as exc:
+            raise ModelLoadError(f"configured {exc}") from exc
         mv.model, mv.kernel = model, manifest.kernel.to_kernel()
         labels = (mv.name, str(mv.version))
         mv.batcher = Batcher(
@@ -189,13 +234,19 @@ class Repository:
         for decision in ("accepted", "not_sure"):
             self.metrics.predictions.labels(*labels, decision)
         self.metrics.model_info.labels(
-            *labels, model.provider, manifest.objective, f"{mv.threshold:g}", manifest.architecture
+            *labels,
+            model.provider,
+            manifest.objective,
+            f"{mv.threshold:g}",
+            manifest.architecture,
+            manifest.score,
         ).set(1)
         log.info(
-            "model %s version %d ready on %s (T=%.4g, %s, max batch %d, %d x %d threads%s)",
+            "model %s version %d ready on %s (%s >= %.4g, %s, max batch %d, %d x %d threads%s)",
             mv.name,
             mv.version,
             model.provider,
+            manifest.score,
             mv.threshold,
             manifest.objective,
             cfg.max_batch_size,

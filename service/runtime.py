@@ -15,6 +15,8 @@ import onnxruntime as ort
 
 log = logging.getLogger(__name__)
 
+FEATURES_OUTPUT = "features"  # the graph output that holds the final hidden vector
+
 Device = Literal["auto", "cuda", "cpu"]
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -63,6 +65,9 @@ class GraphSignature:
     input_shape: tuple[int | str | None, ...]  # as declared, batch axis first
     output_name: str
     output_shape: tuple[int | str | None, ...]
+    # The final hidden vector, (B, D), when the graph exports one (for K-density).
+    features_name: str | None = None
+    features_shape: tuple[int | str | None, ...] | None = None
 
 
 class OnnxModel:
@@ -85,12 +90,30 @@ class OnnxModel:
         if device == "cuda" and self.provider != CUDA:
             raise ProviderUnavailable(f"CUDA provider failed to initialise; got {self.provider}")
         inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
-        self.signature = GraphSignature(inp.name, tuple(inp.shape), out.name, tuple(out.shape))
+        feats = [o for o in self.session.get_outputs()[1:] if o.name == FEATURES_OUTPUT]
+        self.signature = GraphSignature(
+            inp.name,
+            tuple(inp.shape),
+            out.name,
+            tuple(out.shape),
+            feats[0].name if feats else None,
+            tuple(feats[0].shape) if feats else None,
+        )
 
     def run(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """(B, C, H, W) float32 -> (B, L) float32 logits fed to the softmax."""
         out = self.session.run([self.signature.output_name], {self.signature.input_name: x})
         return np.asarray(out[0], dtype=np.float32)
+
+    def run_with_features(
+        self, x: npt.NDArray[np.float32]
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None]:
+        """(B, C, H, W) -> logits (B, L) and, when the graph has them, features (B, D)."""
+        sig = self.signature
+        if sig.features_name is None:
+            return self.run(x), None
+        logits, feats = self.session.run([sig.output_name, sig.features_name], {sig.input_name: x})
+        return np.asarray(logits, dtype=np.float32), np.asarray(feats, dtype=np.float32)
 
     def run_batched(self, x: npt.NDArray[np.float32], batch: int = 1000) -> npt.NDArray[np.float32]:
         """`run` over a large array in chunks of `batch` images."""

@@ -28,9 +28,8 @@ class PredictRequest(BaseModel):
     )
     threshold: float | None = Field(
         default=None,
-        ge=0.0,
-        le=1.0,
-        description="T for this request; only honoured when the server allows it.",
+        description="T for this request, on the model's score (in [0, 1] except for energy); "
+        "only honoured when the server allows it.",
     )
     resize: bool = Field(default=False, description="Resize images to the model's input size.")
     id: str | None = Field(default=None, max_length=128, description="Echoed in the response.")
@@ -43,6 +42,10 @@ class Prediction(BaseModel):
     j_score: float = Field(description="confidence x kernel non-ME (Eq. 5)")
     confidence: float
     non_me: float = Field(description="non-maximal entropy (Eq. 1)")
+    score_name: str = Field(
+        description="the score T applies to: j_score, confidence, energy or k_density"
+    )
+    score: float = Field(description="its value; accepted iff score >= threshold")
 
 
 class PredictResponse(BaseModel):
@@ -58,6 +61,7 @@ class ModelSummary(BaseModel):
     version: int
     ready: bool
     objective: str | None = None
+    score: str | None = Field(default=None, description="the score the threshold applies to")
     threshold: float | None = None
     provider: str | None = None
     error: str | None = None

@@ -9,13 +9,37 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
 
+from service.kdensity import KernelSet, k_density
+
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 Array = npt.NDArray[np.floating]
+
+# The score a model's threshold T applies to; for every one, higher means "more like the
+# training data" and an image is accepted iff score >= T (`accept`).
+#   j_score:    confidence x kernel non-ME, Eq. (5): the RCE paper's thresholding test.
+#   confidence: max softmax probability, the paper's baseline (and the usual one for CE).
+#   energy:     logsumexp of the served logits, minus the free energy of Liu et al. 2020.
+#   k_density:  kernel density of the final hidden vector (`service.kdensity`).
+ScoreName = Literal["j_score", "confidence", "energy", "k_density"]
+SCORE_NAMES: tuple[ScoreName, ...] = get_args(ScoreName)
+# Scores that live in [0, 1]; energy is any real number.
+UNIT_SCORES = frozenset({"j_score", "confidence", "k_density"})
+
+
+def default_score(objective: str) -> ScoreName:
+    """The score a model is thresholded on unless its manifest names another."""
+    return "j_score" if objective == "rce" else "confidence"
+
+
+def accept(score: Array, threshold: float) -> npt.NDArray[np.bool_]:
+    """The decision, for every caller: an image is answered iff its score >= T."""
+    return np.asarray(score) >= threshold
 
 
 @dataclass(frozen=True)
@@ -37,7 +61,24 @@ class Scores:
     non_me: F64  # (B,) Eq. (1)
     kernel_non_me: F64  # (B,) Eq. (5)
     j_score: F64  # (B,) confidence * kernel non-ME
-    accepted: npt.NDArray[np.bool_]  # (B,) j_score >= threshold
+    accepted: npt.NDArray[np.bool_]  # (B,) score >= threshold
+    energy: F64  # (B,) logsumexp of the logits
+    k_density: F64 | None  # (B,) when the model has features and a kernel set
+    score_name: ScoreName = "j_score"
+
+    @property
+    def score(self) -> F64:
+        """(B,) the values of the score the threshold applies to."""
+        return self.named(self.score_name)
+
+    def named(self, name: ScoreName) -> F64:
+        """(B,) the values of one score; ValueError when this model cannot compute it."""
+        if name == "k_density":
+            if self.k_density is None:
+                raise ValueError("k_density needs a features output and a kernel set")
+            return self.k_density
+        values: F64 = getattr(self, name)
+        return values
 
     def rows(self, start: int, stop: int) -> Scores:
         """The samples start..stop-1 of the batch."""
@@ -50,6 +91,9 @@ class Scores:
             self.kernel_non_me[s],
             self.j_score[s],
             self.accepted[s],
+            self.energy[s],
+            None if self.k_density is None else self.k_density[s],
+            self.score_name,
         )
 
     def __len__(self) -> int:
@@ -110,10 +154,26 @@ def kernel_non_me(non_me_values: Array, kernel: Kernel) -> F64:
     return np.asarray(np.exp(-((v - kernel.mu) ** 2) / (kernel.eta * kernel.sigma**2)))
 
 
-def score_logits(logits: Array, kernel: Kernel, threshold: float) -> Scores:
+def energy(logits: Array) -> F64:
+    """logsumexp of the logits, (B, L) -> (B,): minus the free energy (Liu et al. 2020)."""
+    z = np.asarray(logits, dtype=np.float64)
+    m = z.max(axis=-1)
+    return np.asarray(m + np.log(np.exp(z - m[:, None]).sum(axis=-1)))
+
+
+def score_logits(
+    logits: Array,
+    kernel: Kernel,
+    threshold: float,
+    score: ScoreName = "j_score",
+    features: Array | None = None,
+    kernel_set: KernelSet | None = None,
+) -> Scores:
     """Run the whole thresholding test on the vector fed to the softmax (B, L).
 
-    For an RCE model that vector is -Z (reverse logits), for a CE model Z.
+    For an RCE model that vector is -Z (reverse logits), for a CE model Z. `accepted` applies
+    `threshold` to the score named `score`; K-density is computed when `features` (B, D) and a
+    `kernel_set` are given, against the kernel set of each image's predicted class.
     """
     lp = log_softmax(logits)
     label = lp.argmax(axis=-1).astype(np.int64)
@@ -122,6 +182,14 @@ def score_logits(logits: Array, kernel: Kernel, threshold: float) -> Scores:
     nme = non_me_from_log_probs(lp)
     knme = kernel_non_me(nme, kernel)
     j = conf * knme
+    kd = None
+    if features is not None and kernel_set is not None:
+        kd = k_density(features, label, kernel_set)
+    elif score == "k_density":
+        raise ValueError("the k_density score needs features and a kernel set")
+    e = energy(logits)
+    chosen = {"j_score": j, "confidence": conf, "energy": e, "k_density": kd}[score]
+    assert chosen is not None  # k_density without features raised above
     return Scores(
         label=label,
         probabilities=probs,
@@ -129,17 +197,25 @@ def score_logits(logits: Array, kernel: Kernel, threshold: float) -> Scores:
         non_me=nme,
         kernel_non_me=knme,
         j_score=j,
-        accepted=j >= threshold,
+        accepted=accept(chosen, threshold),
+        energy=e,
+        k_density=kd,
+        score_name=score,
     )
 
 
 def threshold_for_refuse_rate(j_scores: Array, refuse_rate: float) -> float:
-    """The threshold T that refuses (J < T) the given share of these (clean) samples."""
+    """The threshold T that refuses (score < T) the given share of these (clean) samples.
+
+    Works for any score; with refuse_rate 0 it is the lowest score (0.0 when there is none).
+    """
     if not 0.0 <= refuse_rate < 1.0:
         raise ValueError(f"refuse_rate must be in [0, 1), got {refuse_rate}")
     j = np.sort(np.asarray(j_scores, dtype=np.float64))
-    if refuse_rate == 0.0 or j.size == 0:
+    if j.size == 0:
         return 0.0
+    if refuse_rate == 0.0:
+        return float(min(j[0], 0.0))
     # Refuse exactly the k lowest scores: T is the (k+1)-th smallest score.
     k = math.floor(refuse_rate * j.size)
     return float(j[min(k, j.size - 1)])

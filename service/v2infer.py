@@ -21,12 +21,19 @@ from service.inference import Call, infer, threshold_for
 from service.repository import ModelVersion
 
 INPUT = "input"
-OUTPUTS = ("label", "j_score", "confidence", "non_me", "probabilities")
+OUTPUTS = ("label", "j_score", "confidence", "non_me", "probabilities", "score", "energy")
+# Only for models whose graph has a features output and whose manifest has a kernel set.
+KD_OUTPUT = "k_density"
 PLATFORM = "onnxruntime_onnx"
 
 
 def server_metadata() -> dict[str, Any]:
     return {"name": "notsure", "version": __version__, "extensions": ["binary_tensor_data"]}
+
+
+def outputs_of(mv: ModelVersion) -> tuple[str, ...]:
+    """The output tensors this model version can answer with, in metadata order."""
+    return (*OUTPUTS, KD_OUTPUT) if mv.kernel_set is not None else OUTPUTS
 
 
 def metadata(mv: ModelVersion, state: AppState) -> dict[str, Any]:
@@ -42,28 +49,31 @@ def metadata(mv: ModelVersion, state: AppState) -> dict[str, Any]:
         "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, c, h, w]}],
         "outputs": [{"name": "label", "datatype": "INT64", "shape": [-1]}]
         + [{"name": o, "datatype": "FP32", "shape": [-1]} for o in OUTPUTS[1:4]]
-        + [{"name": "probabilities", "datatype": "FP32", "shape": [-1, n]}],
+        + [{"name": "probabilities", "datatype": "FP32", "shape": [-1, n]}]
+        + [{"name": o, "datatype": "FP32", "shape": [-1]} for o in outputs_of(mv)[5:]],
     }
 
 
 @dataclass(frozen=True)
 class Answer:
-    """The requested outputs in order, and the T that was applied."""
+    """The requested outputs in order, the T that was applied and the score it applies to."""
 
     outputs: list[tuple[str, npt.NDArray[Any]]]
     threshold: float
+    score: str
 
 
-def check_outputs(wanted: Sequence[str]) -> list[str]:
+def check_outputs(mv: ModelVersion, wanted: Sequence[str]) -> list[str]:
     """The requested output names (all when none are named); unknown names are refused."""
+    available = outputs_of(mv)
     if not wanted:
-        return list(OUTPUTS)
+        return list(available)
     for name in wanted:
-        if name not in OUTPUTS:
+        if name not in available:
             raise InvalidInput(
                 f"unknown output {name!r}",
                 field="outputs",
-                fix=f"choose from {', '.join(OUTPUTS)}",
+                fix=f"choose from {', '.join(available)}",
             )
     return list(wanted)
 
@@ -91,7 +101,7 @@ async def run(
             field="inputs[0].name",
             fix=f'name the tensor "{INPUT}" (see the model metadata)',
         )
-    names = check_outputs(wanted)
+    names = check_outputs(mv, wanted)
     assert mv.manifest is not None
     x = check_batch(tensor, mv.manifest.input_shape, "inputs[0]")
     if x.shape[0] > state.settings.max_instances:
@@ -113,5 +123,9 @@ async def run(
         "confidence": s.confidence.astype(np.float32),
         "non_me": s.non_me.astype(np.float32),
         "probabilities": s.probabilities.astype(np.float32),
+        "score": s.score.astype(np.float32),
+        "energy": s.energy.astype(np.float32),
     }
-    return Answer([(n, values[n]) for n in names], threshold)
+    if s.k_density is not None:
+        values[KD_OUTPUT] = s.k_density.astype(np.float32)
+    return Answer([(n, values[n]) for n in names], threshold, s.score_name)

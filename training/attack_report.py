@@ -55,6 +55,15 @@ def _accuracy(correct: Bools, accepted: Bools) -> float | None:
     return float(correct[accepted].mean()) if accepted.any() else None
 
 
+def _served(d: Decisions, rec: ModelRecord) -> np.ndarray:
+    """The values of the score the model is served on (the records carry J and confidence)."""
+    score = rec.manifest.score
+    if score not in ("j_score", "confidence"):
+        raise ValueError(f"the attack report covers models served on j_score or confidence, "
+                         f"not {score}")  # fmt: skip
+    return np.asarray(getattr(d, score))
+
+
 def eps_metrics(rec: ModelRecord, clean: Decisions, adv: Decisions) -> dict[str, Any]:
     """All numbers for one (model, cost, eps) mixed set of 2N samples."""
     y, t = rec.y, rec.manifest.threshold
@@ -71,9 +80,10 @@ def eps_metrics(rec: ModelRecord, clean: Decisions, adv: Decisions) -> dict[str,
         "pairs_correct_and_successful": int(sub.sum()),
     }
     # At the manifest's T, the decisions are the service's own unless it applied another T
-    # (e.g. a NOTSURE_THRESHOLDS override); J >= T then stands in for them.
+    # (e.g. a NOTSURE_THRESHOLDS override); score >= T then stands in for them.
     refused = np.r_[clean.refused, adv.refused]
-    acc_t = ~refused if np.isclose(adv.threshold, t, rtol=0, atol=1e-7) else j >= t
+    served = np.r_[_served(clean, rec), _served(adv, rec)].astype(np.float64)
+    acc_t = ~refused if np.isclose(adv.threshold, t, rtol=0, atol=1e-7) else served >= t
     out["at_manifest_T"] = {
         "T": t,
         "refuse_normal": float(1 - acc_t[is_normal].mean()),
@@ -81,9 +91,9 @@ def eps_metrics(rec: ModelRecord, clean: Decisions, adv: Decisions) -> dict[str,
         "accuracy_of_accepted": _accuracy(correct, acc_t),
         "accuracy_of_accepted_adversarial": _accuracy(ok_adv, acc_t[~is_normal]),
         "service_T": adv.threshold,
-        # Decisions that disagree with the returned J >= the returned T (expected 0; float32
-        # rounding of J could flip a sample sitting exactly at T).
-        "service_decision_mismatches": int((refused != (j < adv.threshold)).sum()),
+        # Decisions that disagree with the returned score >= the returned T (expected 0;
+        # float32 rounding could flip a sample sitting exactly at T).
+        "service_decision_mismatches": int((refused != (served < adv.threshold)).sum()),
     }
     out["threshold_sweep"] = [
         {"T": tt, "accuracy_of_accepted": _accuracy(correct, j >= tt),
@@ -126,7 +136,7 @@ def _mean_j(d: Decisions, kernel: Kernel) -> float:
 
 def model_report(rec: ModelRecord) -> dict[str, Any]:
     m = rec.manifest
-    clean_t = rec.clean.j_score >= m.threshold
+    clean_t = ~rec.clean.refused  # the decisions the service made, on its own score
     return {
         "name": rec.name,
         "version": rec.version,

@@ -1,7 +1,9 @@
 """`notsure export`: a run folder -> models/<name>/<version>/{model.onnx, weights, provenance}.
 
-The ONNX graph outputs the vector fed to the softmax at test time (-Z for RCE, Z for CE), with a
-dynamic batch axis, in one self-contained file. Parity with PyTorch is asserted on real inputs.
+The ONNX graph's first output, `logits`, is the vector fed to the softmax at test time (-Z for
+RCE, Z for CE); the second, `features`, is the final hidden vector (for the K-density score).
+Both have a dynamic batch axis, in one self-contained file. Parity with PyTorch is asserted on
+real inputs for both.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from service.manifest import MODEL_FILE, WEIGHTS_FILE
+from service.runtime import FEATURES_OUTPUT
 from service.scoring import softmax
 from training import data as data_mod
 from training.losses import Objective, served_logits
@@ -27,8 +30,9 @@ from training.train import CONFIG_FILE, RESULT_FILE
 log = logging.getLogger(__name__)
 
 PROVENANCE_FILE = "training.json"
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
+INPUT_NAME, OUTPUT_NAME, FEATURES_NAME = "input", "logits", FEATURES_OUTPUT
 PARITY_TOLERANCE = 1e-5
+FEATURES_TOLERANCE = 1e-4  # relative to the largest feature value
 
 
 class ServedNet(nn.Module):
@@ -40,6 +44,18 @@ class ServedNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return served_logits(self.objective, self.net(x))  # (B, C, H, W) -> (B, L)
+
+
+class ExportedNet(nn.Module):
+    """What the ONNX graph computes: the served logits and the final hidden vector."""
+
+    def __init__(self, net: nn.Module, objective: Objective) -> None:
+        super().__init__()
+        self.net, self.objective = net, objective
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.net.features(x)  # (B, C, H, W) -> (B, D)
+        return served_logits(self.objective, self.net.fc(feats)), feats  # (B, L), (B, D)
 
 
 @dataclass(frozen=True)
@@ -80,14 +96,20 @@ def parity_inputs(cfg: dict[str, object], n: int) -> torch.Tensor:
 
 
 def onnx_logits(path: Path, x: np.ndarray) -> np.ndarray:
+    return onnx_outputs(path, x)[0]
+
+
+def onnx_outputs(path: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, features) of the exported graph on x, on the CPU."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return np.asarray(sess.run([OUTPUT_NAME], {INPUT_NAME: x.astype(np.float32)})[0])
+    z, f = sess.run([OUTPUT_NAME, FEATURES_NAME], {INPUT_NAME: x.astype(np.float32)})
+    return np.asarray(z), np.asarray(f)
 
 
 def export_onnx(
-    served: ServedNet, input_shape: tuple[int, int, int], path: Path, opset: int
+    served: ExportedNet, input_shape: tuple[int, int, int], path: Path, opset: int
 ) -> None:
     """Export with a dynamic batch axis and check the graph fully with onnx.checker."""
     import onnx
@@ -98,7 +120,7 @@ def export_onnx(
         served,
         (dummy,),
         input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
+        output_names=[OUTPUT_NAME, FEATURES_NAME],
         dynamic_shapes=({0: batch},),
         opset_version=opset,
         dynamo=True,
@@ -116,19 +138,24 @@ def export(cfg: ExportConfig) -> ExportResult:
     """Export a run folder into the model repository and check parity with PyTorch."""
     net, train_cfg, result = load_run(cfg.run_dir)
     objective: Objective = train_cfg["objective"]  # type: ignore[assignment]
-    served = ServedNet(net, objective).eval()
+    served = ExportedNet(net, objective).eval()
     x = parity_inputs(train_cfg, cfg.parity_samples)
     out = cfg.models_dir / cfg.name / str(cfg.version)
     out.mkdir(parents=True, exist_ok=True)
     export_onnx(served, tuple(x.shape[1:]), out / MODEL_FILE, cfg.opset)  # type: ignore[arg-type]
 
     with torch.no_grad():
-        ref = softmax(served(x).numpy())
-    got = softmax(onnx_logits(out / MODEL_FILE, x.numpy()))
-    diff = float(np.abs(ref - got).max())
+        ref_z, ref_f = (t.numpy() for t in served(x))
+    got_f = onnx_outputs(out / MODEL_FILE, x.numpy())[1]
+    diff = float(np.abs(softmax(ref_z) - softmax(onnx_logits(out / MODEL_FILE, x.numpy()))).max())
     if diff > PARITY_TOLERANCE:
         raise RuntimeError(
             f"ONNX/PyTorch parity failed: max |dp| = {diff:.2e} > {PARITY_TOLERANCE}"
+        )
+    fdiff = float(np.abs(ref_f - got_f).max() / max(float(np.abs(ref_f).max()), 1e-12))
+    if fdiff > FEATURES_TOLERANCE:
+        raise RuntimeError(
+            f"ONNX/PyTorch parity of the features failed: max relative |df| = {fdiff:.2e}"
         )
     shutil.copyfile(cfg.run_dir / WEIGHTS_FILE, out / WEIGHTS_FILE)
     provenance = {"config": train_cfg, "result": result}

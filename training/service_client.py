@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from service.manifest import MODEL_FILE, Manifest
+from service.repository import read_kernel_set
 from service.runtime import OnnxModel
 from service.scoring import score_logits
 
@@ -69,13 +70,13 @@ class ServiceError(RuntimeError):
     """The service answered with an error, or not at all within the retries."""
 
 
-def encode_request(x: F32) -> tuple[bytes, int]:
+def encode_request(x: F32, outputs: tuple[str, ...] = OUTPUTS) -> tuple[bytes, int]:
     """A V2 infer body with the image tensor as binary data; returns (body, JSON header length)."""
     raw = np.ascontiguousarray(x, dtype="<f4").tobytes()
     header = {
         "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
                     "parameters": {"binary_data_size": len(raw)}}],
-        "outputs": [{"name": n, "parameters": {"binary_data": True}} for n in OUTPUTS],
+        "outputs": [{"name": n, "parameters": {"binary_data": True}} for n in outputs],
     }  # fmt: skip
     head = json.dumps(header).encode()
     return head + raw, len(head)
@@ -136,7 +137,21 @@ class V2Client:
 
     def infer(self, x: F32) -> Decisions:
         """Score a batch (B, C, H, W) of pixels in [0, 1] through the service."""
-        body, head_len = encode_request(x)
+        tensors, threshold = self.infer_outputs(x, OUTPUTS)
+        return Decisions(
+            label=tensors["label"].astype(np.int64),
+            j_score=tensors["j_score"].astype(np.float32),
+            confidence=tensors["confidence"].astype(np.float32),
+            non_me=tensors["non_me"].astype(np.float32),
+            probabilities=tensors["probabilities"].astype(np.float32),
+            threshold=threshold,
+        )
+
+    def infer_outputs(
+        self, x: F32, outputs: tuple[str, ...]
+    ) -> tuple[dict[str, np.ndarray], float]:
+        """The named output tensors for a batch (B, C, H, W), and the T the service applied."""
+        body, head_len = encode_request(x, outputs)
         headers = {HEADER: str(head_len), "Content-Type": "application/octet-stream"}
         for attempt in range(self.retries + 1):
             try:
@@ -154,20 +169,13 @@ class V2Client:
                 raise ServiceError(f"{self.infer_path}: HTTP {resp.status_code}: {resp.text[:300]}")
             length = resp.headers.get(HEADER)
             tensors, meta = decode_response(resp.content, int(length) if length else None)
-            missing = [n for n in OUTPUTS if n not in tensors]
+            missing = [n for n in outputs if n not in tensors]
             if missing:
                 raise ServiceError(f"response lacks outputs {missing}")
             threshold = (meta.get("parameters") or {}).get("threshold")
             if threshold is None:
                 raise ServiceError("response parameters lack 'threshold' (the applied T)")
-            return Decisions(
-                label=tensors["label"].astype(np.int64),
-                j_score=tensors["j_score"].astype(np.float32),
-                confidence=tensors["confidence"].astype(np.float32),
-                non_me=tensors["non_me"].astype(np.float32),
-                probabilities=tensors["probabilities"].astype(np.float32),
-                threshold=float(threshold),
-            )
+            return tensors, float(threshold)
         raise ServiceError(f"{self.infer_path}: no answer after {self.retries} retries")
 
 
@@ -177,10 +185,12 @@ class OfflineScorer:
     def __init__(self, model_dir: Path, manifest: Manifest, threads: int = 0) -> None:
         self.model = OnnxModel(model_dir / MODEL_FILE, device="cpu", intra_op_threads=threads)
         self.manifest = manifest
+        self.kernel_set = read_kernel_set(manifest, model_dir)
 
     def infer(self, x: F32) -> Decisions:
-        s = score_logits(self.model.run(np.ascontiguousarray(x, np.float32)),
-                         self.manifest.kernel.to_kernel(), self.manifest.threshold)  # fmt: skip
+        m = self.manifest
+        z, f = self.model.run_with_features(np.ascontiguousarray(x, np.float32))
+        s = score_logits(z, m.kernel.to_kernel(), m.threshold, m.score, f, self.kernel_set)
         # Cast to what the service sends (FP32), so both paths give the same record.
         return Decisions(
             label=np.where(s.accepted, s.label, NOT_SURE).astype(np.int64),

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.config import Settings
+from service.kdensity import KernelSet
 from service.main import create_app
 from service.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
 from service.runtime import OnnxModel
@@ -52,11 +53,15 @@ def png_b64(pixels: np.ndarray, fmt: str = "PNG", mode: str = "L") -> str:
 
 
 def offline(model_repo: Path, name: str, x: np.ndarray):  # type: ignore[no-untyped-def]
-    """The expected scores: the ONNX file run directly, outside the service."""
+    """The expected scores: the ONNX file run directly, outside the service, on the manifest's
+    score (K-density from the kernel set file next to it)."""
     vdir = model_repo / name / "1"
     m = Manifest.load(vdir / MANIFEST_FILE)
-    logits = OnnxModel(vdir / MODEL_FILE, device="cpu").run(x)
-    return m, score_logits(logits, m.kernel.to_kernel(), m.threshold)
+    logits, feats = OnnxModel(vdir / MODEL_FILE, device="cpu").run_with_features(x)
+    kset = None
+    if m.k_density is not None:
+        kset = KernelSet(np.load(vdir / m.k_density.file), m.k_density.sigma2)
+    return m, score_logits(logits, m.kernel.to_kernel(), m.threshold, m.score, feats, kset)
 
 
 # --- health and metadata ---------------------------------------------------------------------
@@ -82,6 +87,9 @@ def test_model_list_and_v2_metadata(client: TestClient) -> None:
         "confidence",
         "non_me",
         "probabilities",
+        "score",
+        "energy",
+        "k_density",
     ]
     assert client.get(f"/v2/models/{RCE}/versions/1").json() == meta
     assert client.get(f"/v2/models/{RCE}/ready").status_code == 200
@@ -107,7 +115,9 @@ def test_predict_matches_offline_onnx_scores(
         assert p["j_score"] == pytest.approx(want.j_score[i], rel=1e-5)
         assert p["confidence"] == pytest.approx(want.confidence[i], rel=1e-5)
         assert p["non_me"] == pytest.approx(want.non_me[i], rel=1e-5)
-        accepted = bool(want.j_score[i] >= manifest.threshold)
+        assert p["score_name"] == manifest.score
+        assert p["score"] == pytest.approx(float(want.score[i]), rel=1e-5)
+        accepted = bool(want.score[i] >= manifest.threshold)
         assert p["decision"] == ("accepted" if accepted else "not_sure")
         if accepted:
             assert p["label"] == int(want.label[i])
@@ -547,3 +557,19 @@ def test_declared_pixels_come_from_the_header() -> None:
     assert declared_pixels(SimpleNamespace(b64=b64)) == 600
     assert declared_pixels([[0.0] * 28] * 28) == 0  # pixel arrays are not decoded
     assert declared_pixels("not base64!") == 0 and header_pixels(b"not an image") == 0
+
+
+def test_v2_infer_returns_the_models_own_score(client: TestClient, model_repo: Path) -> None:
+    # The CE model is thresholded on confidence; every score is an output.
+    x = images(4)
+    req = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                       "data": x.reshape(-1).tolist()}]}  # fmt: skip
+    body = client.post("/v2/models/tiny-ce/infer", json=req).json()
+    manifest, want = offline(model_repo, "tiny-ce", x)
+    assert manifest.score == "confidence" and body["parameters"]["score"] == "confidence"
+    outs = {o["name"]: np.array(o["data"]) for o in body["outputs"]}
+    assert np.allclose(outs["score"], want.confidence, rtol=1e-5)
+    assert np.allclose(outs["energy"], want.energy, rtol=1e-5)
+    assert np.allclose(outs["k_density"], want.k_density, rtol=1e-4, atol=1e-12)
+    assert outs["label"].tolist() == np.where(want.confidence >= manifest.threshold,
+                                              want.label, -1).tolist()  # fmt: skip

@@ -102,3 +102,36 @@ def test_rows_slice_every_field() -> None:
     assert len(part) == 2
     assert np.array_equal(part.label, s.label[1:3])
     assert np.array_equal(part.probabilities, s.probabilities[1:3])
+
+
+def test_energy_is_logsumexp_by_hand() -> None:
+    z = [2.0, -1.0, 0.5]
+    s = score_logits(np.array([z]), Kernel(mu=math.log(2), sigma=0.1), 0.0, score="energy")
+    assert s.energy[0] == pytest.approx(math.log(sum(math.exp(v) for v in z)))
+    # Shift by +1000: the naive sum overflows, the stable one moves by exactly 1000.
+    big = score_logits(np.array([z]) + 1000.0, Kernel(mu=math.log(2), sigma=0.1), 0.0, "energy")
+    assert big.energy[0] == pytest.approx(s.energy[0] + 1000.0)
+
+
+@pytest.mark.parametrize("name", ["j_score", "confidence", "energy"])
+def test_accepted_applies_t_to_the_named_score(name: str) -> None:
+    from service.scoring import accept
+
+    logits = np.log(np.array([[0.7, 0.2, 0.1], [0.4, 0.35, 0.25]]))
+    base = score_logits(logits, Kernel(mu=math.log(2), sigma=0.5), 0.0)
+    values = base.named(name)  # type: ignore[arg-type]
+    t = float(values.mean())
+    s = score_logits(logits, Kernel(mu=math.log(2), sigma=0.5), t, score=name)  # type: ignore[arg-type]
+    assert s.score_name == name and np.array_equal(s.score, values)
+    assert s.accepted.tolist() == [bool(v >= t) for v in values] == accept(values, t).tolist()
+
+
+def test_k_density_score_needs_features() -> None:
+    with pytest.raises(ValueError, match="features"):
+        score_logits(np.zeros((1, 3)), Kernel(mu=1.0, sigma=1.0), 0.0, score="k_density")
+
+
+def test_default_scores() -> None:
+    from service.scoring import default_score
+
+    assert default_score("rce") == "j_score" and default_score("ce") == "confidence"

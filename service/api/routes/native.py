@@ -43,12 +43,14 @@ def _response(mv: ModelVersion, outcome: Outcome, request_id: str | None, reveal
     s = outcome.scores
     classes = mv.manifest.classes if mv.manifest else []
     preds = []
-    for label, acc, j, c, nme in zip(
+    name = s.score_name
+    for label, acc, j, c, nme, v in zip(
         s.label.tolist(),
         outcome.accepted.tolist(),
         s.j_score.tolist(),
         s.confidence.tolist(),
         s.non_me.tolist(),
+        s.score.tolist(),
         strict=True,
     ):
         shown = acc or reveal
@@ -60,6 +62,8 @@ def _response(mv: ModelVersion, outcome: Outcome, request_id: str | None, reveal
                 "j_score": j,
                 "confidence": c,
                 "non_me": nme,
+                "score_name": name,
+                "score": v,
             }
         )
     body = {
@@ -139,7 +143,7 @@ async def _read(request: Request) -> PredictRequest:
     openapi_extra=PREDICT_BODY,
 )
 async def predict(name: NAME, request: Request, state: StateDep) -> Response:
-    """Each image gets a label and its J-score, or NOT SURE when J < T."""
+    """Each image gets a label and its score, or NOT SURE when the score < T."""
     return await handle_predict(state, request, name, None)
 
 
@@ -205,6 +209,7 @@ async def list_models(state: StateDep) -> dict[str, Any]:
                 version=mv.version,
                 ready=mv.ready,
                 objective=m.objective if m else None,
+                score=m.score if m else None,
                 threshold=mv.threshold if mv.ready else None,
                 provider=mv.model.provider if mv.model else None,
                 error=mv.error,
