@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -61,7 +62,7 @@ def model_version(server: LiveServer, name: str = RCE) -> ModelVersion:
 def slow_down(monkeypatch: pytest.MonkeyPatch, mv: ModelVersion, seconds: float) -> list[int]:
     """Make every batch of this model version take at least `seconds`; returns batch sizes run."""
     assert mv.model is not None
-    run = mv.model.run
+    run, run_with_features = mv.model.run, mv.model.run_with_features
     sizes: list[int] = []
 
     def slow(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -69,7 +70,14 @@ def slow_down(monkeypatch: pytest.MonkeyPatch, mv: ModelVersion, seconds: float)
         time.sleep(seconds)
         return run(x)
 
+    def slow_with_features(x: npt.NDArray[np.float32]) -> Any:
+        sizes.append(int(x.shape[0]))
+        time.sleep(seconds)
+        return run_with_features(x)
+
+    # Models with a K-density kernel set run both outputs at once; slow that path down too.
     monkeypatch.setattr(mv.model, "run", slow)
+    monkeypatch.setattr(mv.model, "run_with_features", slow_with_features)
     return sizes
 
 

@@ -77,6 +77,14 @@ def status_of(exc: pytest.ExceptionInfo[InferenceServerException]) -> str:
     return str(exc.value.status())
 
 
+def all_outputs(model_repo: Path) -> list[str]:
+    """Every output a request that names none gets, in metadata order."""
+    names = ["label", "j_score", "confidence", "non_me", "probabilities", "score", "energy"]
+    if (model_repo / RCE / "1" / "kernel_set.npy").exists():
+        names.append("k_density")  # only for models with a K-density kernel set
+    return names
+
+
 def test_same_answers_as_over_http_and_as_the_onnx_file(
     server: LiveServer, client: Any, model_repo: Path
 ) -> None:
@@ -84,19 +92,15 @@ def test_same_answers_as_over_http_and_as_the_onnx_file(
     assert client.is_model_ready(RCE) and client.is_model_ready(RCE, "1")
     meta = client.get_model_metadata(RCE, as_json=True)
     assert meta["inputs"][0]["shape"] == ["-1", "1", "28", "28"]
-    assert [o["name"] for o in meta["outputs"]] == [
-        "label",
-        "j_score",
-        "confidence",
-        "non_me",
-        "probabilities",
-    ]
+    names = all_outputs(model_repo)
+    assert [o["name"] for o in meta["outputs"]] == names
     x = synthetic(16, seed=3).x.numpy()  # MNIST-like 28x28 digits in [0, 1]
     result = client.infer(RCE, [infer_input(x)], request_id="g1")
     response = result.get_response()
     manifest, want = offline(model_repo, x)
     assert response.id == "g1" and response.model_version == "1"
     assert response.parameters["threshold"].double_param == pytest.approx(manifest.threshold)
+    assert response.parameters["score"].string_param == manifest.score == "j_score"
     labels = result.as_numpy("label")
     assert labels.dtype == np.int64
     np.testing.assert_array_equal(labels, np.where(want.accepted, want.label, -1))
@@ -112,7 +116,7 @@ def test_same_answers_as_over_http_and_as_the_onnx_file(
         h = http.infer(RCE, [hin])
     finally:
         http.close()
-    for name in ("label", "j_score", "confidence", "non_me", "probabilities"):
+    for name in names:
         np.testing.assert_array_equal(result.as_numpy(name), h.as_numpy(name), err_msg=name)
 
 
@@ -136,7 +140,7 @@ def test_typed_contents_and_requested_outputs(stub: Any, model_repo: Path) -> No
     req8 = pb.ModelInferRequest(model_name=RCE)
     t8 = req8.inputs.add(name="input", datatype="UINT8", shape=[1, 1, 28, 28])
     t8.contents.uint_contents.extend([0] * 784)
-    assert len(stub.ModelInfer(req8, timeout=30).outputs) == 5
+    assert len(stub.ModelInfer(req8, timeout=30).outputs) == len(all_outputs(model_repo))
 
 
 def test_request_threshold_is_applied_and_reported(client: Any) -> None:
@@ -309,7 +313,7 @@ def test_health_checking_and_reflection(server: LiveServer) -> None:
     assert {SERVICE, "grpc.health.v1.Health"} <= names
 
 
-def test_stream_answers_each_request_errors_included(stub: Any) -> None:
+def test_stream_answers_each_request_errors_included(stub: Any, model_repo: Path) -> None:
     x = synthetic(2, seed=6).x.numpy()
 
     def requests() -> Iterator[Any]:
@@ -323,7 +327,8 @@ def test_stream_answers_each_request_errors_included(stub: Any) -> None:
     assert len(out) == 3
     assert out[0].infer_response.id == RCE and not out[0].error_message
     assert "no model named" in json.loads(out[1].error_message)["error"]
-    assert out[2].infer_response.id == RCE and len(out[2].infer_response.outputs) == 5
+    assert out[2].infer_response.id == RCE
+    assert len(out[2].infer_response.outputs) == len(all_outputs(model_repo))
 
 
 def test_metrics_label_the_protocol(server: LiveServer, client: Any) -> None:
