@@ -164,10 +164,15 @@ class Adversary:
         step: int,
     ) -> float:
         """PGD accuracy on held-out images; on a collapse, restore the last good weights and
-        back off (a smaller FGSM step) or stop. Returns the measured accuracy."""
+        back off (a smaller FGSM step) or stop. Returns the measured accuracy.
+
+        The check always attacks at the full eps, also while the training eps ramps up, so that
+        every check is comparable with the best one (a collapse can happen mid-ramp: seen on
+        MNIST, PGD accuracy 0.91 at eps 0.15 and 0.07 at eps 0.3 one epoch later, while the
+        FGSM batches were still 88% right)."""
         cfg = self.cfg
         x, y = x_val[: cfg.guard_images], y_val[: cfg.guard_images]
-        acc = robust_accuracy(net, x, y, self.objective, cfg.eps_at(step), cfg.guard_steps)
+        acc = robust_accuracy(net, x, y, self.objective, cfg.eps, cfg.guard_steps)
         record = {"step": float(step), "guard_pgd_accuracy": acc, "step_size": self.step_size}
         collapsed = cfg.guard != "off" and self.best >= 0 and acc < self.best - cfg.guard_drop
         if collapsed and self._good is not None:
@@ -184,9 +189,7 @@ class Adversary:
                 self.step_size /= 2
                 log.warning("going on with FGSM step %.4g", self.step_size)
         else:
-            # Once eps has ramped up, a check is a candidate "good" state to return to.
-            if step >= cfg.ramp_steps:
-                self.best = max(self.best, acc)
+            self.best = max(self.best, acc)
             self._good = {
                 "step": step,
                 "model": copy.deepcopy(net.state_dict()),
