@@ -65,10 +65,51 @@ def train(
     threads: Annotated[int, typer.Option(help="torch CPU threads (0: default)")] = 0,
     resume: Annotated[bool, typer.Option(help="continue from the run folder's checkpoint")] = True,
     dry_run: Annotated[bool, typer.Option(help="tiny synthetic data, a few steps")] = False,
+    adversarial: Annotated[
+        str,
+        typer.Option(
+            help="none; pgd (PGD-AT, Madry et al.); fgsm-rs (fast FGSM with a random start, "
+            "Wong et al.; about 2x a normal step)"
+        ),
+    ] = "none",
+    adv_eps: Annotated[float, typer.Option(help="L-inf radius, pixels in [0, 1]")] = 0.3,
+    adv_steps: Annotated[int, typer.Option(help="PGD iterations of the inner attack")] = 10,
+    adv_step_size: Annotated[
+        float, typer.Option(help="0: 2.5*eps/steps for pgd, 1.25*eps for fgsm-rs")
+    ] = 0.0,
+    adv_ramp_steps: Annotated[
+        int, typer.Option(help="grow eps linearly from 0 over this many steps")
+    ] = 0,
+    adv_guard: Annotated[
+        str,
+        typer.Option(
+            help="on a collapse of held-out PGD accuracy (catastrophic overfitting): backoff "
+            "(last good weights, half the FGSM step), stop (last good weights, end), or off"
+        ),
+    ] = "backoff",
+    adv_guard_every: Annotated[
+        int, typer.Option(help="steps between PGD checks on held-out images (0: each epoch)")
+    ] = 0,
 ) -> None:
-    """Train a network with CE or RCE (Eq. 4) on real data."""
+    """Train a network with CE or RCE (Eq. 4) on real data, optionally adversarially."""
+    from training.adversarial import AdversarialConfig
     from training.train import TrainConfig
     from training.train import train as run
+
+    if adversarial not in ("none", "pgd", "fgsm-rs"):
+        raise typer.BadParameter("use none, pgd or fgsm-rs", param_hint="--adversarial")
+    if adv_guard not in ("backoff", "stop", "off"):
+        raise typer.BadParameter("use backoff, stop or off", param_hint="--adv-guard")
+    adv = AdversarialConfig(
+        kind=adversarial,  # type: ignore[arg-type]
+        eps=adv_eps,
+        steps=adv_steps,
+        step_size=adv_step_size,
+        ramp_steps=adv_ramp_steps,
+        guard=adv_guard,  # type: ignore[arg-type]
+        guard_every=10 if dry_run and adversarial != "none" else adv_guard_every,
+        guard_images=64 if dry_run else AdversarialConfig.guard_images,
+    )
 
     cfg = TrainConfig(
         dataset="synthetic" if dry_run else dataset,
@@ -90,6 +131,7 @@ def train(
         threads=threads,
         resume=resume,
         dry_run=dry_run,
+        adversarial=adv,
     )
     result = run(cfg)
     typer.echo(

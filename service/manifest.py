@@ -74,6 +74,9 @@ class TrainingInfo(BaseModel):
     optimizer: str = ""
     wall_time_s: float = 0.0
     seed: int = 0
+    # The training attack of an adversarially trained model ("fgsm-rs eps 0.3 step 0.375, ...");
+    # empty for standard training.
+    adversarial: str = ""
 
 
 class Manifest(BaseModel):

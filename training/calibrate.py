@@ -44,6 +44,7 @@ from service.scoring import (
     threshold_for_refuse_rate,
 )
 from training import data as data_mod
+from training.adversarial import AdversarialConfig
 from training.export import PROVENANCE_FILE
 from training.guarantees import NoThreshold, clean_refuse_threshold, selective_risk_threshold
 
@@ -228,6 +229,7 @@ def calibrate(cfg: CalibrateConfig) -> Manifest:
             f"wd {tcfg['weight_decay']}",
             wall_time_s=float(tres["wall_time_s"]),
             seed=int(tcfg["seed"]),
+            adversarial=AdversarialConfig(**tcfg.get("adversarial", {})).describe(),
         ),
         sha256=sha256_file(model_path),
         weights_sha256=sha256_file(weights) if weights.exists() else None,

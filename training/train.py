@@ -1,4 +1,5 @@
-"""`notsure train`: CE or RCE training with the paper's schedule, checkpoints and a JSON log."""
+"""`notsure train`: CE or RCE training with the paper's schedule, checkpoints and a JSON log;
+optionally adversarial (PGD or fast FGSM, see training/adversarial.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from training import data as data_mod
+from training.adversarial import AdversarialConfig, Adversary
 from training.losses import Objective, objective_loss, served_logits
 from training.nets import build_net, count_parameters
 from training.progress import progress_bar
@@ -49,6 +51,7 @@ class TrainConfig:
     threads: int = 0  # 0: leave torch's default
     resume: bool = True
     dry_run: bool = False
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,9 @@ class TrainResult:
     wall_time_s: float
     parameters: int
     history: list[dict[str, float]] = field(default_factory=list)
+    # Adversarial training only: the guard's PGD checks, and whether it stopped training early.
+    guard_checks: list[dict[str, float]] = field(default_factory=list)
+    stopped_early: bool = False
 
 
 def pick_device(requested: str) -> torch.device:
@@ -93,6 +99,16 @@ def evaluate(
     return correct / len(ds)
 
 
+@torch.no_grad()
+def batch_accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Objective) -> float:
+    """Served-argmax accuracy of one batch in eval mode (BN statistics and dropout untouched)."""
+    was_training = net.training
+    net.eval()
+    acc = float((served_logits(objective, net(x)).argmax(1) == y).float().mean())
+    net.train(was_training)
+    return acc
+
+
 def _make_optimizer(cfg: TrainConfig, net: nn.Module) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
@@ -114,6 +130,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     (cfg.out_dir / CONFIG_FILE).write_text(json.dumps(asdict(cfg), default=str, indent=2))
 
     gen = torch.Generator().manual_seed(cfg.seed)
+    adv = cfg.adversarial
+    adversary = Adversary(adv, cfg.objective, cfg.seed) if adv.enabled else None
     step, elapsed = 0, 0.0
     ckpt_path = cfg.out_dir / CHECKPOINT_FILE
     if cfg.resume and ckpt_path.exists():
@@ -123,6 +141,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         opt.load_state_dict(ckpt["optimizer"])
         gen.set_state(ckpt["generator"])
         step, elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
+        if adversary is not None and "adversary" in ckpt:
+            adversary.load_state_dict(ckpt["adversary"])
         log.info("resumed from %s at step %d", ckpt_path, step)
 
     n_train = len(splits.train)
@@ -143,6 +163,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     augment = cfg.dataset == "cifar10"
     t0 = time.perf_counter() - elapsed
     window_t, window_imgs = time.perf_counter(), 0
+    # The guard checks robustness once an epoch unless told otherwise.
+    guard_every = adv.guard_every or max(n_train // cfg.batch_size, 1)
+    clean_acc = float("nan")
 
     def save_checkpoint() -> None:
         state = {
@@ -152,13 +175,15 @@ def train(cfg: TrainConfig) -> TrainResult:
             "elapsed": time.perf_counter() - t0,
             "generator": gen.get_state(),
         }
+        if adversary is not None:
+            state["adversary"] = adversary.state_dict()
         torch.save(state, ckpt_path.with_suffix(".tmp"))
         ckpt_path.with_suffix(".tmp").replace(ckpt_path)
 
     with progress_bar(f"train {cfg.arch}/{cfg.objective}", total=cfg.steps) as bar:
         bar.advance(step)
         net.train()
-        while step < cfg.steps:
+        while step < cfg.steps and not (adversary is not None and adversary.stopped):
             if cursor + cfg.batch_size > n_train:
                 perm, cursor = torch.randperm(n_train, generator=gen), 0
             idx = perm[cursor : cursor + cfg.batch_size]
@@ -169,7 +194,13 @@ def train(cfg: TrainConfig) -> TrainResult:
             lr = lr_at(cfg, step)
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss = objective_loss(cfg.objective, net(x.to(device)), y.to(device))
+            xb, yb = x.to(device), y.to(device)
+            if adversary is not None:
+                if step % 10 == 0:  # clean batch accuracy for the bar, without touching BN stats
+                    clean_acc = batch_accuracy(net, xb, yb, cfg.objective)
+                xb = adversary.perturb(net, xb, yb, step)  # (B, C, H, W), within eps of x
+            logits = net(xb)
+            loss = objective_loss(cfg.objective, logits, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -178,7 +209,12 @@ def train(cfg: TrainConfig) -> TrainResult:
             window_imgs += x.shape[0]
             now = time.perf_counter()
             rate = window_imgs / max(now - window_t, 1e-9)
-            bar.update(step, loss=loss_value, lr=lr, rate=rate)
+            stats = {"loss": loss_value, "lr": lr, "rate": rate}
+            if adversary is not None:
+                served = served_logits(cfg.objective, logits.detach())
+                stats["clean_acc"] = clean_acc
+                stats["adv_acc"] = float((served.argmax(1) == yb).float().mean())
+            bar.update(step, **stats)
             if step % 50 == 0:
                 window_t, window_imgs = now, 0
             evaluate_now = step % cfg.eval_every == 0 or step == cfg.steps
@@ -186,6 +222,13 @@ def train(cfg: TrainConfig) -> TrainResult:
             if evaluate_now or step % 100 == 0:
                 record = {"step": step, "loss": loss_value, "lr": lr, "img_per_s": rate,
                           "elapsed_s": now - t0}  # fmt: skip
+            if adversary is not None and (step % guard_every == 0 or step == cfg.steps):
+                record = record or {"step": step, "loss": loss_value, "lr": lr}
+                record["guard_pgd_accuracy"] = adversary.check(
+                    net, opt, splits.val.x.to(device), splits.val.y.to(device), step
+                )
+                record["adv_batch_accuracy"] = stats["adv_acc"]
+                net.train()
             if evaluate_now:
                 record["val_accuracy"] = evaluate(net, splits.val, cfg.objective, device)
                 record["test_accuracy"] = evaluate(net, splits.test, cfg.objective, device)
@@ -214,6 +257,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         wall_time_s=wall,
         parameters=count_parameters(net),
         history=history,
+        guard_checks=adversary.checks if adversary is not None else [],
+        stopped_early=adversary is not None and adversary.stopped,
     )
     summary = {k: v for k, v in asdict(result).items() if k != "history"}
     summary["train_samples"] = len(splits.train)
