@@ -22,6 +22,7 @@ from benchmarks.fleet_soak import (
     run_fleet_soak,
 )
 from benchmarks.soak import build_calls
+from service import v2codec
 from service.config import Settings
 from service.main import create_app
 from tests.deploy.conftest import tool
@@ -31,21 +32,27 @@ DURATION_S = 24
 
 
 def split_thresholds(repo: Path, seed: int) -> dict[str, float]:
-    """Per model, the median J-score of the images the soak sends it: with that T about half of
-    them are answered NOT SURE, so the refuse rate compared below is not just 0 or 1 (with
-    their calibrated T the tiny models refuse all noise images, or none)."""
+    """Per model, the median of its own score (J for RCE, confidence for CE) over the images the
+    soak sends it: with that T about half of them are answered NOT SURE, so the refuse rate
+    compared below is not just 0 or 1 (with their calibrated T the tiny models refuse all noise
+    images, or none)."""
     with TestClient(create_app(Settings(model_repository=repo, device="cpu"))) as client:
         models = [m["name"] for m in client.get("/v1/models").json()["models"]]
         out = {}
         for i, model in enumerate(models):  # the order and seeds benchmarks/fleet_soak.py uses
-            (v2_json,) = [c for c in build_calls(model, (1, 28, 28), seed + i)
-                          if c.kind.startswith("v2_binary_128")]  # fmt: skip
-            r = client.post(f"/v2/models/{model}/infer", content=v2_json.body_prefix,
-                            headers=dict(v2_json.headers))  # fmt: skip
+            (v2_bin,) = [c for c in build_calls(model, (1, 28, 28), seed + i)
+                         if c.kind.startswith("v2_binary_128")]  # fmt: skip
+            sent = v2codec.decode(
+                v2_bin.body_prefix, dict(v2_bin.headers)["inference-header-content-length"]
+            )
+            x = sent.tensors[sent.request.inputs[0].name]  # (128, 1, 28, 28)
+            body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
+                                "data": x.reshape(-1).tolist()}],
+                    "outputs": [{"name": "score"}]}  # fmt: skip
+            r = client.post(f"/v2/models/{model}/infer", json=body)
             assert r.status_code == 200, r.text
-            hlen = int(r.headers["inference-header-content-length"])
-            j = np.frombuffer(r.content[hlen:], dtype="<f4")  # (128,) J-scores
-            out[model] = float(np.median(j))
+            (score,) = r.json()["outputs"]
+            out[model] = float(np.median(score["data"]))  # (128,) scores
     return out
 
 
