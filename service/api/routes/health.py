@@ -8,16 +8,16 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from notsure import __version__
 from service.api.deps import StateDep, require_key_for_health, require_key_for_metrics
 from service.schemas import V2ServerMetadata
+from service.version import service_version
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/v2", response_model=V2ServerMetadata, dependencies=[Depends(require_key_for_health)])
 async def server_metadata() -> dict[str, Any]:
-    return {"name": "notsure", "version": __version__, "extensions": ["binary_tensor_data"]}
+    return {"name": "notsure", "version": service_version(), "extensions": ["binary_tensor_data"]}
 
 
 # Liveness and readiness answer with a status and no body: response_class=Response documents
