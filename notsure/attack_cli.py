@@ -65,7 +65,9 @@ def attack(
     threads: Annotated[int | None, Opt(help="torch/onnxruntime threads (0: default)")] = None,
     dry_run: Annotated[bool | None, Opt(help="tiny synthetic models, offline, few images")] = None,
     adaptive: Annotated[bool, Opt(help="run the adaptive white-box audit instead")] = False,
-    plan: Annotated[str | None, Opt(help="audit plan: headline, secondary, worst-case")] = None,
+    plan: Annotated[
+        str | None, Opt(help="audit plan: headline, secondary, worst-case, checks, live, figures")
+    ] = None,
     work_dir: Annotated[Path | None, Opt(help="audit resume state [runs/audit]")] = None,
     json_out: Annotated[
         Path | None, Opt("--json", help="audit rows [docs/robustness/adaptive.json]")
@@ -78,7 +80,7 @@ def attack(
     if adaptive:
         _adaptive(_given(plan=plan, models=_split(model), models_dir=models_dir,
                          data_dir=data_dir, work_dir=work_dir, out_json=json_out, chunk=chunk,
-                         threads=threads, dry_run=dry_run))  # fmt: skip
+                         threads=threads, dry_run=dry_run, url=url))  # fmt: skip
         return
 
     from dataclasses import replace

@@ -30,7 +30,7 @@ from training.modelio import load_torch_model
 from training.progress import progress_bar
 
 log = logging.getLogger(__name__)
-EXTRA = ("checks",)  # plans that attack nothing new: they check the saved results
+EXTRA = ("checks", "live", "figures")  # plans that attack nothing new: they check the saved results
 CALIBRATION = slice(5000, 10000)  # clean test images for other thresholds; attacks use < 5000
 
 
@@ -45,6 +45,7 @@ class AuditConfig:
     chunk: int = 50
     threads: int = 1
     dry_run: bool = False  # tiny synthetic models, few images and steps
+    url: str = "http://127.0.0.1:8000"  # the live service, for the "live" plan
 
 
 @dataclass
@@ -243,6 +244,17 @@ def run(cfg: AuditConfig) -> list[dict[str, object]]:
 
         run_checks(cfg)
         return write_rows(cfg)
+    if cfg.plan == "live":
+        from training.attack.live import live_check
+
+        live_check(cfg, cfg.url)
+        return write_rows(cfg)
+    if cfg.plan == "figures":
+        from training.attack.figures import write_figures
+
+        rows = write_rows(cfg)
+        write_figures(cfg, rows)
+        return rows
     for job in plan_jobs(cfg.plan, cfg.models, cfg.dry_run):
         run_job(cfg, _MODELS[job.model], job)
     return write_rows(cfg)

@@ -95,7 +95,7 @@ def worst_case_rows(
     members: list[tuple[AuditJob, dict[str, np.ndarray]]],
 ) -> list[dict[str, object]]:
     """Per image, won when any attack of the group won it, over the largest job's images."""
-    if len(members) < 2:
+    if not members:
         return []
     main_job, main = max(members, key=lambda m: len(m[1]["idx"]))
     won = np.zeros(len(main["idx"]), dtype=bool)

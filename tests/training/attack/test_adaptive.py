@@ -105,11 +105,15 @@ def test_won_images_leave_and_restarts_go_to_the_rest(
     counting.rows -= len(images.x)  # the check above
     assert res.won.any() and not res.won.all()  # both kinds are present at this budget
     # One forward per image for the clean check, then per restart (steps + 1) forwards, or
-    # k + 1 in the restart where it was won at step k; nothing after the win.
+    # k + 1 in the restart where it was won at step k; nothing after the win. A win at the
+    # last check of restart r (k = steps) has the same `spent` as one at the start of restart
+    # r + 1 (k = 0) and needs one forward less: those may count one less.
     r, k = res.spent // cfg.steps, res.spent % cfg.steps
     per_image = torch.where(res.won, r * (cfg.steps + 1) + k + 1, cfg.restarts * (cfg.steps + 1))
     per_image = torch.where(clean_won, torch.zeros_like(per_image), per_image)
-    assert counting.rows == len(images.x) + int(per_image.sum())
+    ambiguous = int((res.won & ~clean_won & (k == 0) & (r > 0)).sum())
+    expected = len(images.x) + int(per_image.sum())
+    assert expected - ambiguous <= counting.rows <= expected
 
 
 def test_pgd_without_the_test_matches_torchattacks(
@@ -118,7 +122,10 @@ def test_pgd_without_the_test_matches_torchattacks(
     """With T = 0 the attack is plain PGD; its error rate must match torchattacks' PGD/APGD."""
     threat = _threat(model_repo, "ce", threshold=0.0)
     eps, steps = 0.15, 20
-    served = ServedNet(threat.net, threat.objective).eval()
+    assert torch.is_grad_enabled()
+    # torchattacks gets its own copy of the network, with trainable parameters as usual.
+    net, _ = load_torch_model(model_repo / "tiny-ce" / "1")
+    served = ServedNet(net, threat.objective).eval()
     ours = (
         pgd_batch(
             threat,
