@@ -71,8 +71,9 @@ def reference_pgd(
         ("torchattacks_pgd_ce", torchattacks.PGD(served, eps=eps, alpha=alpha, steps=steps)),
         ("torchattacks_apgd_ce", torchattacks.APGD(served, eps=eps, steps=steps, loss="ce")),
     ):
+        adv = atk(x, y)  # needs gradients: outside no_grad
         with torch.no_grad():
-            values[key] = float((served(atk(x, y)).argmax(1) != y).float().mean())
+            values[key] = float((served(adv).argmax(1) != y).float().mean())
     return CheckResult("reference-pgd", name, eps, len(y), values)
 
 

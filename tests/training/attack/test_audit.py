@@ -96,7 +96,7 @@ def test_worst_case_counts_an_image_won_by_any_attack(cfg: audit.AuditConfig) ->
 def test_plans_have_unique_jobs_and_keys() -> None:
     jobs = all_jobs(("a-rce", "a-ce"))
     assert len({j.key("sha") for j in jobs}) == len(jobs)
-    assert len({j.name for j in jobs}) == len(jobs)
+    assert len({(j.model, j.name) for j in jobs}) == len(jobs)  # a job's folder: <model>/<name>
 
 
 def test_unknown_plan_is_refused(cfg: audit.AuditConfig) -> None:
