@@ -119,22 +119,15 @@ def test_won_images_leave_and_restarts_go_to_the_rest(
 def test_pgd_without_the_test_matches_torchattacks(
     model_repo: Path, images: data_mod.TensorData
 ) -> None:
-    """With T = 0 the attack is plain PGD; its error rate must match torchattacks' PGD/APGD."""
+    """With T = 0 the attack is plain PGD; its error rate must match torchattacks' PGD at the
+    same budget (eps, steps, step size, random start). The loss differs (margin here, CE
+    there), so the rates agree within a few of the 24 images, not exactly; APGD, whose step
+    size adapts, is the stronger reference and bounds ours from above."""
     threat = _threat(model_repo, "ce", threshold=0.0)
     eps, steps = 0.15, 20
     served = ServedNet(threat.net, threat.objective).eval()
-    ours = (
-        pgd_batch(
-            threat,
-            images.x,
-            images.y,
-            AdaptiveConfig(attack="pgd", eps=eps, steps=steps, restarts=1, step_size=eps / 8),
-            _gen(),
-        )
-        .won.float()
-        .mean()
-        .item()
-    )
+    cfg = AdaptiveConfig(attack="pgd", eps=eps, steps=steps, restarts=1, step_size=eps / 8)
+    ours = pgd_batch(threat, images.x, images.y, cfg, _gen()).won.float().mean().item()
     torch.manual_seed(0)
     rates = []
     for atk in (
@@ -144,9 +137,10 @@ def test_pgd_without_the_test_matches_torchattacks(
         adv = atk(images.x, images.y)  # needs gradients: outside no_grad
         with torch.no_grad():
             rates.append((served(adv).argmax(1) != images.y).float().mean().item())
-    assert 0.2 < max(rates) < 1.0  # a budget where the rate says something
-    assert ours >= max(rates) - 0.07, (ours, rates)
-    assert ours <= max(rates) + 0.15, (ours, rates)
+    pgd, apgd = rates
+    assert 0.2 < pgd < 1.0  # a budget where the rate says something
+    assert abs(ours - pgd) <= 0.15, (ours, rates)
+    assert ours <= apgd + 0.05, (ours, rates)
 
 
 def test_adaptive_attack_beats_the_one_that_ignores_the_score(
