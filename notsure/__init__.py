@@ -1,3 +1,5 @@
 """notsure: an inference service for image classifiers that knows when not to answer."""
 
-__version__ = "0.1.0"
+from service.version import service_version
+
+__version__ = service_version()  # one source: pyproject.toml, through the installed metadata

@@ -1,29 +1,29 @@
-"""`notsure attack`: FGSM (or BIM/PGD/ILLC) against a live service, with a report.
+"""`notsure attack`: FGSM (or BIM/PGD/ILLC) against a live service, with a report; with
+--adaptive, the white-box audit whose attacks know the score and the served threshold.
 
 Registered on the main app by `notsure.cli` through `register(app)`; torch and matplotlib are
-imported only when the command runs.
+imported only when the command runs. Every option defaults to None and only the options given
+replace fields of the config dataclasses, so the defaults live in one place: the dataclasses.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-DEFAULT_MODELS = ("mnist-resnet32-rce",)
-DEFAULT_EPS = (0.05, 0.1, 0.2, 0.3)
 Opt = typer.Option
 
 
-def _split(values: list[str] | None, default: tuple[str, ...]) -> tuple[str, ...]:
+def _split(values: list[str] | None) -> tuple[str, ...] | None:
     """Repeated options and comma-separated lists: ['a,b', 'c'] -> ('a', 'b', 'c')."""
     items = tuple(v.strip() for item in values or [] for v in item.split(",") if v.strip())
-    return items or default
+    return items or None
 
 
-def _eps(given: list[float] | None, extra: list[str]) -> tuple[float, ...]:
+def _eps(given: list[float] | None, extra: list[str]) -> tuple[float, ...] | None:
     """--eps 0.05 0.1 0.2: click takes the first value, the rest arrive as extra arguments."""
     values = list(given or [])
     for arg in extra:
@@ -34,55 +34,77 @@ def _eps(given: list[float] | None, extra: list[str]) -> tuple[float, ...]:
                 f"unexpected argument {arg!r}; only eps values may follow --eps",
                 param_hint="--eps",
             ) from None
-    return tuple(values) if values else DEFAULT_EPS
+    return tuple(values) if values else None
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    """The options the user set (None means: keep the dataclass default)."""
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def attack(
     ctx: typer.Context,
     model: Annotated[list[str] | None, Opt(help="model name(s); repeat or comma-separate")] = None,
-    url: Annotated[str, Opt(help="base URL of the running service")] = "http://127.0.0.1:8000",
+    url: Annotated[str | None, Opt(help="base URL of the running service")] = None,
     protocol: Annotated[
-        str, Opt(help="http or grpc (KServe V2; grpc uses --url's host, port 8001 unless grpc://)")
-    ] = "http",
+        str | None,
+        Opt(help="http or grpc (KServe V2; grpc uses --url's host, port 8001 unless grpc://)"),
+    ] = None,
     eps: Annotated[list[float] | None, Opt(help="pixel-unit budgets: --eps 0.1 0.2 0.3")] = None,
-    n: Annotated[int, Opt(help="clean test images (the mixed set has 2N)")] = 1000,
-    out: Annotated[Path, Opt(help="report folder")] = Path("runs/attack"),
+    n: Annotated[int | None, Opt(help="clean test images (the mixed set has 2N)")] = None,
+    out: Annotated[Path | None, Opt(help="report folder [runs/attack]")] = None,
     cost: Annotated[list[str] | None, Opt(help="ce and/or rce (paper Section 4.4)")] = None,
-    labels: Annotated[str, Opt(help="attack the true or the predicted label")] = "true",
-    method: Annotated[str, Opt(help="fgsm, bim, pgd or illc")] = "fgsm",
-    steps: Annotated[int, Opt(help="iterations of bim/pgd/illc")] = 10,
-    offline: Annotated[bool, Opt(help="score with the ONNX file, no service")] = False,
-    data_dir: Annotated[Path, Opt(help="folder in torchvision's layout")] = Path("data"),
-    models_dir: Annotated[Path, Opt(help="model repository")] = Path("models"),
+    labels: Annotated[str | None, Opt(help="attack the true or the predicted label")] = None,
+    method: Annotated[str | None, Opt(help="fgsm, bim, pgd or illc")] = None,
+    steps: Annotated[int | None, Opt(help="iterations of bim/pgd/illc")] = None,
+    offline: Annotated[bool | None, Opt(help="score with the ONNX file, no service")] = None,
+    data_dir: Annotated[Path | None, Opt(help="folder in torchvision's layout")] = None,
+    models_dir: Annotated[Path | None, Opt(help="model repository")] = None,
     cache_dir: Annotated[Path | None, Opt(help="resume cache [runs/attack-cache]")] = None,
-    batch_size: Annotated[int, Opt(help="images per request")] = 256,
-    timeout: Annotated[float, Opt(help="seconds per request")] = 60.0,
-    retries: Annotated[int, Opt(help="retries per request on 503/504/errors")] = 3,
+    batch_size: Annotated[int | None, Opt(help="images per request")] = None,
+    timeout: Annotated[float | None, Opt(help="seconds per request")] = None,
+    retries: Annotated[int | None, Opt(help="retries per request on 503/504/errors")] = None,
     api_key: Annotated[str | None, Opt(help="bearer key if the service needs one")] = None,
-    device: Annotated[str, Opt(help="torch device for gradients: auto, cpu, cuda")] = "auto",
-    threads: Annotated[int, Opt(help="torch/onnxruntime threads (0: default)")] = 0,
-    dry_run: Annotated[bool, Opt(help="tiny synthetic models, offline, N <= 64")] = False,
+    device: Annotated[str | None, Opt(help="torch device for gradients: auto, cpu, cuda")] = None,
+    threads: Annotated[int | None, Opt(help="torch/onnxruntime threads (0: default)")] = None,
+    dry_run: Annotated[bool | None, Opt(help="tiny synthetic models, offline, few images")] = None,
+    adaptive: Annotated[bool, Opt(help="run the adaptive white-box audit instead")] = False,
+    plan: Annotated[
+        str | None, Opt(help="audit plan: headline, secondary, worst-case, checks, live, figures")
+    ] = None,
+    work_dir: Annotated[Path | None, Opt(help="audit resume state [runs/audit]")] = None,
+    json_out: Annotated[
+        Path | None, Opt("--json", help="audit rows [docs/robustness/adaptive.json]")
+    ] = None,
+    chunk: Annotated[int | None, Opt(help="audit images saved together (resume unit)")] = None,
 ) -> None:
-    """Attack models white-box and measure what the service's NOT SURE filters (issue 4)."""
-    from training.attack_run import AttackRunConfig, run
-    from training.attack_summary import write_report
-
+    """Attack models white-box and measure what the service's NOT SURE filters."""
     # httpx logs every request at INFO: thousands of lines that would bury the progress bars.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    if adaptive:
+        _adaptive(_given(plan=plan, models=_split(model), models_dir=models_dir,
+                         data_dir=data_dir, work_dir=work_dir, out_json=json_out, chunk=chunk,
+                         threads=threads, dry_run=dry_run, url=url))  # fmt: skip
+        return
 
-    costs = _split(cost, ("ce",))
-    if bad := [c for c in costs if c not in ("ce", "rce")]:
+    from dataclasses import replace
+
+    from training.attack.run import AttackRunConfig, run
+    from training.attack.summary import write_report
+
+    costs = _split(cost)
+    if costs and (bad := [c for c in costs if c not in ("ce", "rce")]):
         raise typer.BadParameter(f"{bad[0]!r}: use ce and/or rce", param_hint="--cost")
-    if protocol not in ("http", "grpc"):
+    if protocol is not None and protocol not in ("http", "grpc"):
         raise typer.BadParameter(f"{protocol!r}: use http or grpc", param_hint="--protocol")
-    cfg = AttackRunConfig(
-        models=_split(model, DEFAULT_MODELS), eps=_eps(eps, ctx.args),
-        costs=costs, labels=labels, method=method, protocol=protocol,  # type: ignore[arg-type]
-        steps=steps, n=n, url=url, offline=offline, models_dir=models_dir, data_dir=data_dir,
-        out_dir=out, cache_dir=cache_dir, request_batch=batch_size, timeout_s=timeout,
-        retries=retries, api_key=api_key, device=device, threads=threads, dry_run=dry_run,
-    )  # fmt: skip
-    report = write_report(run(cfg), out)
+    cfg = replace(AttackRunConfig(), **_given(
+        models=_split(model), eps=_eps(eps, ctx.args), costs=costs, labels=labels,
+        method=method, steps=steps, n=n, url=url, offline=offline, models_dir=models_dir,
+        data_dir=data_dir, out_dir=out, cache_dir=cache_dir, request_batch=batch_size,
+        timeout_s=timeout, retries=retries, api_key=api_key, device=device, threads=threads,
+        dry_run=dry_run, protocol=protocol,
+    ))  # fmt: skip
+    report = write_report(run(cfg), cfg.out_dir)
     for m in report["models"]:
         for key, a in m["attacks"].items():
             t, auc = a["at_manifest_T"], a["auc"]
@@ -91,7 +113,28 @@ def attack(
                 f"{t['refuse_normal']:.3f} / adv {t['refuse_adversarial']:.3f}, "
                 f"AUC J {auc['j_score']:.3f} conf {auc['confidence']:.3f}"
             )
-    typer.echo(f"report: {out / 'report.md'}")
+    typer.echo(f"report: {cfg.out_dir / 'report.md'}")
+
+
+def _adaptive(given: dict[str, Any]) -> None:
+    from dataclasses import replace
+
+    from training.attack.audit import AuditConfig, run
+
+    cfg = replace(AuditConfig(), **given)
+    if cfg.dry_run and "out_json" not in given:  # a dry run must not overwrite measured rows
+        cfg = replace(cfg, out_json=cfg.work_dir / "adaptive.json")
+    try:
+        rows = run(cfg)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--plan") from None
+    for r in rows:
+        if r["attack"] == "worst-case" or r["attack"] == "none":
+            typer.echo(
+                f"{r['model']} {r['score']} T={r['threshold']:.4g} {r['attack']} eps "
+                f"{r['eps']:g}: success {r['attack_success']:.3f} (n {r['n']})"
+            )
+    typer.echo(f"rows: {cfg.out_json}")
 
 
 def register(app: typer.Typer) -> None:

@@ -15,7 +15,6 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from notsure import __version__
 from service.api import handlers
 from service.api.deps import AppState
 from service.api.hot import HotRoutes
@@ -28,6 +27,7 @@ from service.middleware import ServiceMiddleware
 from service.repository import Repository
 from service.schemas import PredictRequest, V2InferRequest, component_schemas
 from service.security import KeyRing
+from service.version import service_version
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(
         title="notsure",
-        version=__version__,
+        version=service_version(),
         summary="Image classification that answers NOT SURE when the J-score is below T.",
         lifespan=lifespan,
         # FastAPI's built-in OpenTelemetry hooks look up the global providers on every request;

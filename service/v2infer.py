@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from notsure import __version__
 from service.api.deps import AppState
 from service.errors import InvalidInput, PayloadTooLarge
 from service.imaging import check_batch
 from service.inference import Call, infer, threshold_for
 from service.repository import ModelVersion
+from service.version import service_version
 
 INPUT = "input"
 OUTPUTS = ("label", "j_score", "confidence", "non_me", "probabilities", "score", "energy")
@@ -28,7 +28,7 @@ PLATFORM = "onnxruntime_onnx"
 
 
 def server_metadata() -> dict[str, Any]:
-    return {"name": "notsure", "version": __version__, "extensions": ["binary_tensor_data"]}
+    return {"name": "notsure", "version": service_version(), "extensions": ["binary_tensor_data"]}
 
 
 def outputs_of(mv: ModelVersion) -> tuple[str, ...]:

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny *real* model repository (trained, exported to ONNX, calibrated).
+"""Shared fixtures: a tiny *real* model repository (trained, exported to ONNX, calibrated by
+`training.tiny`, the same builder every --dry-run uses).
 
 Nothing is mocked: a ResNet-8 learns the synthetic set in a few seconds, goes through the same
 export and calibration code as the bundled models, and the service tests serve it.
@@ -12,45 +13,16 @@ from pathlib import Path
 
 import pytest
 
-TINY_MODELS = ("tiny-rce", "tiny-ce")
+from training.tiny import TINY_MODELS, tiny_repo
 
-
-def build_tiny_repo(root: Path, work: Path) -> Path:
-    """Train, export and calibrate an RCE and a CE ResNet-8 on the synthetic set."""
-    from training.calibrate import CalibrateConfig, calibrate
-    from training.export import ExportConfig, export
-    from training.train import TrainConfig, train
-
-    for name in TINY_MODELS:
-        objective = name.split("-")[1]
-        run = work / name
-        train(
-            TrainConfig(
-                dataset="synthetic",
-                arch="resnet8",
-                objective=objective,  # type: ignore[arg-type]
-                steps=60,
-                batch_size=32,
-                optimizer="adam",
-                lr=3e-3,
-                weight_decay=0.0,
-                eval_every=60,
-                checkpoint_every=10_000,
-                out_dir=run,
-                dry_run=True,
-                threads=2,
-            )
-        )
-        export(ExportConfig(run_dir=run, name=name, models_dir=root, parity_samples=64))
-        calibrate(CalibrateConfig(model_dir=root / name / "1"))
-    return root
+__all__ = ["TINY_MODELS"]
 
 
 @pytest.fixture(scope="session")
 def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A read-only-by-convention model repository with tiny-rce/1 and tiny-ce/1."""
     base = tmp_path_factory.mktemp("repo")
-    return build_tiny_repo(base / "models", base / "runs")
+    return tiny_repo(base / "models", base / "runs", threads=2)
 
 
 @pytest.fixture

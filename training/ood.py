@@ -26,8 +26,8 @@ import numpy.typing as npt
 from service.manifest import MANIFEST_FILE, Manifest
 from service.scoring import SCORE_NAMES, accept
 from training import data as data_mod
+from training.attack.service_client import NOT_SURE, V2Client
 from training.progress import progress_bar
-from training.service_client import NOT_SURE, V2Client
 
 log = logging.getLogger(__name__)
 

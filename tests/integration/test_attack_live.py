@@ -22,8 +22,8 @@ from typer.testing import CliRunner
 from notsure.attack_cli import register
 from service.config import Settings
 from service.server import uvicorn_config
-from training.attack_run import AttackRunConfig, run
-from training.service_client import OUTPUTS, ServiceError
+from training.attack.run import AttackRunConfig, run
+from training.attack.service_client import OUTPUTS, ServiceError
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MODELS = ("tiny-rce", "tiny-ce")

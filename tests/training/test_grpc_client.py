@@ -16,9 +16,9 @@ from notsure.attack_cli import register
 from service.config import Settings
 from service.manifest import MANIFEST_FILE, Manifest
 from tests.conftest import LiveServer, free_port
+from training.attack.service_client import OUTPUTS, OfflineScorer, ServiceError, V2Client
 from training.data import synthetic
 from training.grpc_client import GrpcClient, target_of
-from training.service_client import OUTPUTS, OfflineScorer, ServiceError, V2Client
 
 RCE = "tiny-rce"
 KEY = "k3y"

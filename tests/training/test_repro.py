@@ -18,9 +18,10 @@ from typer.testing import CliRunner
 
 from notsure.cli import app
 from service.manifest import MANIFEST_FILE, Manifest
+from training.evaluation import refuse_at_clean_rate, roc_auc
 from training.repro import bnn, cnn_pair, table1, tsne
 from training.repro.common import Output, update_section, write_json
-from training.repro.detection import refuse_at_clean_rate, roc_auc, sweep
+from training.repro.detection import sweep
 from training.repro.posterior import PosteriorPredictive
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -21,21 +21,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.attacks import AttackConfig, attack
+from training.attack.classic import AttackConfig, attack
+from training.evaluation import fit_kernel, num, pct, roc_auc, table
 from training.export import load_run
 from training.losses import Objective
 from training.repro.common import (
     Output,
     adam_run,
     load_splits,
-    num,
-    pct,
     served_logits_np,
-    table,
     update_section,
     write_json,
 )
-from training.repro.detection import METRICS, fit_kernel, roc_auc, score, sweep
+from training.repro.detection import METRICS, score, sweep
 from training.repro.posterior import SamplerConfig, sample_posterior
 from training.train import train
 

@@ -15,22 +15,20 @@ from pathlib import Path
 
 import torch
 
-from training.attacks import AttackConfig, fgsm_direction
+from training.attack.classic import AttackConfig, fgsm_direction
 from training.data import Splits
+from training.evaluation import fit_kernel, num, pct, table
 from training.export import load_run
 from training.losses import Objective
 from training.repro.common import (
     Output,
     adam_run,
     load_splits,
-    num,
-    pct,
     served_logits_np,
-    table,
     update_section,
     write_json,
 )
-from training.repro.detection import filtering_summary, fit_kernel, score
+from training.repro.detection import filtering_summary, score
 from training.train import LOG_FILE, TrainConfig, train
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from training import data as data_mod
-from training.attacks import served_predictions
+from training.attack.classic import served_predictions
 from training.losses import Objective
 from training.train import TrainConfig
 
@@ -109,22 +109,6 @@ def served_logits_np(net: nn.Module, objective: Objective, x: torch.Tensor) -> n
     """The vector fed to the served softmax, in batches of 500: (N, C, H, W) -> (N, L)."""
     parts = [served_predictions(net, objective, x[i : i + 500]) for i in range(0, len(x), 500)]
     return torch.cat(parts).numpy()
-
-
-def pct(x: float | None, digits: int = 2) -> str:
-    """0.9881 -> '98.81%'; None (no samples) -> 'n/a'."""
-    return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.{digits}f}%"
-
-
-def num(x: float | None, digits: int = 3) -> str:
-    return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    """A markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def adam_run(

@@ -1,8 +1,9 @@
-"""How well a score separates clean from adversarial samples: threshold sweeps, ROC-AUC.
+"""Threshold sweeps and filtering summaries of the paper reproductions.
 
-The scores themselves (confidence, non-ME, kernel non-ME, J) come from `service.scoring`; this
-module only aggregates them. Conventions: a sample is *accepted* (answered) when its score is
->= T and refused (NOT SURE) otherwise; "accuracy of output" is the accuracy over the accepted
+The scores themselves (confidence, non-ME, kernel non-ME, J) come from `service.scoring`, ROC-AUC
+and the clean-rate threshold from `training.evaluation`; this module only aggregates them.
+Conventions: a sample is *accepted* (answered) when its score is >= T and refused (NOT SURE)
+otherwise; "accuracy of output" is the accuracy over the accepted
 samples, judged against the true label of the clean image (paper, Section 4.5 and Fig. 7).
 """
 
@@ -13,24 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from service.scoring import (
-    Kernel,
-    kernel_mu,
-    kernel_sigma,
-    non_me_from_log_probs,
-    score_logits,
-    threshold_for_refuse_rate,
-)
+from service.scoring import Kernel, score_logits
+from training.evaluation import refuse_at_clean_rate, roc_auc
 
 F64 = npt.NDArray[np.float64]
 Bool = npt.NDArray[np.bool_]
 METRICS = ("confidence", "j_score")
-
-
-def fit_kernel(train_logits: npt.NDArray[np.floating], eta: float = 1.0) -> Kernel:
-    """Eq. (5) parameters: mu = log(L-1), sigma from the non-ME of training samples (B, L)."""
-    mu = kernel_mu(train_logits.shape[1])
-    return Kernel(mu=mu, sigma=kernel_sigma(non_me_from_log_probs(train_logits), mu), eta=eta)
 
 
 @dataclass(frozen=True)
@@ -51,25 +40,6 @@ def score(logits: npt.NDArray[np.floating], kernel: Kernel) -> Scored:
     """Run the thresholding test's scoring (service.scoring) on served logits (B, L)."""
     s = score_logits(logits, kernel, threshold=0.0)
     return Scored(label=s.label, confidence=s.confidence, j_score=s.j_score)
-
-
-def roc_auc(normal: F64, adversarial: F64) -> float:
-    """P(score of a random normal sample > that of a random adversarial one), ties count 1/2.
-
-    The Mann-Whitney form of the ROC-AUC with normal samples as positives (sklearn agrees).
-    """
-    if normal.size == 0 or adversarial.size == 0:
-        return float("nan")
-    from sklearn.metrics import roc_auc_score
-
-    y = np.concatenate([np.ones(normal.size), np.zeros(adversarial.size)])
-    return float(roc_auc_score(y, np.concatenate([normal, adversarial])))
-
-
-def refuse_at_clean_rate(clean: F64, adversarial: F64, clean_refuse: float) -> tuple[float, float]:
-    """(T, share of adversarial samples refused) at the T that refuses `clean_refuse` of clean."""
-    t = threshold_for_refuse_rate(clean, clean_refuse)
-    return t, float((adversarial < t).mean()) if adversarial.size else float("nan")
 
 
 def sweep(

@@ -19,7 +19,8 @@ from torch import nn
 
 from service.manifest import MANIFEST_FILE
 from training import data as data_mod
-from training.repro.common import Output, num, pct, table, update_section, write_json
+from training.evaluation import num, pct, table
+from training.repro.common import Output, update_section, write_json
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import torchattacks
 from torch import nn
 
 from training import data as data_mod
-from training.attacks import (
+from training.attack.classic import (
     AttackConfig,
     attack,
     attack_targets,
@@ -95,10 +95,15 @@ def test_results_do_not_depend_on_the_batch_size(images: data_mod.TensorData) ->
     net = _random_net("resnet8", seed=1)
     for method in ("fgsm", "bim", "illc"):  # PGD's random start depends on the batching
         small, large = (
-            attack(net, "rce", images.x, images.y,
-                   AttackConfig(method=method, eps=0.1, steps=3, batch_size=b))  # type: ignore[arg-type]
+            attack(
+                net,
+                "rce",
+                images.x,
+                images.y,
+                AttackConfig(method=method, eps=0.1, steps=3, batch_size=b),
+            )  # type: ignore[arg-type]
             for b in (5, 48)
-        )  # fmt: skip
+        )
         torch.testing.assert_close(small, large, rtol=0, atol=1e-6)
 
 
@@ -127,8 +132,7 @@ def test_iterative_attacks_hurt_the_trained_model(
     assert float((clean_pred == images.y).float().mean()) >= 0.95
 
     def predictions(method: str) -> torch.Tensor:
-        adv = attack(net, obj, images.x, images.y,
-                     AttackConfig(method=method, eps=0.3, steps=10))  # type: ignore[arg-type]  # fmt: skip
+        adv = attack(net, obj, images.x, images.y, AttackConfig(method=method, eps=0.3, steps=10))  # type: ignore[arg-type]
         return served_predictions(net, obj, adv).argmax(1)
 
     def accuracy(method: str) -> float:
@@ -151,18 +155,32 @@ def test_iterative_attacks_hurt_the_trained_model(
 
 def test_pgd_random_start_is_seeded(images: data_mod.TensorData) -> None:
     net = _random_net("mlp")
-    runs = [attack(net, "ce", images.x, images.y,
-                   AttackConfig(method="pgd", eps=0.1, steps=1, step_size=0.0, seed=s))
-            for s in (0, 0, 1)]  # fmt: skip
+    runs = [
+        attack(
+            net,
+            "ce",
+            images.x,
+            images.y,
+            AttackConfig(method="pgd", eps=0.1, steps=1, step_size=0.0, seed=s),
+        )
+        for s in (0, 0, 1)
+    ]
     torch.testing.assert_close(runs[0], runs[1])
     assert not torch.equal(runs[0], runs[2])
 
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"method": "cw"}, {"cost": "mse"}, {"labels": "random"}, {"eps": 1.5}, {"eps": -0.1},
-     {"steps": 0}, {"batch_size": 0}],
-)  # fmt: skip
+    [
+        {"method": "cw"},
+        {"cost": "mse"},
+        {"labels": "random"},
+        {"eps": 1.5},
+        {"eps": -0.1},
+        {"steps": 0},
+        {"batch_size": 0},
+    ],
+)
 def test_config_rejects_bad_values(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         AttackConfig(**kwargs)  # type: ignore[arg-type]

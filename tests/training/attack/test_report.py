@@ -10,9 +10,9 @@ import pytest
 
 from service.manifest import KernelParams, Manifest
 from service.scoring import score_logits
-from training.attack_report import auc, eps_metrics, top_n
-from training.attack_run import ModelRecord
-from training.service_client import NOT_SURE, Decisions
+from training.attack.report import auc, eps_metrics, top_n
+from training.attack.run import ModelRecord
+from training.attack.service_client import NOT_SURE, Decisions
 
 
 def _brute_force_top_n(values: list[float], flags: list[int], n: int) -> float:
@@ -49,20 +49,30 @@ def test_auc_counts_correctly_ordered_pairs() -> None:
 
 def _manifest(threshold: float) -> Manifest:
     return Manifest(
-        name="m", version=1, classes=[str(i) for i in range(10)], input_shape=(1, 28, 28),
-        objective="rce", output="neg_logits", architecture="resnet8",
-        kernel=KernelParams(mu=math.log(9), sigma=0.4), threshold=threshold, sha256="0" * 64,
-    )  # fmt: skip
+        name="m",
+        version=1,
+        classes=[str(i) for i in range(10)],
+        input_shape=(1, 28, 28),
+        objective="rce",
+        output="neg_logits",
+        architecture="resnet8",
+        kernel=KernelParams(mu=math.log(9), sigma=0.4),
+        threshold=threshold,
+        sha256="0" * 64,
+    )
 
 
 def _decisions(logits: np.ndarray, manifest: Manifest) -> Decisions:
     """What a correct service returns for these logits (float32, -1 on NOT SURE)."""
     s = score_logits(logits, manifest.kernel.to_kernel(), manifest.threshold)
     return Decisions(
-        label=np.where(s.accepted, s.label, NOT_SURE), j_score=s.j_score.astype(np.float32),
-        confidence=s.confidence.astype(np.float32), non_me=s.non_me.astype(np.float32),
-        probabilities=s.probabilities.astype(np.float32), threshold=manifest.threshold,
-    )  # fmt: skip
+        label=np.where(s.accepted, s.label, NOT_SURE),
+        j_score=s.j_score.astype(np.float32),
+        confidence=s.confidence.astype(np.float32),
+        non_me=s.non_me.astype(np.float32),
+        probabilities=s.probabilities.astype(np.float32),
+        threshold=manifest.threshold,
+    )
 
 
 def test_eps_metrics_on_a_constructed_mixed_set() -> None:

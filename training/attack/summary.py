@@ -7,9 +7,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from training import attack_plots as plots
-from training.attack_report import CLEAN_REFUSE_RATES, ETAS, METRICS, build_report
-from training.attack_run import AttackRun
+from training.attack import plots
+from training.attack.report import CLEAN_REFUSE_RATES, ETAS, METRICS, build_report
+from training.attack.run import AttackRun
+from training.evaluation import num, pct, table
 
 log = logging.getLogger(__name__)
 
@@ -17,20 +18,11 @@ ABBR = {"confidence": "conf", "non_me": "nonME", "j_score": "J"}
 
 
 def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.1f}%"
-
-
-def _f3(v: float | None) -> str:
-    return "-" if v is None else f"{v:.3f}"
+    return pct(v, 1)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return [
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *("| " + " | ".join(r) + " |" for r in rows),
-        "",
-    ]
+    return [table(header, rows), ""]
 
 
 def _rows(report: dict[str, Any], cost: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
@@ -117,8 +109,8 @@ def markdown(report: dict[str, Any], figures: dict[str, list[str]]) -> str:
             fixed = a["fixed_clean_refuse"]
             body.append(
                 [m["objective"].upper(), f"{a['eps']:g}", str(a["pairs_correct_and_successful"])]
-                + [_f3(a["auc"][k]) for k in METRICS]
-                + [_f3(a["auc_correct_and_successful"][k]) for k in METRICS]
+                + [num(a["auc"][k]) for k in METRICS]
+                + [num(a["auc_correct_and_successful"][k]) for k in METRICS]
                 + [
                     _pct(fixed[f"{r:g}"][k]["refuse_adversarial"])
                     for r in CLEAN_REFUSE_RATES
@@ -157,8 +149,8 @@ def markdown(report: dict[str, Any], figures: dict[str, list[str]]) -> str:
                 [
                     m["objective"].upper(),
                     f"{a['eps']:g}",
-                    *[_f3(a["eta_sweep"]["mean_j_adversarial"][f"{e:g}"]) for e in ETAS],
-                    _f3(a["eta_sweep"]["mean_confidence_adversarial"]),
+                    *[num(a["eta_sweep"]["mean_j_adversarial"][f"{e:g}"]) for e in ETAS],
+                    num(a["eta_sweep"]["mean_confidence_adversarial"]),
                 ]
                 for m, a in rows
             ],

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from training.attack_report import ETAS, METRICS
+from training.attack.report import ETAS, METRICS
 
 METRIC_LABEL = {"confidence": "confidence", "non_me": "non-ME", "j_score": "J-score"}
 

@@ -23,19 +23,19 @@ import torch
 
 from service.manifest import Manifest
 from training import data as data_mod
-from training.attack_io import (
+from training.attack.classic import AttackConfig, Cost, LabelSource, Method, attack, attack_targets
+from training.attack.classic import fgsm_direction as _fgsm_direction
+from training.attack.io import (
     cached,
-    dry_run_repo,
     model_version_dir,
     score_all,
     test_images,
 )
-from training.attacks import AttackConfig, Cost, LabelSource, Method, attack, attack_targets
-from training.attacks import fgsm_direction as _fgsm_direction
+from training.attack.service_client import Decisions, OfflineScorer, V2Client
 from training.grpc_client import GrpcClient, target_of
 from training.modelio import load_torch_model
 from training.progress import progress_bar
-from training.service_client import Decisions, OfflineScorer, V2Client
+from training.tiny import tiny_repo
 from training.train import pick_device
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def effective(cfg: AttackRunConfig) -> AttackRunConfig:
     """Apply --dry-run: a tiny model on synthetic data, scored offline."""
     if not cfg.dry_run:
         return cfg
-    root = dry_run_repo(cfg.out_dir / "dry-run-models", cfg.out_dir / "dry-run-runs")
+    root = tiny_repo(cfg.out_dir / "dry-run-models", cfg.out_dir / "dry-run-runs")
     return replace(cfg, models=("tiny-rce", "tiny-ce"), models_dir=root, offline=True,
                    n=min(cfg.n, 64), eps=cfg.eps[:2])  # fmt: skip
 

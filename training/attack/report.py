@@ -12,11 +12,11 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from sklearn.metrics import roc_auc_score
 
-from service.scoring import Kernel, kernel_non_me, threshold_for_refuse_rate
-from training.attack_run import AttackRun, ModelRecord
-from training.service_client import Decisions
+from service.scoring import Kernel, kernel_non_me
+from training.attack.run import AttackRun, ModelRecord
+from training.attack.service_client import Decisions
+from training.evaluation import refuse_at_clean_rate, roc_auc
 
 METRICS = ("confidence", "non_me", "j_score")
 ETAS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0)  # Fig. 6
@@ -44,11 +44,10 @@ def top_n(values: np.ndarray, flags: np.ndarray, n: int) -> float:
 
 
 def auc(normal: np.ndarray, adversarial: np.ndarray) -> float | None:
-    """ROC-AUC of a metric separating normal (positive) from adversarial samples."""
-    if len(normal) == 0 or len(adversarial) == 0:
-        return None
-    labels = np.r_[np.ones(len(normal)), np.zeros(len(adversarial))]
-    return float(roc_auc_score(labels, np.r_[normal, adversarial]))
+    """ROC-AUC of a metric separating normal (positive) from adversarial samples; None if a set
+    is empty (JSON has no NaN)."""
+    value = roc_auc(normal, adversarial)
+    return None if np.isnan(value) else value
 
 
 def _accuracy(correct: Bools, accepted: Bools) -> float | None:
@@ -113,11 +112,11 @@ def eps_metrics(rec: ModelRecord, clean: Decisions, adv: Decisions) -> dict[str,
         out["auc_correct_and_successful"][m] = auc(vc[sub], va[sub])
         for r in CLEAN_REFUSE_RATES:
             # T chosen on these very clean images (an oracle choice, stated in the report).
-            tr = threshold_for_refuse_rate(vc, r)
+            tr, refused = refuse_at_clean_rate(vc, va, r)
             out["fixed_clean_refuse"][f"{r:g}"][m] = {
                 "threshold": tr,
                 "refuse_normal": float((vc < tr).mean()),
-                "refuse_adversarial": float((va < tr).mean()),
+                "refuse_adversarial": refused,
             }
     k = rec.manifest.kernel
     out["eta_sweep"] = {

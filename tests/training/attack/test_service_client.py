@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from service import v2codec
-from training.service_client import HEADER, OUTPUTS, decode_response, encode_request
+from training.attack.service_client import HEADER, OUTPUTS, decode_response, encode_request
 
 
 def test_request_is_what_the_service_decodes() -> None:

@@ -11,8 +11,8 @@ import numpy as np
 
 from service.manifest import MANIFEST_FILE, Manifest
 from training import data as data_mod
+from training.attack.service_client import Decisions
 from training.progress import progress_bar
-from training.service_client import Decisions
 
 log = logging.getLogger(__name__)
 
@@ -82,25 +82,3 @@ def cached(path: Path, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str
     np.savez_compressed(tmp, **arrays)
     tmp.replace(path)
     return arrays
-
-
-def dry_run_repo(root: Path, work: Path) -> Path:
-    """A tiny calibrated RCE and CE ResNet-8 on the synthetic set (built once, then reused)."""
-    from training.calibrate import CalibrateConfig, calibrate
-    from training.export import ExportConfig, export
-    from training.train import TrainConfig, train
-
-    for objective in ("rce", "ce"):
-        name = f"tiny-{objective}"
-        if (root / name / "1" / MANIFEST_FILE).exists():
-            continue
-        run = work / name
-        tcfg = TrainConfig(
-            dataset="synthetic", arch="resnet8", objective=objective, steps=60, batch_size=32,
-            optimizer="adam", lr=3e-3, weight_decay=0.0, eval_every=60,
-            checkpoint_every=10_000, out_dir=run, dry_run=True,
-        )  # fmt: skip
-        train(tcfg)
-        export(ExportConfig(run_dir=run, name=name, models_dir=root, parity_samples=64))
-        calibrate(CalibrateConfig(model_dir=root / name / "1"))
-    return root

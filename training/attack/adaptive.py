@@ -1,0 +1,207 @@
+"""Adaptive white-box attacks: they know the weights, the score and the served threshold T.
+
+The attacker wins on an image when the served answer is a wrong label that is accepted
+(score >= T). Every attack here works per image: an image is checked at every step, its first
+winning version is kept and it leaves the batch, and random restarts are spent only on images
+not yet won.
+
+- "lagrangian": PGD on  loss(wrong class) + lambda * max(0, log T' - log score), with T' a
+  little above T and lambda swept over the restarts;
+- "selective" and "orthogonal" (Bryniarski et al. 2021): step on the classifier loss while the
+  image is classified right, then on the score loss; "orthogonal" projects each gradient off
+  the other so that one step does not undo the other;
+- "pgd": the classifier loss alone, i.e. PGD against a model without the test (a sanity
+  check against torchattacks);
+- "cw-l2": Carlini & Wagner's L2 attack with the score term added (the C&W-wb attack of the
+  RCE paper's official code), binary search on c, see `cw.py`.
+Pixels are in [0, 1]; eps is an L-inf budget in pixel units.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from service.scoring import Kernel
+from training.attack.score import ScoreKind, log_score_at, served
+from training.losses import Objective, served_logits
+
+AttackName = Literal["lagrangian", "selective", "orthogonal", "pgd", "cw-l2"]
+ATTACKS: tuple[AttackName, ...] = ("lagrangian", "selective", "orthogonal", "pgd", "cw-l2")
+ClassLoss = Literal["margin", "ce"]
+
+
+@dataclass(frozen=True)
+class Threat:
+    """What the attacker knows: the network, what it serves, the score and the served T."""
+
+    net: nn.Module
+    objective: Objective
+    kernel: Kernel
+    threshold: float
+    score: ScoreKind = "j"
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, L) the vector the served softmax is applied to."""
+        return served_logits(self.objective, self.net(x))
+
+    def wins(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: the served answer is a wrong label and it is accepted."""
+        s = served(logits.detach(), self.kernel, self.score)
+        log_t = math.log(self.threshold) if self.threshold > 0 else -math.inf
+        return (s.label != y) & (s.log_score >= log_t)
+
+
+@dataclass(frozen=True)
+class AdaptiveConfig:
+    """One adaptive attack. L-inf steps follow a schedule from eps/4, halved every quarter of
+    the steps, unless step_size is given (coarse steps first find the region, fine ones the
+    accepted corner of it)."""
+
+    attack: AttackName = "lagrangian"
+    eps: float = 0.3
+    steps: int = 200
+    restarts: int = 5
+    loss: ClassLoss = "margin"
+    lambdas: tuple[float, ...] = (1.0, 10.0)  # Lagrangian weights, cycled over the restarts
+    log_margin: float = 0.1  # T' = T * exp(log_margin): aim a little above the served T
+    kappa: float = 2.0  # the margin loss stops rewarding once the wrong class leads by kappa
+    step_size: float | None = None
+    seed: int = 0
+    cw_c: float = 1.0  # C&W: initial constant c, then binary search
+    cw_lr: float = 0.01  # C&W: Adam learning rate in tanh space
+
+    def __post_init__(self) -> None:
+        if self.attack not in ATTACKS:
+            raise ValueError(f"attack must be one of {', '.join(ATTACKS)}, got {self.attack!r}")
+        if self.loss not in ("margin", "ce"):
+            raise ValueError(f"loss must be 'margin' or 'ce', got {self.loss!r}")
+        if not 0.0 <= self.eps <= 1.0:
+            raise ValueError(f"eps is in pixel units and must be in [0, 1], got {self.eps}")
+        if self.steps < 1 or self.restarts < 1 or not self.lambdas:
+            raise ValueError("steps and restarts must be >= 1 and lambdas non-empty")
+
+    def alpha(self, k: int) -> float:
+        if self.step_size is not None:
+            return self.step_size
+        return self.eps / 4 * 0.5 ** min(3, 4 * k // self.steps)
+
+
+@dataclass(frozen=True)
+class Result:
+    """Per image of a batch: whether it was won, the image kept, and the steps spent on it."""
+
+    won: torch.Tensor  # (B,) bool
+    adv: torch.Tensor  # (B, C, H, W): the first winning image, else the last iterate
+    spent: torch.Tensor  # (B,) gradient steps until the win (or all steps spent)
+
+
+def wrong_class(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B,) the strongest wrong class, the one an untargeted attack pushes up."""
+    return logits.masked_fill(F.one_hot(y, logits.shape[-1]).bool(), float("-inf")).argmax(-1)
+
+
+def class_loss(logits: torch.Tensor, y: torch.Tensor, cfg: AdaptiveConfig) -> torch.Tensor:
+    """(B,) to minimise: the margin s_y - max_{i != y} s_i (floored at -kappa) or the CE of
+    the strongest wrong class."""
+    t = wrong_class(logits, y)
+    if cfg.loss == "ce":
+        return F.cross_entropy(logits, t, reduction="none")
+    s_y = logits.gather(-1, y[:, None])[:, 0]
+    s_t = logits.gather(-1, t[:, None])[:, 0]
+    return (s_y - s_t).clamp(min=-cfg.kappa)
+
+
+def score_loss(
+    threat: Threat,
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    cfg: AdaptiveConfig,
+    at_served: bool = False,
+) -> torch.Tensor:
+    """(B,) hinge max(0, log T' - log score), the score taken at the strongest wrong class
+    (the one the attack aims at) or, with at_served, at the served label (what is detected)."""
+    if threat.threshold <= 0:
+        return torch.zeros(len(y), dtype=torch.float64, device=logits.device)
+    log_target = math.log(threat.threshold) + cfg.log_margin
+    cls = logits.argmax(-1) if at_served else wrong_class(logits, y)
+    return (log_target - log_score_at(logits, cls, threat.kernel, threat.score)).clamp(min=0)
+
+
+def _project_off(g: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """g minus its component along `other`, per image; (B, ...) -> (B, ...)."""
+    gf, of = g.flatten(1), other.flatten(1)
+    coef = (gf * of).sum(1) / (of * of).sum(1).clamp(min=1e-30)
+    return (gf - coef[:, None] * of).view_as(g)
+
+
+def descent_direction(
+    threat: Threat,
+    x: torch.Tensor,
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    cfg: AdaptiveConfig,
+    lam: float,
+) -> torch.Tensor:
+    """The gradient to descend for one step of the configured attack, (B, C, H, W)."""
+    c_loss = class_loss(logits, y, cfg).double()
+    if cfg.attack == "pgd":
+        return torch.autograd.grad(c_loss.sum(), x)[0]
+    # Bryniarski et al. step on what the detector says about the served label.
+    s_loss = score_loss(threat, logits, y, cfg, at_served=cfg.attack != "lagrangian")
+    if cfg.attack == "lagrangian":
+        return torch.autograd.grad((c_loss + lam * s_loss).sum(), x)[0]
+    right = (logits.argmax(-1) == y).double()  # (B,) still classified right
+    if cfg.attack == "selective":
+        return torch.autograd.grad((right * c_loss + (1 - right) * s_loss).sum(), x)[0]
+    # Orthogonal: both gradients from one forward pass, each projected off the other.
+    g_c = torch.autograd.grad(c_loss.sum(), x, retain_graph=True)[0]
+    g_s = torch.autograd.grad(s_loss.sum(), x)[0]
+    r = right.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    return r * _project_off(g_c, g_s) + (1 - r) * _project_off(g_s, g_c)
+
+
+def pgd_batch(
+    threat: Threat,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: AdaptiveConfig,
+    generator: torch.Generator,
+) -> Result:
+    """The L-inf attacks on one batch already on the net's device."""
+    adv_out, spent = x.clone(), torch.zeros(len(x), dtype=torch.long)
+    with torch.no_grad():  # a clean image served wrong and accepted is won at no cost
+        won = threat.wins(threat.logits(x), y).cpu()
+    for r in range(cfg.restarts):
+        idx = (~won).nonzero()[:, 0]
+        if len(idx) == 0:
+            break
+        lam = cfg.lambdas[r % len(cfg.lambdas)]
+        x0, y0 = x[idx.to(x.device)], y[idx.to(x.device)]
+        noise = (torch.rand(x0.shape, generator=generator) * 2 - 1) * cfg.eps
+        cur = (x0 + noise.to(x.device)).clamp(0.0, 1.0)
+        for k in range(cfg.steps + 1):
+            cur.requires_grad_(True)
+            logits = threat.logits(cur)
+            w = threat.wins(logits, y0)
+            if w.any():
+                hit = idx[w.cpu()]
+                adv_out[hit.to(x.device)] = cur[w].detach()
+                won[hit], spent[hit] = True, r * cfg.steps + k
+            keep = ~w
+            if k == cfg.steps or not keep.any():
+                cur, idx = cur.detach()[keep], idx[keep.cpu()]
+                break
+            grad = descent_direction(threat, cur, logits, y0, cfg, lam)[keep]
+            cur, x0, y0, idx = cur.detach()[keep], x0[keep], y0[keep], idx[keep.cpu()]
+            cur = cur - cfg.alpha(k) * grad.sign()
+            cur = torch.minimum(torch.maximum(cur, x0 - cfg.eps), x0 + cfg.eps).clamp(0.0, 1.0)
+        if len(idx):
+            adv_out[idx.to(x.device)] = cur.detach()
+            spent[idx] = (r + 1) * cfg.steps
+    return Result(won, adv_out.detach(), spent)

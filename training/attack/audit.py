@@ -1,0 +1,325 @@
+"""`notsure attack --adaptive`: run the audit's jobs resumably and write the result rows.
+
+Each job attacks its images in chunks; every finished chunk is saved under
+`work_dir/<model>/<job>-<key>/` (the winning images, which images were won, the steps spent),
+so a killed run resumes at the first missing chunk. After each chunk the rows of every job are
+rebuilt from the saved chunks and written to the JSON file. Wins are counted as the service
+decides them: the saved images go through the ONNX graph and `service.scoring`, not through
+the torch mirror the attack steered by.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from service.manifest import MODEL_FILE, Manifest
+from service.runtime import OnnxModel
+from service.scoring import score_logits, threshold_for_refuse_rate
+from training import data as data_mod
+from training.attack.adaptive import Result, Threat, pgd_batch
+from training.attack.cw import cw_batch, l2_distance
+from training.attack.io import model_version_dir, test_images
+from training.attack.plan import L2_BUDGETS, PLANS, THRESHOLDS, AuditJob, all_jobs, plan_jobs
+from training.modelio import load_torch_model
+from training.progress import progress_bar
+
+log = logging.getLogger(__name__)
+EXTRA = ("checks", "live", "figures")  # plans that attack nothing new: they check the saved results
+CALIBRATION = slice(5000, 10000)  # clean test images for other thresholds; attacks use < 5000
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    plan: str = "headline"
+    models: tuple[str, ...] = ("mnist-resnet32-rce", "mnist-resnet32-ce")
+    models_dir: Path = Path("models")
+    data_dir: Path = Path("data")
+    work_dir: Path = Path("runs/audit")
+    out_json: Path = Path("docs/robustness/adaptive.json")
+    chunk: int = 50
+    threads: int = 1
+    dry_run: bool = False  # tiny synthetic models, few images and steps
+    url: str = "http://127.0.0.1:8000"  # the live service, for the "live" plan
+
+
+@dataclass
+class Model:
+    """One model as the attacker and the server see it."""
+
+    name: str
+    manifest: Manifest
+    net: torch.nn.Module
+    onnx: OnnxModel
+    data: data_mod.TensorData
+    thresholds: dict[tuple[str, float | None], float] = field(default_factory=dict)
+
+    def threshold(self, score: str, clean_refusal: float | None) -> float:
+        """The manifest's T for J, else the T refusing that share of clean calibration images."""
+        if clean_refusal is None and score == "j":
+            return self.manifest.threshold
+        key = (score, clean_refusal if clean_refusal is not None else 0.05)
+        if key not in self.thresholds:
+            scores = self.scores(self.calibration, key[0])
+            self.thresholds[key] = threshold_for_refuse_rate(scores, key[1])
+        return self.thresholds[key]
+
+    @property
+    def calibration(self) -> np.ndarray:
+        return (
+            self.data.x[CALIBRATION].numpy()
+            if len(self.data) > CALIBRATION.start
+            else self.data.x.numpy()
+        )
+
+    def scores(self, x: np.ndarray, score: str) -> np.ndarray:
+        """(N,) the served score of each image, from the ONNX graph."""
+        s = self.served(x)
+        return s.j_score if score == "j" else s.confidence
+
+    def served(self, x: np.ndarray):
+        logits = np.concatenate(
+            [
+                self.onnx.run(np.ascontiguousarray(x[i : i + 500], np.float32))
+                for i in range(0, len(x), 500)
+            ]
+        )
+        return score_logits(logits, self.manifest.kernel.to_kernel(), self.manifest.threshold)
+
+
+def load_model(cfg: AuditConfig, name: str) -> Model:
+    folder = model_version_dir(cfg.models_dir, name)
+    net, manifest = load_torch_model(folder, "cpu")
+    for p in net.parameters():
+        p.requires_grad_(False)  # gradients w.r.t. the input only
+    onnx = OnnxModel(folder / MODEL_FILE, device="cpu", intra_op_threads=cfg.threads)
+    n_data = 10000 if not cfg.dry_run else 64
+    return Model(name, manifest, net, onnx, test_images(manifest, cfg.data_dir, n_data))
+
+
+def job_dir(cfg: AuditConfig, model: Model, job: AuditJob) -> Path:
+    return cfg.work_dir / model.name / f"{job.name}-{job.key(model.manifest.sha256)}"
+
+
+def load_chunks(folder: Path) -> dict[str, np.ndarray] | None:
+    """The saved chunks of a job, concatenated in image order, or None if there are none."""
+    files = sorted(folder.glob("chunk-*.npz"))
+    if not files:
+        return None
+    parts = [dict(np.load(f, allow_pickle=False)) for f in files if not f.name.endswith(".tmp.npz")]
+    joined = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    order = np.argsort(joined["idx"], kind="stable")
+    return {k: v[order] for k, v in joined.items()}
+
+
+def missing_ranges(folder: Path, n: int, chunk: int) -> list[tuple[int, int]]:
+    """(lo, hi) pieces of at most `chunk` images that no saved chunk covers yet; chunks saved
+    with another chunk size are reused as they are."""
+    saved = load_chunks(folder)
+    todo = np.ones(n, dtype=bool)
+    if saved is not None:
+        todo[saved["idx"][saved["idx"] < n]] = False
+    ranges: list[tuple[int, int]] = []
+    i = 0
+    while i < n:
+        if not todo[i]:
+            i += 1
+            continue
+        j = i
+        while j < n and todo[j] and j - i < chunk:
+            j += 1
+        ranges.append((i, j))
+        i = j
+    return ranges
+
+
+def won_before(cfg: AuditConfig, model: Model, job: AuditJob) -> np.ndarray:
+    """(n,) images that another job of the same group has won: every non-cascade job of every
+    plan, and the cascade jobs listed before this one."""
+    won = np.zeros(job.n, dtype=bool)
+    everything = all_jobs(cfg.models, cfg.dry_run)
+    earlier = everything[: everything.index(job)] if job in everything else everything
+    for other in everything:
+        if other == job or other.group != job.group or (other.cascade and other not in earlier):
+            continue
+        saved = load_chunks(job_dir(cfg, model, other))
+        if saved is not None:
+            m = min(job.n, len(saved["idx"]))
+            won[saved["idx"][:m]] |= saved["served_won"][:m]
+    return won
+
+
+def attack_chunk(
+    model: Model, job: AuditJob, lo: int, hi: int, skip: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Attack images lo..hi-1 (except `skip`) and record what the served graph decides."""
+    x, y = model.data.x[lo:hi], model.data.y[lo:hi]
+    threshold = model.threshold(job.score, job.clean_refusal)
+    threat = Threat(
+        model.net, model.manifest.objective, model.manifest.kernel.to_kernel(), threshold, job.score
+    )
+    todo = torch.from_numpy(~skip)
+    res = Result(
+        torch.zeros(hi - lo, dtype=torch.bool), x.clone(), torch.zeros(hi - lo, dtype=torch.long)
+    )
+    if todo.any():
+        if job.attack.attack == "cw-l2":
+            part = cw_batch(threat, x[todo], y[todo], job.attack)
+        else:
+            gen = torch.Generator().manual_seed(job.attack.seed * 100003 + lo)
+            part = pgd_batch(threat, x[todo], y[todo], job.attack, gen)
+        res.won[todo], res.adv[todo], res.spent[todo] = part.won, part.adv, part.spent
+    adv = res.adv.numpy()
+    s = model.served(adv)
+    score = s.j_score if job.score == "j" else s.confidence
+    served_won = (s.label != y.numpy()) & (score >= threshold) & ~skip
+    return {
+        "idx": np.arange(lo, hi),
+        "adv": adv.astype(np.float32),
+        "torch_won": res.won.numpy(),
+        "served_won": served_won,
+        "spent": res.spent.numpy(),
+        "skipped": skip,
+        "l2": l2_distance(res.adv, x).numpy(),
+        "linf": (res.adv - x).abs().flatten(1).amax(1).numpy(),
+        "threshold": np.full(hi - lo, threshold),
+    }
+
+
+def run_job(cfg: AuditConfig, model: Model, job: AuditJob) -> None:
+    folder = job_dir(cfg, model, job)
+    folder.mkdir(parents=True, exist_ok=True)
+    ranges = missing_ranges(folder, job.n, cfg.chunk)
+    if not ranges:
+        return
+    skip_all = won_before(cfg, model, job) if job.cascade else np.zeros(job.n, dtype=bool)
+    with progress_bar(f"{model.name} {job.name}", total=job.n) as bar:
+        bar.advance(job.n - sum(hi - lo for lo, hi in ranges))
+        for lo, hi in ranges:
+            t0 = time.perf_counter()
+            arrays = attack_chunk(model, job, lo, hi, skip_all[lo:hi])
+            tmp = folder / f"chunk-{lo:05d}.tmp.npz"
+            np.savez_compressed(tmp, **arrays)
+            tmp.replace(folder / f"chunk-{lo:05d}.npz")
+            bar.advance(hi - lo)
+            log.info(
+                "%s %s images %d-%d: won %d/%d (torch %d), %.0f s",
+                model.name,
+                job.name,
+                lo,
+                hi - 1,
+                arrays["served_won"].sum(),
+                hi - lo - arrays["skipped"].sum(),
+                arrays["torch_won"].sum(),
+                time.perf_counter() - t0,
+            )
+            write_rows(cfg)
+
+
+def effective(cfg: AuditConfig) -> AuditConfig:
+    """Apply --dry-run: the tiny synthetic models (built once under work_dir), few images."""
+    if not cfg.dry_run or cfg.models != AuditConfig.models:
+        return cfg
+    from training.tiny import tiny_repo
+
+    root = tiny_repo(cfg.work_dir / "dry-run-models", cfg.work_dir / "dry-run-runs")
+    return replace(cfg, models=("tiny-rce", "tiny-ce"), models_dir=root)
+
+
+def run(cfg: AuditConfig) -> list[dict[str, object]]:
+    """Run (or resume) the plan; returns the rows written to cfg.out_json."""
+    cfg = effective(cfg)
+    torch.set_num_threads(cfg.threads)
+    if cfg.plan not in (*PLANS, *EXTRA):
+        raise ValueError(f"unknown plan {cfg.plan!r}; use one of {', '.join((*PLANS, *EXTRA))}")
+    for name in cfg.models:
+        _MODELS.setdefault(name, load_model(cfg, name))
+    if cfg.plan == "checks":
+        from training.attack.checks import run_checks
+
+        run_checks(cfg)
+        return write_rows(cfg)
+    if cfg.plan == "live":
+        from training.attack.live import live_check
+
+        live_check(cfg, cfg.url)
+        return write_rows(cfg)
+    if cfg.plan == "figures":
+        from training.attack.figures import write_figures
+
+        rows = write_rows(cfg)
+        write_figures(cfg, rows)
+        return rows
+    for job in plan_jobs(cfg.plan, cfg.models, cfg.dry_run):
+        run_job(cfg, _MODELS[job.model], job)
+    return write_rows(cfg)
+
+
+_MODELS: dict[str, Model] = {}  # loaded once per process
+CLEAN = slice(0, 5000)  # clean accuracy and coverage: the images not used for thresholds
+
+
+def clean_rows(model: Model, work_dir: Path) -> list[dict[str, object]]:
+    """Clean accuracy, coverage and the clean wrong-and-accepted rate at every threshold."""
+    path = work_dir / model.name / f"clean-{model.manifest.sha256[:12]}.npz"
+    if not path.exists():
+        s = model.served(model.data.x[CLEAN].numpy())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, label=s.label, j=s.j_score, confidence=s.confidence)
+    saved = dict(np.load(path))
+    y = model.data.y[CLEAN].numpy()
+    right = saved["label"] == y
+    rows: list[dict[str, object]] = []
+    for score, refusal in THRESHOLDS:
+        if score == "confidence" and model.manifest.objective != "ce":
+            continue
+        t = model.threshold(score, refusal)
+        accepted = saved[score] >= t
+        wrong = float((~right & accepted).mean())
+        rows.append(
+            {
+                "model": model.name,
+                "score": score,
+                "attack": "none",
+                "eps": 0.0,
+                "n": len(y),
+                "steps": 0,
+                "restarts": 0,
+                "attack_success": round(wrong, 4),
+                "handled": round(1 - wrong, 4),
+                "norm": "linf",
+                "threshold": t,
+                "clean_refusal": refusal,
+                "clean_accuracy": round(float(right.mean()), 4),
+                "coverage": round(float(accepted.mean()), 4),
+                "accuracy_of_accepted": round(float(right[accepted].mean()), 4),
+            }
+        )
+    return rows
+
+
+def write_rows(cfg: AuditConfig) -> list[dict[str, object]]:
+    """Rows of every job of every plan with saved chunks (other processes' too), merged into
+    the JSON file."""
+    from training.attack.rows import job_rows, merge_rows, worst_case_rows
+
+    rows: list[dict[str, object]] = []
+    groups: dict[tuple[object, ...], list[tuple[AuditJob, dict[str, np.ndarray]]]] = {}
+    for job in all_jobs(cfg.models, cfg.dry_run):
+        saved = load_chunks(job_dir(cfg, _MODELS[job.model], job))
+        if saved is None:
+            continue
+        groups.setdefault(job.group, []).append((job, saved))
+        if not job.cascade:
+            rows += job_rows(job, saved, L2_BUDGETS)
+    for group, members in groups.items():
+        if group[-1] == "linf":
+            rows += worst_case_rows(members)
+    for model in _MODELS.values():
+        rows += clean_rows(model, cfg.work_dir)
+    return merge_rows(cfg.out_json, rows)

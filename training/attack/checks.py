@@ -1,0 +1,140 @@
+"""Sanity checks of the adaptive audit against independent attacks (torchattacks).
+
+- Reference PGD: with T = 0 (a model without the test) our L-inf attack is plain PGD; its
+  misclassification rate must match torchattacks' PGD and APGD at the same budget.
+- Gradient masking: a score-based black-box attack (torchattacks' Square, which never looks at a
+  gradient) is given the same win condition and objective; if it won images the white-box
+  attack lost, the gradients would be misleading the white-box attack.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torchattacks
+
+from training.attack.adaptive import AdaptiveConfig, Threat, class_loss, pgd_batch, score_loss
+from training.export import ServedNet
+
+if TYPE_CHECKING:
+    from training.attack.audit import AuditConfig
+
+log = logging.getLogger(__name__)
+
+
+class ScoreAwareSquare(torchattacks.Square):
+    """Square whose success is the audit's win (wrong label, accepted) and whose loss is the
+    Lagrangian objective; the rest of Square (schedule, square proposals) is unchanged."""
+
+    def __init__(self, threat: Threat, cfg: AdaptiveConfig, lam: float, **kwargs: object) -> None:
+        super().__init__(ServedNet(threat.net, threat.objective).eval(), **kwargs)  # type: ignore[arg-type]
+        self.threat, self.cfg, self.lam = threat, cfg, lam
+
+    def margin_and_loss(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.threat.logits(x)
+        won = self.threat.wins(logits, y)
+        loss = class_loss(logits, y, self.cfg).double()
+        loss = loss + self.lam * score_loss(self.threat, logits, y, self.cfg)
+        # Square stops on an image once its margin is < 0: exactly when it is won.
+        margin = torch.where(won, -torch.ones_like(loss), loss.clamp(min=0) + 1e-3)
+        return margin.float(), loss.float()
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    model: str
+    eps: float
+    n: int
+    values: dict[str, float]
+
+
+def reference_pgd(
+    threat: Threat, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, name: str
+) -> CheckResult:
+    """Misclassification rates of our PGD and torchattacks' PGD/APGD on a model without the test."""
+    blind = replace(threat, threshold=0.0)
+    alpha = eps / 8
+    ours = pgd_batch(blind, x, y, AdaptiveConfig(attack="pgd", eps=eps, steps=steps, restarts=1,
+                     step_size=alpha), torch.Generator().manual_seed(0)).won  # fmt: skip
+    served = ServedNet(threat.net, threat.objective).eval()
+    torch.manual_seed(0)
+    values = {"ours_pgd_margin": float(ours.float().mean())}
+    for key, atk in (
+        ("torchattacks_pgd_ce", torchattacks.PGD(served, eps=eps, alpha=alpha, steps=steps)),
+        ("torchattacks_apgd_ce", torchattacks.APGD(served, eps=eps, steps=steps, loss="ce")),
+    ):
+        adv = atk(x, y)  # needs gradients: outside no_grad
+        with torch.no_grad():
+            values[key] = float((served(adv).argmax(1) != y).float().mean())
+    return CheckResult("reference-pgd", name, eps, len(y), values)
+
+
+def square_vs_whitebox(
+    threat: Threat, x: torch.Tensor, y: torch.Tensor, eps: float, queries: int,
+    whitebox_won: np.ndarray, name: str,
+) -> CheckResult:  # fmt: skip
+    """Images won by Square with the audit's objective, next to the white-box wins on them."""
+    cfg = AdaptiveConfig(eps=eps)
+    atk = ScoreAwareSquare(threat, cfg, lam=1.0, eps=eps, n_queries=queries, seed=0)
+    adv = atk(x, y)
+    with torch.no_grad():
+        won = threat.wins(threat.logits(adv), y).numpy()
+    return CheckResult("square-vs-whitebox", name, eps, len(y), {
+        "square_success": float(won.mean()), "whitebox_success": float(whitebox_won.mean()),
+        "square_only": float((won & ~whitebox_won).mean()), "queries": float(queries)})  # fmt: skip
+
+
+def write_checks(path: Path, results: list[CheckResult]) -> None:
+    import json
+
+    old = json.loads(path.read_text()) if path.exists() else []
+    rows = {(r["check"], r["model"], r["eps"]): r for r in old}
+    for r in results:
+        rows[(r.name, r.model, r.eps)] = {"check": r.name, "model": r.model, "eps": r.eps,
+                                          "n": r.n, **r.values}  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        json.dumps(
+            sorted(rows.values(), key=lambda r: (r["check"], r["model"], r["eps"])), indent=1
+        )
+        + "\n"
+    )
+
+
+def run_checks(
+    cfg: AuditConfig, n: int = 100, square_n: int = 50, queries: int = 1000
+) -> list[CheckResult]:
+    """Both checks on every model, at eps 0.1 and 0.3 (reference PGD) and 0.1 (Square)."""
+    from training.attack import audit
+    from training.attack.plan import headline
+
+    results: list[CheckResult] = []
+    out = cfg.out_json.with_name("checks.json")
+    for name in cfg.models:
+        model = audit._MODELS[name]
+        threat = Threat(model.net, model.manifest.objective, model.manifest.kernel.to_kernel(),
+                        model.manifest.threshold)  # fmt: skip
+        x, y = model.data.x[:n], model.data.y[:n]
+        for eps in (0.1, 0.3):
+            results.append(reference_pgd(threat, x, y, eps, steps=20, name=name))
+            log.info("%s", results[-1])
+            write_checks(out, results)
+        job = next(j for j in headline((name,)) if j.attack.eps == 0.1)
+        saved = audit.load_chunks(audit.job_dir(cfg, model, job))
+        if saved is None or len(saved["idx"]) < square_n:
+            log.warning("%s: no headline result on %d images at eps 0.1 yet; Square skipped",
+                        name, square_n)  # fmt: skip
+            continue
+        results.append(square_vs_whitebox(threat, x[:square_n], y[:square_n], 0.1, queries,
+                                          saved["served_won"][:square_n], name))  # fmt: skip
+        log.info("%s", results[-1])
+        write_checks(out, results)
+    return results

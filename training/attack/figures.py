@@ -1,0 +1,195 @@
+"""Figures of the adaptive audit: attack success versus eps and versus gradient steps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from training.attack.audit import _MODELS, AuditConfig, job_dir, load_chunks
+from training.attack.plan import headline
+
+
+def _at_served_t(r: dict[str, object]) -> bool:
+    """An L-inf attack row against J at the manifest's T."""
+    return (
+        r["norm"] == "linf"
+        and r["attack"] != "none"
+        and r["clean_refusal"] is None
+        and r["score"] == "j"
+    )
+
+
+def success_vs_eps(rows: list[dict[str, object]], path: Path) -> None:
+    """Per model: attack success against the served T for every L-inf attack, by eps."""
+    models = sorted({str(r["model"]) for r in rows if r["attack"] != "none"})
+    fig = Figure(figsize=(5.5 * max(1, len(models)), 4))
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(models))))
+    for ax, model in zip(axes, models, strict=False):
+        sel = [r for r in rows if r["model"] == model and _at_served_t(r)]
+        for attack in sorted({str(r["attack"]) for r in sel}):
+            pts = sorted(
+                (float(r["eps"]), float(r["attack_success"]), int(r["n"]))
+                for r in sel
+                if r["attack"] == attack
+            )
+            n = min(p[2] for p in pts)
+            style = {"lw": 2.5, "color": "black"} if attack == "worst-case" else {"marker": "o"}
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"{attack} (n >= {n})", **style)
+        ax.set(
+            title=f"{model}, J at the served T",
+            xlabel="L-inf eps (pixels in [0, 1])",
+            ylabel="attack success (wrong and accepted)",
+            ylim=(-0.02, 1.02),
+        )
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def success_vs_steps(cfg: AuditConfig, path: Path) -> None:
+    """Share of images won within s gradient steps (all restarts counted), headline attack."""
+    fig = Figure(figsize=(5.5 * len(cfg.models), 4))
+    axes = np.atleast_1d(fig.subplots(1, len(cfg.models)))
+    for ax, name in zip(axes, cfg.models, strict=True):
+        model = _MODELS[name]
+        for job in headline((name,)):
+            saved = load_chunks(job_dir(cfg, model, job))
+            if saved is None:
+                continue
+            won, spent = saved["served_won"], saved["spent"]
+            budget = job.attack.steps * job.attack.restarts
+            s = np.arange(budget + 1)
+            curve = [(won & (spent <= k)).mean() for k in s]
+            ax.plot(s, curve, label=f"eps {job.attack.eps:g} (n {len(won)})")
+        ax.set(
+            title=f"{name}: Lagrangian PGD, 5 restarts x 200 steps",
+            xscale="symlog",
+            xlabel="gradient steps spent on the image",
+            ylabel="share of images won",
+            ylim=(-0.02, 1.02),
+        )
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write_figures(cfg: AuditConfig, rows: list[dict[str, object]]) -> None:
+    """The two PNGs next to the JSON rows, and the tables in the doc beside them."""
+    from training.repro.common import update_section
+
+    folder = cfg.out_json.parent
+    success_vs_eps(rows, folder / "success-vs-eps.png")
+    success_vs_steps(cfg, folder / "success-vs-steps.png")
+    doc = folder.with_suffix(".md")
+    if doc.exists():
+        update_section(doc, "adaptive", "Results", markdown(rows))
+
+
+COLUMNS = ("worst-case", "lagrangian", "selective", "lagrangian-ce", "orthogonal", "pgd")
+
+
+def _cell(r: dict[str, object] | None) -> str:
+    if r is None:
+        return "-"
+    done = "" if r["n"] == r.get("planned_n", r["n"]) else f" of {r['planned_n']}"
+    return f"{100 * float(r['attack_success']):.1f}% (n {r['n']}{done})"
+
+
+def markdown(rows: list[dict[str, object]]) -> str:
+    """Tables of the rows: attack success per model, eps and attack; clean figures per T."""
+    from training.evaluation import table
+
+    def find(**want: object) -> dict[str, object] | None:
+        hits = [r for r in rows if all(r.get(k) == v for k, v in want.items())]
+        return max(hits, key=lambda r: int(r["n"])) if hits else None
+
+    models = sorted({str(r["model"]) for r in rows})
+    body = [
+        "Attack success (share of images served a wrong, accepted label) against J at the "
+        "served T; handled = 1 - success. `n of N`: a run still in progress.",
+        "",
+    ]
+    lines = []
+    for m in models:
+        for eps in sorted(
+            {
+                float(r["eps"])
+                for r in rows
+                if r["model"] == m and r["norm"] == "linf" and r["attack"] != "none"
+            }
+        ):
+            cells = [
+                _cell(
+                    find(
+                        model=m,
+                        score="j",
+                        attack=a,
+                        eps=eps,
+                        clean_refusal=None,
+                        steps=200,
+                        restarts=5,
+                    )
+                )
+                for a in COLUMNS
+            ]
+            cells.append(
+                _cell(find(model=m, score="j", attack="lagrangian", eps=eps, clean_refusal=0.01))
+            )
+            cells.append(_cell(find(model=m, score="confidence", attack="lagrangian", eps=eps)))
+            cells.append(_cell(find(model=m, score="j", attack="lagrangian", eps=eps, steps=1000)))
+            lines.append([m, f"{eps:g}", *cells])
+    body.append(
+        table(
+            [
+                "model",
+                "eps",
+                *COLUMNS,
+                "at T for 1%",
+                "confidence score, T for 5%",
+                "1 x 1,000 steps",
+            ],
+            lines,
+        )
+    )
+    body += ["", "C&W-L2 with the score term (success within each L2 budget):", ""]
+    cw = [
+        [str(r["model"]), f"{float(r['eps']):g}", _cell(r)] for r in rows if r["attack"] == "cw-l2"
+    ]
+    body.append(table(["model", "L2 budget", "success"], cw) if cw else "(not run yet)")
+    body += ["", "Clean test images 0-4,999 at each threshold:", ""]
+    clean = [
+        [
+            str(r["model"]),
+            str(r["score"]),
+            "manifest"
+            if r["clean_refusal"] is None
+            else f"{float(r['clean_refusal']):.0%} of images 5,000-9,999",
+            f"{float(r['threshold']):.4g}",
+            f"{100 * float(r['clean_accuracy']):.2f}%",
+            f"{100 * float(r['coverage']):.2f}%",
+            f"{100 * float(r['accuracy_of_accepted']):.2f}%",
+            f"{100 * float(r['attack_success']):.2f}%",
+        ]
+        for r in rows
+        if r["attack"] == "none"
+    ]
+    body.append(
+        table(
+            [
+                "model",
+                "score",
+                "T from",
+                "T",
+                "accuracy",
+                "coverage",
+                "accuracy of accepted",
+                "wrong and accepted",
+            ],
+            clean,
+        )
+    )
+    return "\n".join(body)

@@ -1,0 +1,146 @@
+"""What the adaptive audit runs, in order of value: the jobs and the named plans.
+
+A job is one attack on the first `n` test images of one model, against one score and one
+threshold. Its key hashes everything the result depends on, so results saved under that key
+are never read back for other settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, replace
+
+from training.attack.adaptive import AdaptiveConfig
+from training.attack.score import ScoreKind
+
+RCE, CE = "mnist-resnet32-rce", "mnist-resnet32-ce"
+# The thresholds every model is measured at: (score, share of clean images refused or None
+# for the manifest's served T).
+THRESHOLDS: tuple[tuple[ScoreKind, float | None], ...] = (
+    ("j", None),
+    ("j", 0.01),
+    ("confidence", 0.05),
+)
+HEADLINE_EPS = ((0.3, 0.1), (0.2,), (0.05,))  # in order of value: cheap and telling first
+ALL_EPS = (0.05, 0.1, 0.2, 0.3)
+L2_BUDGETS = (0.5, 1.0, 1.5, 2.0, 3.0)
+
+
+@dataclass(frozen=True)
+class AuditJob:
+    """One attack run; `clean_refusal` None means the manifest's served T."""
+
+    model: str
+    attack: AdaptiveConfig
+    n: int
+    score: ScoreKind = "j"
+    clean_refusal: float | None = None
+    # Only images that no earlier job with the same model, score, T and eps has won: these
+    # jobs add to the worst case, they get no row of their own.
+    cascade: bool = False
+
+    @property
+    def group(self) -> tuple[str, str, float | None, float, str]:
+        """Jobs whose per-image wins are combined into one worst case."""
+        norm = "l2" if self.attack.attack == "cw-l2" else "linf"
+        return (self.model, self.score, self.clean_refusal, self.attack.eps, norm)
+
+    def key(self, model_sha: str) -> str:
+        blob = json.dumps([model_sha, asdict(self)], sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @property
+    def name(self) -> str:
+        a = self.attack
+        t = "served-T" if self.clean_refusal is None else f"T{self.clean_refusal:g}"
+        tail = "-cascade" if self.cascade else ""
+        budget = f"eps{a.eps:g}-n{self.n}-s{a.steps}x{a.restarts}"
+        return f"{a.attack}-{a.loss}-{self.score}-{t}-{budget}{tail}"
+
+
+LAGRANGE = AdaptiveConfig(attack="lagrangian", steps=200, restarts=5, lambdas=(0.1, 1.0, 10.0))
+
+
+def headline(models: tuple[str, ...] = (RCE, CE)) -> list[AuditJob]:
+    """The strongest attack on every model at the served T, 1,000 images, eps by value."""
+    n = 1000
+    return [
+        AuditJob(m, replace(LAGRANGE, eps=e), n)
+        for eps in HEADLINE_EPS
+        for e in eps
+        for m in models
+    ]
+
+
+def secondary(models: tuple[str, ...] = (RCE, CE)) -> list[AuditJob]:
+    """The other attacks and thresholds on 100 images, then a 1,000-step convergence run."""
+    n = 100
+    jobs: list[AuditJob] = []
+    for e in (0.1, 0.3, 0.2, 0.05):
+        for m in models:
+            base = replace(LAGRANGE, eps=e)
+            jobs += [
+                AuditJob(m, replace(base, attack="selective"), n),
+                AuditJob(m, replace(base, loss="ce"), n),
+                AuditJob(m, base, n, clean_refusal=0.01),
+                AuditJob(m, replace(base, attack="orthogonal"), n),
+                AuditJob(m, replace(base, attack="pgd"), n),
+            ]
+        # A CE model guarded by its confidence instead of J.
+        jobs += [
+            AuditJob(m, replace(LAGRANGE, eps=e), n, score="confidence", clean_refusal=0.05)
+            for m in models
+            if m.endswith("-ce")
+        ]
+    cw = AdaptiveConfig(attack="cw-l2", eps=0.0, steps=100, restarts=5, lambdas=(1.0,))
+    jobs += [AuditJob(m, cw, n) for m in models]
+    # Convergence: one restart of 1,000 steps where the headline spends 5 x 200.
+    jobs += [
+        AuditJob(m, replace(LAGRANGE, eps=e, steps=1000, restarts=1), n)
+        for e in (0.1, 0.05)
+        for m in models
+    ]
+    return jobs
+
+
+def worst_case_fill(models: tuple[str, ...] = (RCE, CE)) -> list[AuditJob]:
+    """The other L-inf attacks on the images the headline attack did not win."""
+    n = 1000
+    jobs = []
+    for e in ALL_EPS:
+        for m in models:
+            base = replace(LAGRANGE, eps=e)
+            jobs += [
+                AuditJob(m, replace(base, attack="selective"), n, cascade=True),
+                AuditJob(m, replace(base, loss="ce"), n, cascade=True),
+            ]
+    return jobs
+
+
+PLANS = {"headline": headline, "secondary": secondary, "worst-case": worst_case_fill}
+
+
+def plan_jobs(plan: str, models: tuple[str, ...], dry_run: bool = False) -> list[AuditJob]:
+    """A named plan's jobs; the dry run keeps the code path with few images and steps."""
+    jobs = PLANS[plan](models=models)
+    if dry_run:
+        jobs = [
+            replace(
+                j,
+                n=min(j.n, 8),
+                attack=replace(
+                    j.attack, steps=min(j.attack.steps, 3), restarts=min(j.attack.restarts, 2)
+                ),
+            )
+            for j in jobs
+        ]
+    return jobs
+
+
+def all_jobs(models: tuple[str, ...], dry_run: bool = False) -> list[AuditJob]:
+    """Every plan's jobs in plan order, each once."""
+    seen: dict[AuditJob, None] = {}
+    for plan in PLANS:
+        seen.update(dict.fromkeys(plan_jobs(plan, models, dry_run)))
+    return list(seen)
