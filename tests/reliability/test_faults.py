@@ -114,6 +114,9 @@ def test_onnxruntime_error_fails_only_its_batch(
         assert mv.model is not None
         slow_down(monkeypatch, mv, 0.1)  # so requests pile up into shared batches
         monkeypatch.setattr(mv.model, "run", _wrong_dtype(mv.model.run, mv.model.session))
+        # Models with a K-density kernel set run logits and features in one call.
+        monkeypatch.setattr(mv.model, "run_with_features",
+                            _wrong_dtype(mv.model.run_with_features, mv.model.session))  # fmt: skip
 
         def call(i: int) -> httpx.Response:
             body, headers = v2_binary(pixels(2, seed=i), f"r{i}")

@@ -26,6 +26,7 @@ from training.attack.adaptive import Result, Threat, pgd_batch
 from training.attack.cw import cw_batch, l2_distance
 from training.attack.io import model_version_dir, test_images
 from training.attack.plan import L2_BUDGETS, PLANS, THRESHOLDS, AuditJob, all_jobs, plan_jobs
+from training.attack.score import served_kind
 from training.modelio import load_torch_model
 from training.progress import progress_bar
 
@@ -60,8 +61,9 @@ class Model:
     thresholds: dict[tuple[str, float | None], float] = field(default_factory=dict)
 
     def threshold(self, score: str, clean_refusal: float | None) -> float:
-        """The manifest's T for J, else the T refusing that share of clean calibration images."""
-        if clean_refusal is None and score == "j":
+        """The manifest's T for the score the model is served on, else the T refusing that
+        share of clean calibration images (5% when none is given)."""
+        if clean_refusal is None and score == served_kind(self.manifest.score):
             return self.manifest.threshold
         key = (score, clean_refusal if clean_refusal is not None else 0.05)
         if key not in self.thresholds:

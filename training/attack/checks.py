@@ -19,6 +19,7 @@ import torch
 import torchattacks
 
 from training.attack.adaptive import AdaptiveConfig, Threat, class_loss, pgd_batch, score_loss
+from training.attack.score import served_kind
 from training.export import ServedNet
 
 if TYPE_CHECKING:
@@ -121,7 +122,7 @@ def run_checks(
     for name in cfg.models:
         model = audit._MODELS[name]
         threat = Threat(model.net, model.manifest.objective, model.manifest.kernel.to_kernel(),
-                        model.manifest.threshold)  # fmt: skip
+                        model.manifest.threshold, served_kind(model.manifest.score))  # fmt: skip
         x, y = model.data.x[:n], model.data.y[:n]
         for eps in (0.1, 0.3):
             results.append(reference_pgd(threat, x, y, eps, steps=20, name=name))

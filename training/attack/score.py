@@ -16,6 +16,18 @@ from service.scoring import Kernel
 
 ScoreKind = Literal["j", "confidence"]
 SCORES: tuple[ScoreKind, ...] = ("j", "confidence")
+# The manifest's score names for the scores this mirror covers.
+_MANIFEST_SCORES: dict[str, ScoreKind] = {"j_score": "j", "confidence": "confidence"}
+
+
+def served_kind(manifest_score: str) -> ScoreKind:
+    """The mirror's name for the score a model is served on (its manifest's `score`)."""
+    if manifest_score not in _MANIFEST_SCORES:
+        raise ValueError(
+            f"the adaptive attacks know j_score and confidence; this model is served on "
+            f"{manifest_score!r}"
+        )
+    return _MANIFEST_SCORES[manifest_score]
 
 
 @dataclass(frozen=True)

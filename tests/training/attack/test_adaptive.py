@@ -15,6 +15,7 @@ from service.scoring import score_logits
 from training import data as data_mod
 from training.attack.adaptive import AdaptiveConfig, Threat, _project_off, pgd_batch
 from training.attack.cw import cw_batch, l2_distance
+from training.attack.score import served_kind
 from training.export import ServedNet
 from training.modelio import load_torch_model
 
@@ -31,13 +32,14 @@ def _threat(model_repo: Path, objective: str, threshold: float | None = None) ->
     for p in net.parameters():
         p.requires_grad_(False)
     t = m.threshold if threshold is None else threshold
-    return Threat(net, m.objective, m.kernel.to_kernel(), t)
+    return Threat(net, m.objective, m.kernel.to_kernel(), t, served_kind(m.score))
 
 
 def _served_wins(threat: Threat, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
     """Wins as `service.scoring` decides them, independent of the torch mirror."""
     with torch.no_grad():
-        s = score_logits(threat.logits(x).numpy(), threat.kernel, threat.threshold)
+        served = "j_score" if threat.score == "j" else "confidence"
+        s = score_logits(threat.logits(x).numpy(), threat.kernel, threat.threshold, served)
     return (s.label != y.numpy()) & s.accepted
 
 
