@@ -206,7 +206,13 @@ class Repository:
         cfg = self.settings.batching_for(mv.name)
         for m in filter(None, (model, mv.wide_model)):
             for n in sorted({1, cfg.max_batch_size}):  # warm-up: first runs allocate and plan
-                m.run(np.zeros((n, *manifest.input_shape), np.float32))
+                x = np.zeros((n, *manifest.input_shape), np.float32)
+                # The same call serving makes: with a kernel set, logits and features together
+                # (a run that fetches other outputs is planned and allocated anew).
+                if mv.kernel_set is not None:
+                    m.run_with_features(x)
+                else:
+                    m.run(x)
         overrides = self.settings.thresholds
         mv.threshold = overrides.get(
             f"{mv.name}/{mv.version}", overrides.get(mv.name, manifest.threshold)
