@@ -28,6 +28,7 @@ from tests.deploy.k8s import (
     KSERVE,
     KUSTOMIZATIONS,
     Doc,
+    containers,
     hpa_metric_problems,
     kustomize_build,
     load_all,
@@ -122,24 +123,17 @@ def test_pods_are_locked_down(built: dict[str, list[Doc]]) -> None:
     """Non-root, read-only root filesystem, no privilege escalation: the only writable path is
     the /tmp emptyDir (where TMPDIR points)."""
     docs = [d for docs in built.values() for d in docs] + load_all(KSERVE / "inferenceservice.yaml")
-    for d in docs:
-        if d["kind"] == "Deployment":
-            pod = d["spec"]["template"]["spec"]
-        elif d["kind"] == "InferenceService":
-            pod = d["spec"]["predictor"]
-        else:
-            continue
-        for c in pod["containers"]:
-            sc = {**pod.get("securityContext", {}), **c["securityContext"]}
-            assert sc["runAsNonRoot"] and sc["runAsUser"] == 10001, sc
-            assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"], sc
-            assert sc["capabilities"]["drop"] == ["ALL"]
-            mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
-            assert {"name": "TMPDIR", "value": "/tmp"} in c["env"]
-            (tmp,) = [v for v in pod["volumes"] if v["name"] == mounts["/tmp"]]
-            assert "emptyDir" in tmp
-            assert all(m.get("readOnly") for p, m in
-                       ((m["mountPath"], m) for m in c["volumeMounts"]) if p != "/tmp")  # fmt: skip
+    for _, pod, c in containers(docs):
+        sc = {**pod.get("securityContext", {}), **c["securityContext"]}
+        assert sc["runAsNonRoot"] and sc["runAsUser"] == 10001, sc
+        assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"], sc
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        assert {"name": "TMPDIR", "value": "/tmp"} in c["env"]
+        (tmp,) = [v for v in pod["volumes"] if v["name"] == mounts["/tmp"]]
+        assert "emptyDir" in tmp
+        assert all(m.get("readOnly") for p, m in
+                   ((m["mountPath"], m) for m in c["volumeMounts"]) if p != "/tmp")  # fmt: skip
 
 
 def test_the_schema_checks_catch_broken_manifests() -> None:
