@@ -26,7 +26,7 @@ from training.attack.adaptive import Result, Threat, pgd_batch
 from training.attack.cw import cw_batch, l2_distance
 from training.attack.io import model_version_dir, test_images
 from training.attack.plan import L2_BUDGETS, PLANS, THRESHOLDS, AuditJob, all_jobs, plan_jobs
-from training.attack.score import served_kind
+from training.attack.score import ScoreKind, served_kind
 from training.modelio import load_torch_model
 from training.progress import progress_bar
 
@@ -144,7 +144,7 @@ def won_before(cfg: AuditConfig, model: Model, job: AuditJob) -> np.ndarray:
     """(n,) images that another job of the same group has won: every non-cascade job of every
     plan, and the cascade jobs listed before this one."""
     won = np.zeros(job.n, dtype=bool)
-    everything = all_jobs(cfg.models, cfg.dry_run)
+    everything = all_jobs(cfg.models, cfg.dry_run, served_scores())
     earlier = everything[: everything.index(job)] if job in everything else everything
     for other in everything:
         if other == job or other.group != job.group or (other.cascade and other not in earlier):
@@ -257,12 +257,19 @@ def run(cfg: AuditConfig) -> list[dict[str, object]]:
         rows = write_rows(cfg)
         write_figures(cfg, rows)
         return rows
-    for job in plan_jobs(cfg.plan, cfg.models, cfg.dry_run):
+    for job in plan_jobs(cfg.plan, cfg.models, cfg.dry_run, served_scores()):
         run_job(cfg, _MODELS[job.model], job)
     return write_rows(cfg)
 
 
 _MODELS: dict[str, Model] = {}  # loaded once per process
+
+
+def served_scores() -> dict[str, ScoreKind]:
+    """The score each loaded model is served on, as the attacks name it."""
+    return {name: served_kind(m.manifest.score) for name, m in _MODELS.items()}
+
+
 CLEAN = slice(0, 5000)  # clean accuracy and coverage: the images not used for thresholds
 
 
@@ -312,7 +319,7 @@ def write_rows(cfg: AuditConfig) -> list[dict[str, object]]:
 
     rows: list[dict[str, object]] = []
     groups: dict[tuple[object, ...], list[tuple[AuditJob, dict[str, np.ndarray]]]] = {}
-    for job in all_jobs(cfg.models, cfg.dry_run):
+    for job in all_jobs(cfg.models, cfg.dry_run, served_scores()):
         saved = load_chunks(job_dir(cfg, _MODELS[job.model], job))
         if saved is None:
             continue

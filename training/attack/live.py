@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 
-from training.attack.audit import _MODELS, AuditConfig, job_dir, load_chunks
+from training.attack.audit import _MODELS, AuditConfig, job_dir, load_chunks, served_scores
 from training.attack.io import score_all
 from training.attack.plan import all_jobs
 from training.attack.rows import attack_label
@@ -21,9 +21,10 @@ log = logging.getLogger(__name__)
 def live_check(cfg: AuditConfig, url: str) -> list[dict[str, object]]:
     """One row per job at the served T with saved images: offline vs live wins."""
     rows: list[dict[str, object]] = []
-    for job in all_jobs(cfg.models, cfg.dry_run):
-        if job.clean_refusal is not None or job.score != "j" or job.cascade:
-            continue  # the service applies the manifest's T to J only
+    served = served_scores()
+    for job in all_jobs(cfg.models, cfg.dry_run, served):
+        if job.clean_refusal is not None or job.cascade:
+            continue  # the service applies the manifest's T to the served score only
         model = _MODELS[job.model]
         saved = load_chunks(job_dir(cfg, model, job))
         if saved is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 
 from training.attack.adaptive import AdaptiveConfig
@@ -121,9 +122,24 @@ def worst_case_fill(models: tuple[str, ...] = (RCE, CE)) -> list[AuditJob]:
 PLANS = {"headline": headline, "secondary": secondary, "worst-case": worst_case_fill}
 
 
-def plan_jobs(plan: str, models: tuple[str, ...], dry_run: bool = False) -> list[AuditJob]:
-    """A named plan's jobs; the dry run keeps the code path with few images and steps."""
-    jobs = PLANS[plan](models=models)
+def on_served_score(jobs: list[AuditJob], served: Mapping[str, ScoreKind]) -> list[AuditJob]:
+    """Jobs at the served T attack the score the model is served on (its manifest's): the
+    plans write J, and a CE model served on confidence is attacked on confidence instead."""
+    return [
+        replace(j, score=served[j.model]) if j.clean_refusal is None and j.model in served else j
+        for j in jobs
+    ]
+
+
+def plan_jobs(
+    plan: str,
+    models: tuple[str, ...],
+    dry_run: bool = False,
+    served: Mapping[str, ScoreKind] | None = None,
+) -> list[AuditJob]:
+    """A named plan's jobs; the dry run keeps the code path with few images and steps.
+    `served` names each model's served score (see `on_served_score`)."""
+    jobs = on_served_score(PLANS[plan](models=models), served or {})
     if dry_run:
         jobs = [
             replace(
@@ -138,9 +154,13 @@ def plan_jobs(plan: str, models: tuple[str, ...], dry_run: bool = False) -> list
     return jobs
 
 
-def all_jobs(models: tuple[str, ...], dry_run: bool = False) -> list[AuditJob]:
+def all_jobs(
+    models: tuple[str, ...],
+    dry_run: bool = False,
+    served: Mapping[str, ScoreKind] | None = None,
+) -> list[AuditJob]:
     """Every plan's jobs in plan order, each once."""
     seen: dict[AuditJob, None] = {}
     for plan in PLANS:
-        seen.update(dict.fromkeys(plan_jobs(plan, models, dry_run)))
+        seen.update(dict.fromkeys(plan_jobs(plan, models, dry_run, served)))
     return list(seen)

@@ -102,3 +102,14 @@ def test_plans_have_unique_jobs_and_keys() -> None:
 def test_unknown_plan_is_refused(cfg: audit.AuditConfig) -> None:
     with pytest.raises(ValueError, match="unknown plan"):
         audit.run(audit.AuditConfig(**{**cfg.__dict__, "plan": "everything"}))
+
+
+def test_jobs_at_the_served_t_attack_the_served_score() -> None:
+    plain = all_jobs(("a-rce", "a-ce"))
+    served = all_jobs(("a-rce", "a-ce"), served={"a-rce": "j", "a-ce": "confidence"})
+    assert len(plain) == len(served)
+    for before, after in zip(plain, served, strict=True):
+        if before.model == "a-ce" and before.clean_refusal is None:
+            assert after.score == "confidence" and after.attack == before.attack
+        else:  # a model served on J, or a job at an explicit T, is attacked as the plan says
+            assert after == before and after.key("sha") == before.key("sha")
