@@ -31,7 +31,12 @@ from training.modelio import load_torch_model
 from training.progress import progress_bar
 
 log = logging.getLogger(__name__)
-EXTRA = ("checks", "live", "figures")  # plans that attack nothing new: they check the saved results
+EXTRA = (
+    "checks",
+    "transfer",
+    "live",
+    "figures",
+)  # plans that attack nothing new: they check the saved results
 CALIBRATION = slice(5000, 10000)  # clean test images for other thresholds; attacks use < 5000
 
 
@@ -245,6 +250,11 @@ def run(cfg: AuditConfig) -> list[dict[str, object]]:
         from training.attack.checks import run_checks
 
         run_checks(cfg)
+        return write_rows(cfg)
+    if cfg.plan == "transfer":
+        from training.attack.transfer import run_transfer
+
+        run_transfer(cfg)
         return write_rows(cfg)
     if cfg.plan == "live":
         from training.attack.live import live_check

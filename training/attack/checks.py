@@ -113,9 +113,9 @@ def write_checks(path: Path, results: list[CheckResult]) -> None:
 def run_checks(
     cfg: AuditConfig, n: int = 100, square_n: int = 50, queries: int = 1000
 ) -> list[CheckResult]:
-    """Both checks on every model, at eps 0.1 and 0.3 (reference PGD) and 0.1 (Square)."""
+    """Both checks on every model, at eps 0.1 and 0.3."""
     from training.attack import audit
-    from training.attack.plan import headline
+    from training.attack.plan import plan_jobs
 
     results: list[CheckResult] = []
     out = cfg.out_json.with_name("checks.json")
@@ -128,14 +128,19 @@ def run_checks(
             results.append(reference_pgd(threat, x, y, eps, steps=20, name=name))
             log.info("%s", results[-1])
             write_checks(out, results)
-        job = next(j for j in headline((name,)) if j.attack.eps == 0.1)
-        saved = audit.load_chunks(audit.job_dir(cfg, model, job))
-        if saved is None or len(saved["idx"]) < square_n:
-            log.warning("%s: no headline result on %d images at eps 0.1 yet; Square skipped",
-                        name, square_n)  # fmt: skip
-            continue
-        results.append(square_vs_whitebox(threat, x[:square_n], y[:square_n], 0.1, queries,
-                                          saved["served_won"][:square_n], name))  # fmt: skip
-        log.info("%s", results[-1])
-        write_checks(out, results)
+        for eps in (0.1, 0.3):
+            job = next(
+                j
+                for j in plan_jobs("headline", (name,), cfg.dry_run, audit.served_scores())
+                if j.attack.eps == eps
+            )
+            saved = audit.load_chunks(audit.job_dir(cfg, model, job))
+            if saved is None or len(saved["idx"]) < square_n:
+                log.warning("%s: no headline result on %d images at eps %g yet; Square skipped",
+                            name, square_n, eps)  # fmt: skip
+                continue
+            results.append(square_vs_whitebox(threat, x[:square_n], y[:square_n], eps, queries,
+                                              saved["served_won"][:square_n], name))  # fmt: skip
+            log.info("%s", results[-1])
+            write_checks(out, results)
     return results

@@ -1,0 +1,103 @@
+"""Transfer check: adversarial images crafted on other (undefended) models, sent to a target.
+
+A second test for gradient masking next to Square: if images crafted without the target's
+gradients (here torchattacks' PGD on another model, all steps, no early stop, so the images sit
+deep inside the wrong class) won images the white-box attack on the target itself lost, the
+target's gradients would be misleading its white-box attack. The win is the audit's: the
+target serves a wrong label and accepts it at its served T.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torchattacks
+
+from training.attack.checks import CheckResult, write_checks
+from training.attack.score import served_kind
+from training.export import ServedNet
+
+if TYPE_CHECKING:
+    from training.attack.audit import AuditConfig, Model
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("mnist-resnet32-rce", "mnist-resnet32-ce")
+EPS = (0.1, 0.3)
+
+
+def craft(source: Model, eps: float, n: int, steps: int) -> np.ndarray:
+    """(n, 1, 28, 28) PGD images against the source's served softmax, batch by batch."""
+    served = ServedNet(source.net, source.manifest.objective).eval()
+    torch.manual_seed(0)
+    atk = torchattacks.PGD(served, eps=eps, alpha=2.5 * eps / steps, steps=steps)
+    x, y = source.data.x[:n], source.data.y[:n]
+    return np.concatenate([atk(x[i : i + 100], y[i : i + 100]).numpy() for i in range(0, n, 100)])
+
+
+def cached_craft(cfg: AuditConfig, source: Model, eps: float, n: int, steps: int) -> np.ndarray:
+    path = (
+        cfg.work_dir
+        / "transfer"
+        / f"{source.name}-{source.manifest.sha256[:12]}-pgd{steps}-eps{eps:g}-n{n}.npz"
+    )
+    if not path.exists():
+        adv = craft(source, eps, n, steps)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, adv=adv.astype(np.float32))
+    return np.load(path)["adv"]
+
+
+def served_wins(target: Model, adv: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(N,) the target's served answer is a wrong label that it accepts."""
+    s = target.served(adv)
+    score = s.j_score if served_kind(target.manifest.score) == "j" else s.confidence
+    return (s.label != y) & (score >= target.manifest.threshold)
+
+
+def run_transfer(
+    cfg: AuditConfig, sources: tuple[str, ...] = SOURCES, n: int = 1000, steps: int = 40
+) -> list[CheckResult]:
+    """Every source's images at every eps against every target in cfg.models, next to the
+    target's white-box wins on the same images (the headline job at that eps)."""
+    from training.attack import audit
+    from training.attack.plan import plan_jobs
+
+    if cfg.dry_run:  # the tiny models attack each other
+        sources, n, steps = cfg.models, 8, 3
+    results: list[CheckResult] = []
+    out = cfg.out_json.with_name("checks.json")
+    for src in sources:
+        source = audit._MODELS.setdefault(src, audit.load_model(cfg, src))
+        for eps in EPS:
+            adv = cached_craft(cfg, source, eps, n, steps)
+            for name in cfg.models:
+                target = audit._MODELS[name]
+                job = next(
+                    j
+                    for j in plan_jobs("headline", (name,), cfg.dry_run, audit.served_scores())
+                    if j.attack.eps == eps
+                )
+                saved = audit.load_chunks(audit.job_dir(cfg, target, job))
+                if saved is None or len(saved["idx"]) < n:
+                    log.warning("%s: no headline result on %d images at eps %g; skipped",
+                                name, n, eps)  # fmt: skip
+                    continue
+                won = served_wins(target, adv, target.data.y[:n].numpy())
+                white = saved["served_won"][:n]
+                values = {
+                    "transfer_success": float(won.mean()),
+                    "whitebox_success": float(white.mean()),
+                    "transfer_only": float((won & ~white).mean()),
+                    "source_misclassified": float(
+                        (source.served(adv).label != source.data.y[:n].numpy()).mean()
+                    ),
+                    "steps": float(steps),
+                }
+                results.append(CheckResult(f"transfer-from-{src}", name, eps, n, values))
+                log.info("%s", results[-1])
+                write_checks(out, results)
+    return results
