@@ -2,7 +2,8 @@
 
 Nothing is recomputed here: the clean test accuracies, training steps and wall times come from
 the manifests in models/ (written by `notsure calibrate`), and the adversarial results from the
-attack tool's report (docs/attack/, written by `notsure attack`) when it exists. This section only collects them.
+attack tool's report (docs/attack/, written by `notsure attack`) when it exists. This section
+only collects them.
 """
 
 from __future__ import annotations
