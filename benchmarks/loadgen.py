@@ -3,6 +3,7 @@ processes on 127.0.0.1. Shared by serving.py and batching_ab.py."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -42,47 +43,106 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120.0) 
     raise RuntimeError(f"{url} never became ready")
 
 
-def bodies(manifest: Manifest, n: int, tmp: Path) -> dict[str, tuple[Path, str, str]]:
-    """Request bodies for n images: native JSON (integer pixels), V2 binary, and V2 JSON.
+# The body kinds of notsure's cells, with the route each is posted to (format: model name).
+NOTSURE_APIS: dict[str, str] = {
+    "native": "/v1/models/{}/predict",  # integer pixels 0-255 as JSON
+    "native-float": "/v1/models/{}/predict",  # float pixels in [0, 1], 4 decimals, as JSON
+    "png": "/v1/models/{}/predict",  # base64 PNG strings in the JSON body
+    "multipart": "/v1/models/{}/predict/files",  # PNG files, multipart/form-data
+    "v2-json": "/v2/models/{}/infer",  # KServe V2 JSON, FP32 tensor "input"
+    "v2-binary": "/v2/models/{}/infer",  # KServe V2 binary extension, FP32 tensor "input"
+}
+# The outputs a V2 request asks for: the label and the scores of the thresholding test.
+V2_OUTPUTS = ("label", "j_score", "confidence", "non_me")
+BOUNDARY = "notsure-bench-boundary"
 
-    "v2-json" carries the native body's integer pixels as the UINT8 tensor "images" of
-    benchmarks/others/pytriton_app.py (Triton speaks only V2; notsure's V2 input is "input").
-    """
-    rng = np.random.default_rng(0)
-    x = rng.random((n, *manifest.input_shape), dtype=np.float32)
-    native = tmp / f"native-{n}.json"
-    pixels = (x[:, 0] * 255).round().astype(int)  # (n, H, W)
-    native.write_text(json.dumps({"instances": pixels.tolist()}, separators=(",", ":")))
-    v2_json = tmp / f"v2-{n}.json"
-    images = {
-        "name": "images",
-        "shape": list(pixels.shape),
-        "datatype": "UINT8",
-        "data": pixels.ravel().tolist(),  # V2 JSON tensors are flat, row-major
-    }
-    v2_json.write_text(json.dumps({"inputs": [images]}, separators=(",", ":")))
+
+def _png(image: np.ndarray) -> bytes:
+    """(H, W) uint8 -> PNG bytes."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _v2_binary(
+    name: str, x: np.ndarray, datatype: str, outputs: tuple[str, ...]
+) -> tuple[bytes, bytes]:
+    """A V2 binary-extension request (its JSON header, the whole body: header + raw bytes)."""
     header = json.dumps(
         {
             "inputs": [
                 {
-                    "name": "input",
+                    "name": name,
                     "shape": list(x.shape),
-                    "datatype": "FP32",
+                    "datatype": datatype,
                     "parameters": {"binary_data_size": x.nbytes},
                 }
             ],
             "parameters": {"binary_data_output": True},
-            "outputs": [{"name": o} for o in ("label", "j_score", "confidence", "non_me")],
+            "outputs": [{"name": o} for o in outputs],
         }
     ).encode()
-    v2 = tmp / f"v2-{n}.bin"
-    v2.write_bytes(header + x.tobytes())
-    extra = f'wrk.headers["Inference-Header-Content-Length"] = "{len(header)}"'
-    return {
-        "native": (native, "application/json", ""),
-        "v2-binary": (v2, "application/octet-stream", extra),
-        "v2-json": (v2_json, "application/json", ""),
-    }
+    return header, header + x.tobytes()
+
+
+def bodies(manifest: Manifest, n: int, tmp: Path) -> dict[str, tuple[Path, str, str]]:
+    """Request bodies for the same n images in every body kind: (file, content type, extra
+    wrk Lua). notsure's kinds are NOTSURE_APIS; the comparison servers' are "v2-json-u8" and
+    "v2-binary-u8" (the UINT8 tensor "images" of benchmarks/others/pytriton_app.py: Triton
+    speaks only V2, and notsure's V2 input is "input"). Every kind carries the same pixels:
+    integers 0-255, or those divided by 255 where the body holds floats."""
+    rng = np.random.default_rng(0)
+    pixels = (rng.random((n, *manifest.input_shape[1:])) * 255).round().astype(np.uint8)
+    x = (pixels.astype(np.float32) / 255)[:, None]  # (n, 1, H, W) in [0, 1]
+    out: dict[str, tuple[Path, str, str]] = {}
+
+    def put(kind: str, data: bytes, ctype: str, extra: str = "") -> None:
+        path = tmp / f"{kind}-{n}.body"
+        path.write_bytes(data)
+        out[kind] = (path, ctype, extra)
+
+    def dumps(obj: object) -> bytes:
+        return json.dumps(obj, separators=(",", ":")).encode()
+
+    put("native", dumps({"instances": pixels.tolist()}), "application/json")
+    floats = np.round(x[:, 0].astype(np.float64), 4)
+    put("native-float", dumps({"instances": floats.tolist()}), "application/json")
+    pngs = [_png(p) for p in pixels]
+    put(
+        "png",
+        dumps({"instances": [base64.b64encode(p).decode() for p in pngs]}),
+        "application/json",
+    )
+    parts = b"".join(
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="{i}.png"\r\n'
+        f"Content-Type: image/png\r\n\r\n".encode()
+        + p
+        + b"\r\n"
+        for i, p in enumerate(pngs)
+    )
+    put("multipart", parts + f"--{BOUNDARY}--\r\n".encode(),
+        f"multipart/form-data; boundary={BOUNDARY}")  # fmt: skip
+    tensor = {"name": "input", "shape": list(x.shape), "datatype": "FP32"}
+    put(
+        "v2-json",
+        dumps({"inputs": [{**tensor, "data": np.round(x.ravel().astype(np.float64), 4).tolist()}]}),
+        "application/json",
+    )
+    header, data = _v2_binary("input", x, "FP32", V2_OUTPUTS)
+    put("v2-binary", data, "application/octet-stream",
+        f'wrk.headers["Inference-Header-Content-Length"] = "{len(header)}"')  # fmt: skip
+    images = {"name": "images", "shape": list(pixels.shape), "datatype": "UINT8"}
+    # V2 JSON tensors are flat, row-major.
+    put("v2-json-u8", dumps({"inputs": [{**images, "data": pixels.ravel().tolist()}]}),
+        "application/json")  # fmt: skip
+    header, data = _v2_binary("images", pixels, "UINT8", ("label", "j_score", "accepted"))
+    put("v2-binary-u8", data, "application/octet-stream",
+        f'wrk.headers["Inference-Header-Content-Length"] = "{len(header)}"')  # fmt: skip
+    return out
 
 
 def _ms(text: str) -> float:
@@ -173,6 +233,21 @@ class Server:
         except RuntimeError:
             self.stop()
             raise
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) so far of every live process in the server's process group:
+        Triton's server and Python backend stubs, LitServe's and BentoML's workers included."""
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                # After "(comm)": state ppid pgrp ... utime(14) stime(15), 1-based over the line.
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # exited meanwhile
+            if int(fields[2]) == self.proc.pid:
+                total += int(fields[11]) + int(fields[12])
+        return total / tick
 
     def stop(self) -> None:
         """SIGTERM the whole process group: LitServe and BentoML fork workers of their own."""

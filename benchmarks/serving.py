@@ -38,25 +38,28 @@ COMPARE = (
     "pytriton",
     "pytriton-grpc",
 )
-PROTOCOLS = ("native", "v2-binary", "grpc")  # notsure's cells: two HTTP APIs (wrk), gRPC
 sys.path.insert(0, str(ROOT))
 
 from batching_ab import measure_pairs, summary_line  # noqa: E402
-from loadgen import Server, bodies, free_port, run_wrk, wait_idle  # noqa: E402
+from loadgen import NOTSURE_APIS, Server, bodies, free_port, run_wrk, wait_idle  # noqa: E402
 from raw_ort import raw_onnxruntime, raw_parallel  # noqa: E402
 from serving_report import Cell, ceiling, markdown, rewrite, targets  # noqa: E402
 
 from service.manifest import MANIFEST_FILE, MODEL_FILE, Manifest  # noqa: E402
 
+# notsure's cells: its HTTP body kinds (wrk) and V2 over gRPC.
+PROTOCOLS = (*NOTSURE_APIS, "grpc")
+
 
 class Other(NamedTuple):
-    """A server compared with notsure on 1-image requests."""
+    """A server compared with notsure on the same images in the body kinds it accepts."""
 
     cmd: list[str]  # "{port}" is replaced by the free port (also in env PORT)
     env: dict[str, str]
     ready: str  # GET path that answers 200 once the model is loaded
     path: str  # POST path of the requests
-    api: str = "native"  # the body it takes, a key of bodies()
+    apis: tuple[str, ...] = ("native",)  # the bodies it takes, keys of bodies() (or "grpc")
+    images: tuple[int, ...] = (1, 64)
 
 
 def grpc_load(
@@ -86,7 +89,7 @@ def main() -> None:
         nargs="*",
         default=list(COMPARE),
         choices=COMPARE,
-        help="other servers for 1-image requests (native JSON; V2 JSON for pytriton)",
+        help="other servers, on the same images in the body kinds each accepts",
     )
     ap.add_argument(
         "--ab-pairs",
@@ -99,7 +102,7 @@ def main() -> None:
         nargs="*",
         default=list(PROTOCOLS),
         choices=PROTOCOLS,
-        help="notsure's cells: native JSON and V2 binary over HTTP (wrk), V2 over gRPC",
+        help="notsure's cells: its HTTP body kinds (wrk) and V2 over gRPC",
     )
     ap.add_argument("--skip-raw", action="store_true", help="no raw onnxruntime rows (a smoke run)")
     ap.add_argument("--quick", action="store_true", help="3 s cells, concurrency 1 and 32")
@@ -112,9 +115,7 @@ def main() -> None:
     if args.quick:
         args.duration, args.concurrency = 3.0, [1, 32]
         args.ab_pairs = min(args.ab_pairs, 2)
-    needs_wrk = {"native", "v2-binary"} & set(args.protocols) or set(args.compare) - {
-        "pytriton-grpc"
-    }
+    needs_wrk = set(NOTSURE_APIS) & set(args.protocols) or set(args.compare) - {"pytriton-grpc"}
     if needs_wrk and shutil.which("wrk") is None:
         sys.exit("wrk is needed for HTTP cells: apt-get install wrk (or --protocols grpc)")
     vdir = ROOT / "models" / args.model / "1"
@@ -126,9 +127,9 @@ def main() -> None:
     def report(c: Cell) -> None:
         cells.append(c)
         print(
-            f"{c.server:12s} {c.api:10s} {c.images:3d} img  c={c.concurrency:3d}  "
+            f"{c.server:20s} {c.api:12s} {c.images:3d} img  c={c.concurrency:3d}  "
             f"{c.req_s:8.1f} req/s {c.img_s:8.0f} img/s  p50 {c.p50_ms:7.2f} ms  "
-            f"p99 {c.p99_ms:7.2f} ms  errors {c.errors}",
+            f"p99 {c.p99_ms:7.2f} ms  cpu {c.cpu_ms:5.2f} ms/req  errors {c.errors}",
             flush=True,
         )
 
@@ -167,38 +168,38 @@ def main() -> None:
         "NOTSURE_LOG_LEVEL": "warning",
         "NOTSURE_MAX_QUEUE_IMAGES": "16384",
     }
+
+    def base_for(n: int) -> float:
+        """The ceiling just before a cell: the machine's free CPU drifts, so the raw baseline
+        is measured in the same minute as the cell it is compared with."""
+        if args.skip_raw:
+            return 0.0
+        return raw_parallel(vdir / MODEL_FILE, manifest.input_shape, n, 1.5, os.cpu_count() or 1)
+
+    def cell(server: Server, name: str, api: str, n: int, c: int, target: str, base: float,
+             model: str, shape: list[int], grpc_input: tuple[str, str]) -> None:  # fmt: skip
+        """One measured cell, with the server's CPU time per request."""
+        cpu0 = server.cpu_seconds()
+        if api == "grpc":
+            rps, p50, p99, errs = grpc_load(target, model, n, c, args.duration, shape, *grpc_input)
+        else:
+            rps, p50, p99, errs = run_wrk(server.url + target, reqs[n][api], c, args.duration, tmp)
+        cpu = server.cpu_seconds() - cpu0
+        done = rps * args.duration
+        cpu_ms = 1000 * cpu / done if done else 0.0
+        report(Cell(name, api, n, c, rps, rps * n, p50, p99, errs, base, cpu_ms))
+
     grpc_port = free_port()
     srv = Server(serve, {**env, "NOTSURE_GRPC_PORT": str(grpc_port)}, "/v2/health/ready")
-    paths = {
-        "native": f"/v1/models/{args.model}/predict",
-        "v2-binary": f"/v2/models/{args.model}/infer",
-    }
     try:
         for n in (1, 64):
             for api in args.protocols:
                 for c in args.concurrency:
                     wait_idle(srv.url)
-                    # The machine's free CPU drifts: measure the raw baseline in the same
-                    # minute as the cell it is compared with.
-                    base = (
-                        0.0
-                        if args.skip_raw
-                        else max(
-                            raw_onnxruntime(vdir / MODEL_FILE, manifest.input_shape, n, 2.0, 1)[0],
-                            raw_parallel(
-                                vdir / MODEL_FILE, manifest.input_shape, n, 2.0, os.cpu_count() or 1
-                            ),
-                        )
-                    )
-                    if api == "grpc":
-                        load = grpc_load(f"127.0.0.1:{grpc_port}", args.model, n, c,
-                                         args.duration, list(manifest.input_shape))  # fmt: skip
-                        rps, p50, p99, errs = load
-                    else:
-                        rps, p50, p99, errs = run_wrk(
-                            srv.url + paths[api], reqs[n][api], c, args.duration, tmp
-                        )
-                    report(Cell("notsure", api, n, c, rps, rps * n, p50, p99, errs, base))
+                    target = f"127.0.0.1:{grpc_port}" if api == "grpc" else (
+                        NOTSURE_APIS[api].format(args.model))  # fmt: skip
+                    cell(srv, "notsure", api, n, c, target, base_for(n), args.model,
+                         list(manifest.input_shape), ("input", "FP32"))  # fmt: skip
     finally:
         srv.stop()
 
@@ -208,14 +209,26 @@ def main() -> None:
             {"MODEL_DIR": str(vdir), "SCORER_THREADS": threads},
             "/health",
             "/predict",
+            ("native", "native-float"),
         )
 
+    pytriton_grpc = free_port()
+    pytriton = Other(
+        [os.environ.get("PYTRITON_PYTHON", "/tmp/pytritonvenv/bin/python"),
+         str(OTHERS / "pytriton_app.py")],
+        {"MODEL_DIR": str(vdir), "NOTSURE_ROOT": str(ROOT)},
+        # Triton is ready (/v2/health/ready) before PyTriton has loaded the model into it.
+        f"/v2/models/{manifest.name}/ready",
+        f"/v2/models/{manifest.name}/infer",
+        ("v2-json-u8", "v2-binary-u8"),
+    )  # fmt: skip
     others = {
         "no-batching": Other(
             serve,
             {**env, "NOTSURE_BATCHING": "false"},
             "/v2/health/ready",
             f"/v1/models/{args.model}/predict",
+            images=(1,),
         ),
         "litserve": Other(
             [sys.executable, str(OTHERS / "litserve_app.py")],
@@ -243,24 +256,13 @@ def main() -> None:
         # The same endpoint with onnxruntime's own thread default (every core for each run), as
         # a hand-written service gets it without thinking about threads.
         "fastapi-lean-default": lean("0"),
-        # Triton is ready (/v2/health/ready) before PyTriton has loaded the model into it.
-        "pytriton": Other(
-            [
-                os.environ.get("PYTRITON_PYTHON", "/tmp/pytritonvenv/bin/python"),
-                str(OTHERS / "pytriton_app.py"),
-            ],
-            {"MODEL_DIR": str(vdir), "NOTSURE_ROOT": str(ROOT)},
-            f"/v2/models/{manifest.name}/ready",
-            f"/v2/models/{manifest.name}/infer",
-            "v2-json",
+        "pytriton": pytriton,
+        # The same PyTriton app with its gRPC endpoint on, loaded by the same gRPC client as
+        # notsure's gRPC cells (UINT8 images, as its HTTP cells).
+        "pytriton-grpc": pytriton._replace(
+            env={**pytriton.env, "GRPC_PORT": str(pytriton_grpc)}, apis=("grpc",)
         ),
     }
-    pytriton_grpc = free_port()
-    # The same PyTriton app with its gRPC endpoint on, loaded by the same gRPC client as
-    # notsure's gRPC cells (UINT8 images, as its HTTP comparison).
-    others["pytriton-grpc"] = others["pytriton"]._replace(
-        env={**others["pytriton"].env, "GRPC_PORT": str(pytriton_grpc)}, api="grpc"
-    )
     for name in args.compare:
         spec = others[name]
         if not Path(spec.cmd[0]).exists() and not shutil.which(spec.cmd[0]):
@@ -272,23 +274,16 @@ def main() -> None:
             print(f"{name}: failed to start ({exc}), skipped", flush=True)
             continue
         try:
-            for c in args.concurrency:
-                if name == "no-batching":
-                    wait_idle(other.url)
-                else:
-                    time.sleep(2)
-                if spec.api == "grpc":
-                    for n in (1, 64):
-                        load = grpc_load(f"127.0.0.1:{pytriton_grpc}", manifest.name, n, c,
-                                         args.duration, list(manifest.input_shape[1:]),
-                                         "images", "UINT8")  # fmt: skip
-                        rps, p50, p99, errs = load
-                        report(Cell(name, spec.api, n, c, rps, rps * n, p50, p99, errs))
-                    continue
-                rps, p50, p99, errs = run_wrk(
-                    other.url + spec.path, reqs[1][spec.api], c, args.duration, tmp
-                )
-                report(Cell(name, spec.api, 1, c, rps, rps, p50, p99, errs))
+            for n in spec.images:
+                for api in spec.apis:
+                    for c in args.concurrency:
+                        if name == "no-batching":
+                            wait_idle(other.url)
+                        else:
+                            time.sleep(1)
+                        target = f"127.0.0.1:{pytriton_grpc}" if api == "grpc" else spec.path
+                        cell(other, name, api, n, c, target, base_for(n), manifest.name,
+                             list(manifest.input_shape[1:]), ("images", "UINT8"))  # fmt: skip
         finally:
             other.stop()
 

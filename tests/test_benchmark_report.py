@@ -15,12 +15,17 @@ RAW = {
 
 def _cells() -> list[Cell]:
     return [
-        Cell("notsure", "native", 1, 1, 700.0, 700.0, 1.3, 2.0, 0),
-        Cell("notsure", "native", 1, 32, 900.0, 900.0, 30.0, 80.0, 0),
+        Cell("notsure", "native", 1, 1, 700.0, 700.0, 0.9, 2.0, 0),
+        Cell("notsure", "native", 1, 32, 900.0, 900.0, 30.0, 80.0, 0, raw_img_s=1000.0),
+        Cell("notsure", "native", 1, 64, 1700.0, 1700.0, 30.0, 80.0, 0),  # no raw: the run's
+        Cell("notsure", "v2-json", 1, 1, 650.0, 650.0, 1.1, 2.0, 0),
         Cell("notsure", "v2-binary", 64, 8, 30.0, 1920.0, 250.0, 280.0, 0, raw_img_s=2000.0),
+        Cell("notsure", "v2-binary", 64, 32, 28.0, 1792.0, 250.0, 280.0, 0, raw_img_s=2000.0),
         Cell("no-batching", "native", 1, 32, 580.0, 580.0, 50.0, 70.0, 0),
-        Cell("pytriton", "v2-json", 1, 1, 250.0, 250.0, 4.0, 6.0, 0),
+        Cell("pytriton", "v2-json-u8", 1, 1, 250.0, 250.0, 4.0, 6.0, 0),
+        Cell("pytriton", "v2-binary-u8", 64, 32, 29.0, 1856.0, 4.0, 6.0, 0),
         Cell("fastapi-lean", "native", 1, 32, 950.0, 950.0, 40.0, 400.0, 0),
+        Cell("fastapi-lean", "native-float", 1, 32, 500.0, 500.0, 40.0, 400.0, 0),  # no pair
     ]
 
 
@@ -30,19 +35,34 @@ def test_ceiling_is_best_batched_over_best_batch_one() -> None:
 
 def test_targets_from_cells() -> None:
     got = {name: (measured, ok) for name, measured, ok in targets(_cells(), RAW)}
-    v2 = got[
-        "64-image V2 binary >= 85% of raw onnxruntime img/s (raw measured just before each cell)"
-    ]
-    assert v2 == ("1920 vs 2000 img/s (96%) at c=8", True)
-    assert got["1-image c=32 >= 1.5x batching off"] == ("900 vs 580 req/s (1.55x)", True)
-    assert got["1-image c=1 ahead of pytriton"] == ("700 vs 250 req/s", True)
-    assert got["1-image c=32 ahead of fastapi-lean"] == ("900 vs 950 req/s", False)
-    every = got["1-image ahead of every compared server at every concurrency"]
-    assert every == ("closest: 900 vs 950 req/s (fastapi-lean, c=32, 0.95x)", False)
-    # The lowest batch-1 run time of the raw table is the latency budget's base.
-    assert got["p50 at c=1 (native) <= raw batch-1 latency + 1.5 ms"] == (
-        "1.30 ms vs 0.60 + 1.5 ms",
+    # Each peer cell against notsure's cell carrying the same request, same images and c.
+    assert got["1-image v2-json c=1 ahead of pytriton (v2-json-u8)"] == ("650 vs 250 req/s", True)
+    assert got["64-image v2-binary c=32 ahead of pytriton (v2-binary-u8)"] == (
+        "28 vs 29 req/s",
+        False,
+    )
+    assert got["1-image native c=32 ahead of fastapi-lean (native)"] == ("900 vs 950 req/s", False)
+    assert not any("native-float" in name for name in got)  # notsure has no such cell here
+    every = got["ahead of every compared server at every concurrency, every body kind"]
+    assert every == ("closest: 900 vs 950 req/s (fastapi-lean native, 1-image, c=32, 0.95x)", False)
+    # c >= 32 only; the ceiling measured just before the cell, else the run's parallel figure.
+    assert got["1-image native >= 80% of the batch-1 ceiling at c >= 32"] == (
+        "worst 1700 vs 2000 img/s (85%) at c=64",
         True,
+    )
+    assert got["64-image v2-binary >= 90% of the batch-64 ceiling at every concurrency"] == (
+        "worst 1792 vs 2000 img/s (90%) at c=32",
+        False,  # 89.6%
+    )
+    assert got["1-image c=32 >= 1.5x batching off"] == ("900 vs 580 req/s (1.55x)", True)
+    # The lowest batch-1 run time of the raw table is the latency budget's base.
+    assert got["p50 at c=1 (native) within 0.4 ms of raw onnxruntime batch 1"] == (
+        "0.90 ms vs 0.60 + 0.4 ms",
+        True,
+    )
+    assert got["p50 at c=1 (v2-json) within 0.4 ms of raw onnxruntime batch 1"] == (
+        "1.10 ms vs 0.60 + 0.4 ms",
+        False,
     )
 
 

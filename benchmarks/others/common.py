@@ -31,14 +31,17 @@ class Scorer:
         )
 
     def scores(self, pixels: Any) -> Scores:
-        """Integer pixels 0-255, any shape holding whole images -> the thresholding test."""
-        x = np.asarray(pixels, dtype=np.float32).reshape(-1, *self.manifest.input_shape) / 255
+        """Integer pixels 0-255 or floats in [0, 1], any shape holding whole images -> the
+        thresholding test."""
+        a = np.asarray(pixels)
+        x = a.astype(np.float32) / 255 if a.dtype.kind in "iu" else a.astype(np.float32)
+        x = x.reshape(-1, *self.manifest.input_shape)
         return score_logits(
             self.sess.run(None, {"input": x})[0], self.kernel, self.manifest.threshold
         )
 
     def __call__(self, instances: Any) -> dict[str, list[Any]]:
-        """Integer pixels 0-255 -> labels, J-scores and decisions."""
+        """Integer pixels 0-255 or floats in [0, 1] -> labels, J-scores and decisions."""
         s = self.scores(instances)
         return {"label": s.label.tolist(), "j_score": s.j_score.tolist(),
                 "accepted": s.accepted.tolist()}  # fmt: skip
