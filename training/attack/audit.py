@@ -295,6 +295,8 @@ def clean_rows(model: Model, work_dir: Path) -> list[dict[str, object]]:
     right = saved["label"] == y
     rows: list[dict[str, object]] = []
     for score, refusal in THRESHOLDS:
+        if refusal is None:  # the manifest's T is on the score the model is served on
+            score = served_kind(model.manifest.score)
         if score == "confidence" and model.manifest.objective != "ce":
             continue
         t = model.threshold(score, refusal)

@@ -7,27 +7,42 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from training.attack.audit import _MODELS, AuditConfig, job_dir, load_chunks
-from training.attack.plan import headline
+from service.manifest import MANIFEST_FILE, Manifest
+from training.attack.audit import _MODELS, AuditConfig, job_dir, load_chunks, served_scores
+from training.attack.io import model_version_dir
+from training.attack.plan import plan_jobs
+from training.attack.score import served_kind
 
 
-def _at_served_t(r: dict[str, object]) -> bool:
-    """An L-inf attack row against J at the manifest's T."""
+def served_of(cfg: AuditConfig, models: set[str]) -> dict[str, str]:
+    """The score each model with rows is served on (its manifest's), as the rows name it."""
+    out = {}
+    for m in sorted(models):
+        try:
+            manifest = Manifest.load(model_version_dir(cfg.models_dir, m) / MANIFEST_FILE)
+        except (FileNotFoundError, ValueError):
+            continue  # rows of a model no longer in the repository
+        out[m] = served_kind(manifest.score)
+    return out
+
+
+def _at_served_t(r: dict[str, object], served: dict[str, str]) -> bool:
+    """An L-inf attack row against the model's served score at the manifest's T."""
     return (
         r["norm"] == "linf"
         and r["attack"] != "none"
         and r["clean_refusal"] is None
-        and r["score"] == "j"
+        and r["score"] == served.get(str(r["model"]))
     )
 
 
-def success_vs_eps(rows: list[dict[str, object]], path: Path) -> None:
+def success_vs_eps(rows: list[dict[str, object]], served: dict[str, str], path: Path) -> None:
     """Per model: attack success against the served T for every L-inf attack, by eps."""
-    models = sorted({str(r["model"]) for r in rows if r["attack"] != "none"})
+    models = sorted({str(r["model"]) for r in rows if _at_served_t(r, served)})
     fig = Figure(figsize=(5.5 * max(1, len(models)), 4))
     axes = np.atleast_1d(fig.subplots(1, max(1, len(models))))
     for ax, model in zip(axes, models, strict=False):
-        sel = [r for r in rows if r["model"] == model and _at_served_t(r)]
+        sel = [r for r in rows if r["model"] == model and _at_served_t(r, served)]
         for attack in sorted({str(r["attack"]) for r in sel}):
             pts = sorted(
                 (float(r["eps"]), float(r["attack_success"]), int(r["n"]))
@@ -38,7 +53,7 @@ def success_vs_eps(rows: list[dict[str, object]], path: Path) -> None:
             style = {"lw": 2.5, "color": "black"} if attack == "worst-case" else {"marker": "o"}
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"{attack} (n >= {n})", **style)
         ax.set(
-            title=f"{model}, J at the served T",
+            title=f"{model}, {served[model]} at the served T",
             xlabel="L-inf eps (pixels in [0, 1])",
             ylabel="attack success (wrong and accepted)",
             ylim=(-0.02, 1.02),
@@ -55,7 +70,7 @@ def success_vs_steps(cfg: AuditConfig, path: Path) -> None:
     axes = np.atleast_1d(fig.subplots(1, len(cfg.models)))
     for ax, name in zip(axes, cfg.models, strict=True):
         model = _MODELS[name]
-        for job in headline((name,)):
+        for job in plan_jobs("headline", (name,), cfg.dry_run, served_scores()):
             saved = load_chunks(job_dir(cfg, model, job))
             if saved is None:
                 continue
@@ -82,11 +97,12 @@ def write_figures(cfg: AuditConfig, rows: list[dict[str, object]]) -> None:
     from training.repro.common import update_section
 
     folder = cfg.out_json.parent
-    success_vs_eps(rows, folder / "success-vs-eps.png")
+    served = served_of(cfg, {str(r["model"]) for r in rows})
+    success_vs_eps(rows, served, folder / "success-vs-eps.png")
     success_vs_steps(cfg, folder / "success-vs-steps.png")
     doc = folder.with_suffix(".md")
     if doc.exists():
-        update_section(doc, "adaptive", "Results", markdown(rows))
+        update_section(doc, "adaptive", "Results", markdown(rows, served))
 
 
 COLUMNS = ("worst-case", "lagrangian", "selective", "lagrangian-ce", "orthogonal", "pgd")
@@ -99,8 +115,10 @@ def _cell(r: dict[str, object] | None) -> str:
     return f"{100 * float(r['attack_success']):.1f}% (n {r['n']}{done})"
 
 
-def markdown(rows: list[dict[str, object]]) -> str:
-    """Tables of the rows: attack success per model, eps and attack; clean figures per T."""
+def markdown(rows: list[dict[str, object]], served: dict[str, str]) -> str:
+    """Tables of the rows: attack success per model, score, eps and attack; clean figures per
+    T. `served` names each model's served score: rows at the manifest's T on another score
+    were measured when the model was served on that one."""
     from training.evaluation import table
 
     def find(**want: object) -> dict[str, object] | None:
@@ -109,43 +127,65 @@ def markdown(rows: list[dict[str, object]]) -> str:
 
     models = sorted({str(r["model"]) for r in rows})
     body = [
-        "Attack success (share of images served a wrong, accepted label) against J at the "
-        "served T; handled = 1 - success. `n of N`: a run still in progress.",
+        "Attack success (share of images served a wrong, accepted label) at the served T, on "
+        "the score named; handled = 1 - success. `n of N`: a run still in progress.",
         "",
     ]
     lines = []
     for m in models:
-        for eps in sorted(
-            {
-                float(r["eps"])
-                for r in rows
-                if r["model"] == m and r["norm"] == "linf" and r["attack"] != "none"
-            }
-        ):
-            cells = [
-                _cell(
-                    find(
-                        model=m,
-                        score="j",
-                        attack=a,
-                        eps=eps,
-                        clean_refusal=None,
-                        steps=200,
-                        restarts=5,
+        attacked = [
+            r
+            for r in rows
+            if r["model"] == m
+            and r["norm"] == "linf"
+            and r["attack"] != "none"
+            and r["clean_refusal"] is None
+        ]
+        # The served score first; another score at the manifest's T is from an earlier manifest.
+        scores = sorted({str(r["score"]) for r in attacked}, key=lambda s: s != served.get(m))
+        for score in scores:
+            name = score if score == served.get(m) else f"{score} (served before; T then)"
+            for eps in sorted({float(r["eps"]) for r in attacked if r["score"] == score}):
+                cells = [
+                    _cell(
+                        find(
+                            model=m,
+                            score=score,
+                            attack=a,
+                            eps=eps,
+                            clean_refusal=None,
+                            steps=200,
+                            restarts=5,
+                        )
+                    )
+                    for a in COLUMNS
+                ]
+                cells.append(
+                    _cell(
+                        find(model=m, score="j", attack="lagrangian", eps=eps, clean_refusal=0.01)
+                    )
+                    if score == "j"
+                    else "-"
+                )
+                cells.append(
+                    _cell(
+                        find(
+                            model=m,
+                            score="confidence",
+                            attack="lagrangian",
+                            eps=eps,
+                            clean_refusal=0.05,
+                        )
                     )
                 )
-                for a in COLUMNS
-            ]
-            cells.append(
-                _cell(find(model=m, score="j", attack="lagrangian", eps=eps, clean_refusal=0.01))
-            )
-            cells.append(_cell(find(model=m, score="confidence", attack="lagrangian", eps=eps)))
-            cells.append(_cell(find(model=m, score="j", attack="lagrangian", eps=eps, steps=1000)))
-            lines.append([m, f"{eps:g}", *cells])
+                cells.append(_cell(find(model=m, score=score, attack="lagrangian", eps=eps,
+                                        clean_refusal=None, steps=1000)))  # fmt: skip
+                lines.append([m, name, f"{eps:g}", *cells])
     body.append(
         table(
             [
                 "model",
+                "score",
                 "eps",
                 *COLUMNS,
                 "at T for 1%",

@@ -16,8 +16,8 @@ from training.attack.adaptive import AdaptiveConfig
 from training.attack.score import ScoreKind
 
 RCE, CE = "mnist-resnet32-rce", "mnist-resnet32-ce"
-# The thresholds every model is measured at: (score, share of clean images refused or None
-# for the manifest's served T).
+# The thresholds every model is measured at: (score, share of clean images refused). None is
+# the manifest's served T, on the score the model is served on (whatever the score says here).
 THRESHOLDS: tuple[tuple[ScoreKind, float | None], ...] = (
     ("j", None),
     ("j", 0.01),

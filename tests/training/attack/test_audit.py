@@ -113,3 +113,18 @@ def test_jobs_at_the_served_t_attack_the_served_score() -> None:
             assert after.score == "confidence" and after.attack == before.attack
         else:  # a model served on J, or a job at an explicit T, is attacked as the plan says
             assert after == before and after.key("sha") == before.key("sha")
+
+
+def _row(model: str, score: str, eps: float, success: float, n: int = 10) -> dict[str, object]:
+    return {"model": model, "score": score, "attack": "lagrangian", "norm": "linf", "eps": eps,
+            "clean_refusal": None, "n": n, "steps": 200, "restarts": 5,
+            "attack_success": success, "handled": 1 - success}  # fmt: skip
+
+
+def test_results_table_puts_the_served_score_first_and_names_an_earlier_one() -> None:
+    from training.attack.figures import markdown
+
+    rows = [_row("m-ce", "j", 0.1, 0.9), _row("m-ce", "confidence", 0.1, 0.25, n=20)]
+    lines = [ln for ln in markdown(rows, {"m-ce": "confidence"}).splitlines() if "| m-ce" in ln]
+    assert lines[0].startswith("| m-ce | confidence | 0.1 | - | 25.0% (n 20) |")
+    assert lines[1].startswith("| m-ce | j (served before; T then) | 0.1 | - | 90.0% (n 10) |")
