@@ -59,7 +59,7 @@ def served_wins(target: Model, adv: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def run_transfer(
-    cfg: AuditConfig, sources: tuple[str, ...] = SOURCES, n: int = 1000, steps: int = 40
+    cfg: AuditConfig, sources: tuple[str, ...] = SOURCES, n: int = 200, steps: int = 20
 ) -> list[CheckResult]:
     """Every source's images at every eps against every target in cfg.models, next to the
     target's white-box wins on the same images (the headline job at that eps)."""
