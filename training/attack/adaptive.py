@@ -31,8 +31,8 @@ from service.scoring import Kernel
 from training.attack.score import ScoreKind, log_score_at, served
 from training.losses import Objective, served_logits
 
-AttackName = Literal["lagrangian", "selective", "orthogonal", "pgd", "cw-l2"]
-ATTACKS: tuple[AttackName, ...] = ("lagrangian", "selective", "orthogonal", "pgd", "cw-l2")
+AttackName = Literal["lagrangian", "selective", "orthogonal", "pgd", "cw-l2", "apgd"]
+ATTACKS: tuple[AttackName, ...] = ("lagrangian", "selective", "orthogonal", "pgd", "cw-l2", "apgd")
 ClassLoss = Literal["margin", "ce"]
 
 

@@ -177,6 +177,10 @@ def attack_chunk(
     if todo.any():
         if job.attack.attack == "cw-l2":
             part = cw_batch(threat, x[todo], y[todo], job.attack)
+        elif job.attack.attack == "apgd":
+            from training.attack.apgd import apgd_batch
+
+            part = apgd_batch(threat, x[todo], y[todo], job.attack)
         else:
             gen = torch.Generator().manual_seed(job.attack.seed * 100003 + lo)
             part = pgd_batch(threat, x[todo], y[todo], job.attack, gen)

@@ -115,6 +115,8 @@ def worst_case_fill(models: tuple[str, ...] = (RCE, CE)) -> list[AuditJob]:
             jobs += [
                 AuditJob(m, replace(base, attack="selective"), n, cascade=True),
                 AuditJob(m, replace(base, loss="ce"), n, cascade=True),
+                # torchattacks' APGD-CE (ignores the test), 100 steps x 5 restarts.
+                AuditJob(m, replace(base, attack="apgd", steps=100), n, cascade=True),
             ]
     return jobs
 

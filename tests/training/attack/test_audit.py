@@ -128,3 +128,26 @@ def test_results_table_puts_the_served_score_first_and_names_an_earlier_one() ->
     lines = [ln for ln in markdown(rows, {"m-ce": "confidence"}).splitlines() if "| m-ce" in ln]
     assert lines[0].startswith("| m-ce | confidence | 0.1 | - | 25.0% (n 20) |")
     assert lines[1].startswith("| m-ce | j (served before; T then) | 0.1 | - | 90.0% (n 10) |")
+
+
+def test_apgd_cascade_wins_are_what_the_service_decides(cfg: audit.AuditConfig) -> None:
+    audit.run(cfg)
+    audit.run(audit.AuditConfig(**{**cfg.__dict__, "plan": "worst-case"}))
+    served = audit.served_scores()
+    jobs = [j for j in plan_jobs("worst-case", MODELS, True, served) if j.attack.attack == "apgd"]
+    assert jobs
+    for job in jobs:
+        model = audit._MODELS[job.model]
+        saved = audit.load_chunks(audit.job_dir(cfg, model, job))
+        assert saved is not None
+        x = model.data.x[: len(saved["idx"])].numpy()
+        assert (np.abs(saved["adv"] - x) <= job.attack.eps + 1e-6).all()
+        s = score_logits(
+            model.onnx.run(saved["adv"]),
+            model.manifest.kernel.to_kernel(),
+            model.manifest.threshold,
+        )
+        score = s.j_score if served[job.model] == "j" else s.confidence
+        y = model.data.y[: len(x)].numpy()
+        want = (s.label != y) & (score >= model.manifest.threshold) & ~saved["skipped"]
+        np.testing.assert_array_equal(saved["served_won"], want)
