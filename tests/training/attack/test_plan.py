@@ -1,0 +1,39 @@
+"""Job keys name saved results: adding plans or scores must not move the existing ones."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from training.attack.plan import CE, LAGRANGE, PLANS, RCE, AuditJob, all_jobs, k_density
+
+# The bundled RCE model's manifest sha256, and the keys its saved audit results live under
+# (computed when those results were saved, before the K-density jobs existed).
+RCE_SHA = "c8b2199e80dc44c476d4af24fcfef9c514f0e9031faee78056164f548785e1eb"
+SAVED = {
+    AuditJob(RCE, replace(LAGRANGE, eps=0.3), 1000): "c4a531301844",
+    AuditJob(RCE, replace(LAGRANGE, eps=0.1), 1000): "4a957ca66652",
+}
+
+
+def test_existing_job_keys_are_unchanged() -> None:
+    for job, key in SAVED.items():
+        assert job.key(RCE_SHA) == key, job.name
+
+
+def test_every_job_has_its_own_key_and_the_old_plans_come_first() -> None:
+    jobs = all_jobs((RCE, CE))
+    assert len({(j.model, j.key(RCE_SHA)) for j in jobs}) == len(jobs)
+    assert list(PLANS)[-1] == "k-density"
+    kd = [j for j in jobs if j.score == "k_density"]
+    assert kd == k_density((RCE, CE))
+    assert jobs[-len(kd) :] == kd  # appended: the cascade order of the other plans is unchanged
+
+
+def test_k_density_jobs_attack_at_the_t_refusing_5_percent_of_clean_images() -> None:
+    kd = k_density((RCE, CE))
+    assert {j.clean_refusal for j in kd} == {0.05}
+    lagrange = [j for j in kd if j.attack.attack == "lagrangian"]
+    assert {(j.model, j.attack.eps, j.n) for j in lagrange} == {
+        (m, e, n) for m in (RCE, CE) for e, n in ((0.3, 100), (0.1, 100), (0.3, 1000))
+    }
+    assert all(j.attack.steps == 200 and j.attack.restarts == 5 for j in lagrange)
