@@ -6,18 +6,20 @@ from dataclasses import replace
 
 from training.attack.plan import CE, LAGRANGE, PLANS, RCE, AuditJob, all_jobs, k_density
 
-# The bundled RCE model's manifest sha256, and the keys its saved audit results live under
-# (computed when those results were saved, before the K-density jobs existed).
+# The bundled models' manifest sha256s, and the keys their audit results were saved under
+# before the K-density jobs existed (the CE one is the folder name of a saved 1,000-image run).
 RCE_SHA = "c8b2199e80dc44c476d4af24fcfef9c514f0e9031faee78056164f548785e1eb"
+CE_SHA = "4ebd2e25b70844edaa8f7fd85796b4159de4f5fed08a949875a56bf31c77ff21"
 SAVED = {
-    AuditJob(RCE, replace(LAGRANGE, eps=0.3), 1000): "c4a531301844",
-    AuditJob(RCE, replace(LAGRANGE, eps=0.1), 1000): "4a957ca66652",
+    (AuditJob(RCE, replace(LAGRANGE, eps=0.3), 1000), RCE_SHA): "59f3d2f51e8a",
+    (AuditJob(RCE, replace(LAGRANGE, eps=0.1), 1000), RCE_SHA): "8cca80ecf4f9",
+    (AuditJob(CE, replace(LAGRANGE, eps=0.1), 1000, score="confidence"), CE_SHA): "8e1aa943fffd",
 }
 
 
 def test_existing_job_keys_are_unchanged() -> None:
-    for job, key in SAVED.items():
-        assert job.key(RCE_SHA) == key, job.name
+    for (job, sha), key in SAVED.items():
+        assert job.key(sha) == key, job.name
 
 
 def test_every_job_has_its_own_key_and_the_old_plans_come_first() -> None:
