@@ -87,6 +87,39 @@ def write_figures(cfg: AuditConfig, rows: list[dict[str, object]]) -> None:
     doc = folder.with_suffix(".md")
     if doc.exists():
         update_section(doc, "adaptive", "Results", markdown(rows))
+        update_section(doc, "adaptive-kdensity", "K-density", k_density_markdown(rows))
+
+
+KD_COLUMNS = ("worst-case", "lagrangian", "selective", "orthogonal")
+
+
+def k_density_markdown(rows: list[dict[str, object]]) -> str:
+    """Attack success against K-density per model and eps, beside J's worst case."""
+    from training.evaluation import table
+
+    def best(**want: object) -> dict[str, object] | None:
+        hits = [r for r in rows if all(r.get(k) == v for k, v in want.items())]
+        return max(hits, key=lambda r: int(r["n"])) if hits else None
+
+    kd = [r for r in rows if r["score"] == "k_density" and r["norm"] == "linf"]
+    lines = []
+    for m, eps in sorted({(str(r["model"]), float(r["eps"])) for r in kd if r["attack"] != "none"}):
+        cells = [_cell(best(model=m, score="k_density", attack=a, eps=eps)) for a in KD_COLUMNS]
+        t = best(model=m, score="k_density", attack="lagrangian", eps=eps)
+        j = best(model=m, score="j", attack="worst-case", eps=eps, clean_refusal=None)
+        tval = "-" if t is None else f"{float(t['threshold']):.4g}"
+        lines.append([m, f"{eps:g}", tval, *cells, _cell(j)])
+    if not lines:
+        return "(not run yet)"
+    return "\n".join(
+        [
+            "Attack success against K-density at the T refusing 5% of clean images 5,000-9,999 "
+            "(200 steps x 5 restarts); the last column is the worst case against J at the "
+            "served T, for comparison.",
+            "",
+            table(["model", "eps", "T", *KD_COLUMNS, "J, served T, worst case"], lines),
+        ]
+    )
 
 
 COLUMNS = ("worst-case", "lagrangian", "selective", "lagrangian-ce", "orthogonal", "pgd")
@@ -157,9 +190,11 @@ def markdown(rows: list[dict[str, object]]) -> str:
     )
     body += ["", "C&W-L2 with the score term (success within each L2 budget):", ""]
     cw = [
-        [str(r["model"]), f"{float(r['eps']):g}", _cell(r)] for r in rows if r["attack"] == "cw-l2"
+        [str(r["model"]), str(r["score"]), f"{float(r['eps']):g}", _cell(r)]
+        for r in rows
+        if r["attack"] == "cw-l2"
     ]
-    body.append(table(["model", "L2 budget", "success"], cw) if cw else "(not run yet)")
+    body.append(table(["model", "score", "L2 budget", "success"], cw) if cw else "(not run yet)")
     body += ["", "Clean test images 0-4,999 at each threshold:", ""]
     clean = [
         [
