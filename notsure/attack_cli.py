@@ -70,7 +70,8 @@ def attack(
     dry_run: Annotated[bool | None, Opt(help="tiny synthetic models, offline, few images")] = None,
     adaptive: Annotated[bool, Opt(help="run the adaptive white-box audit instead")] = False,
     plan: Annotated[
-        str | None, Opt(help="audit plan: headline, secondary, worst-case, checks, live, figures")
+        str | None,
+        Opt(help="audit plan: headline, secondary, worst-case, k-density, checks, live, figures"),
     ] = None,
     work_dir: Annotated[Path | None, Opt(help="audit resume state [runs/audit]")] = None,
     json_out: Annotated[

@@ -49,6 +49,40 @@ def success_vs_eps(rows: list[dict[str, object]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def k_density_vs_j(rows: list[dict[str, object]], path: Path) -> None:
+    """Per model and eps: worst-case attack success against K-density (T for 5% of clean
+    images) beside J at the served T, as grouped bars."""
+
+    def worst(model: str, score: str, eps: float) -> float | None:
+        hits = [
+            r
+            for r in rows
+            if (r["model"], r["score"], r["attack"], r["norm"])
+            == (model, score, "worst-case", "linf")
+            and float(r["eps"]) == eps
+            and (score != "j" or r["clean_refusal"] is None)
+        ]
+        return float(max(hits, key=lambda r: int(r["n"]))["attack_success"]) if hits else None
+
+    kd = [r for r in rows if r["score"] == "k_density" and r["attack"] == "worst-case"]
+    models = sorted({str(r["model"]) for r in kd})
+    eps_all = sorted({float(r["eps"]) for r in kd})
+    fig = Figure(figsize=(5.5 * max(1, len(models)), 3.8))
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(models))))
+    x = np.arange(len(eps_all))
+    for ax, model in zip(axes, models, strict=False):
+        for k, (score, label) in enumerate((("j", "J, served T"), ("k_density", "K-density"))):
+            vals = [worst(model, score, e) for e in eps_all]
+            ax.bar(x + (k - 0.5) * 0.38, [np.nan if v is None else v for v in vals], 0.38,
+                   label=label)  # fmt: skip
+        ax.set_xticks(x, [f"eps {e:g}" for e in eps_all])
+        ax.set(title=model, ylabel="attack success (wrong and accepted)", ylim=(0, 1.05))
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def success_vs_steps(cfg: AuditConfig, path: Path) -> None:
     """Share of images won within s gradient steps (all restarts counted), headline attack."""
     fig = Figure(figsize=(5.5 * len(cfg.models), 4))
@@ -84,6 +118,7 @@ def write_figures(cfg: AuditConfig, rows: list[dict[str, object]]) -> None:
     folder = cfg.out_json.parent
     success_vs_eps(rows, folder / "success-vs-eps.png")
     success_vs_steps(cfg, folder / "success-vs-steps.png")
+    k_density_vs_j(rows, folder / "k-density-vs-j.png")
     doc = folder.with_suffix(".md")
     if doc.exists():
         update_section(doc, "adaptive", "Results", markdown(rows))

@@ -32,3 +32,18 @@ def test_k_density_table_shows_each_attack_the_largest_run_and_j_beside_it() -> 
 
 def test_k_density_table_says_when_nothing_ran() -> None:
     assert k_density_markdown([]) == "(not run yet)"
+
+
+def test_k_density_vs_j_figure_is_written(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from PIL import Image
+
+    from training.attack.figures import k_density_vs_j
+
+    rows = [
+        _row("k_density", "worst-case", 0.1, 0.92, 100),
+        _row("k_density", "worst-case", 0.3, 1.0, 1000),
+        _row("j", "worst-case", 0.1, 0.92, 1000),
+    ]
+    k_density_vs_j(rows, tmp_path / "kd.png")
+    with Image.open(tmp_path / "kd.png") as im:
+        assert im.format == "PNG" and im.width > 200
