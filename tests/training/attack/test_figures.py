@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from training.attack.figures import k_density_markdown
 
 
@@ -34,7 +36,7 @@ def test_k_density_table_says_when_nothing_ran() -> None:
     assert k_density_markdown([]) == "(not run yet)"
 
 
-def test_k_density_vs_j_figure_is_written(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_k_density_vs_j_figure_is_written(tmp_path: Path) -> None:
     from PIL import Image
 
     from training.attack.figures import k_density_vs_j
