@@ -139,20 +139,25 @@ def k_density_markdown(rows: list[dict[str, object]]) -> str:
     kd = [r for r in rows if r["score"] == "k_density" and r["norm"] == "linf"]
     lines = []
     for m, eps in sorted({(str(r["model"]), float(r["eps"])) for r in kd if r["attack"] != "none"}):
-        cells = [_cell(best(model=m, score="k_density", attack=a, eps=eps)) for a in KD_COLUMNS]
-        t = best(model=m, score="k_density", attack="lagrangian", eps=eps)
+        kd_at = {"model": m, "score": "k_density", "eps": eps, "restarts": 5}
+        cells = [_cell(best(**kd_at, attack=a)) for a in KD_COLUMNS]
+        t = best(**kd_at, attack="lagrangian")
+        long = best(model=m, score="k_density", attack="lagrangian", eps=eps, steps=1000)
         j = best(model=m, score="j", attack="worst-case", eps=eps, clean_refusal=None)
         tval = "-" if t is None else f"{float(t['threshold']):.4g}"
-        lines.append([m, f"{eps:g}", tval, *cells, _cell(j)])
+        lines.append([m, f"{eps:g}", tval, *cells, _cell(long), _cell(j)])
     if not lines:
         return "(not run yet)"
     return "\n".join(
         [
             "Attack success against K-density at the T refusing 5% of clean images 5,000-9,999 "
-            "(200 steps x 5 restarts); the last column is the worst case against J at the "
-            "served T, for comparison.",
+            "(200 steps x 5 restarts, or one restart of 1,000 steps); the last column is the "
+            "worst case against J at the served T, for comparison.",
             "",
-            table(["model", "eps", "T", *KD_COLUMNS, "J, served T, worst case"], lines),
+            table(
+                ["model", "eps", "T", *KD_COLUMNS, "1 x 1,000 steps", "J, served T, worst case"],
+                lines,
+            ),
         ]
     )
 

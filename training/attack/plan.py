@@ -142,6 +142,17 @@ def k_density(models: tuple[str, ...] = (RCE, CE)) -> list[AuditJob]:
             )
             for m in models
         ]
+    # Convergence: one restart of 1,000 steps where the others spend 5 x 200.
+    jobs += [
+        AuditJob(
+            m,
+            replace(LAGRANGE, eps=0.1, steps=1000, restarts=1),
+            100,
+            score="k_density",
+            clean_refusal=0.05,
+        )
+        for m in models
+    ]
     cw = AdaptiveConfig(attack="cw-l2", eps=0.0, steps=100, restarts=5, lambdas=(1.0,))
     jobs += [AuditJob(m, cw, 100, score="k_density", clean_refusal=0.05) for m in models]
     return jobs

@@ -34,8 +34,15 @@ def test_every_job_has_its_own_key_and_the_old_plans_come_first() -> None:
 def test_k_density_jobs_attack_at_the_t_refusing_5_percent_of_clean_images() -> None:
     kd = k_density((RCE, CE))
     assert {j.clean_refusal for j in kd} == {0.05}
-    lagrange = [j for j in kd if j.attack.attack == "lagrangian"]
+    lagrange = [j for j in kd if j.attack.attack == "lagrangian" and j.attack.restarts == 5]
     assert {(j.model, j.attack.eps, j.n) for j in lagrange} == {
         (m, e, n) for m in (RCE, CE) for e, n in ((0.3, 100), (0.1, 100), (0.3, 1000))
     }
     assert all(j.attack.steps == 200 and j.attack.restarts == 5 for j in lagrange)
+
+
+def test_k_density_plan_checks_convergence_with_one_restart_of_1000_steps() -> None:
+    long = [j for j in k_density((RCE, CE)) if j.attack.steps == 1000]
+    assert {(j.model, j.attack.attack, j.attack.restarts, j.attack.eps) for j in long} == {
+        (m, "lagrangian", 1, 0.1) for m in (RCE, CE)
+    }
