@@ -71,7 +71,10 @@ def attack(
     adaptive: Annotated[bool, Opt(help="run the adaptive white-box audit instead")] = False,
     plan: Annotated[
         str | None,
-        Opt(help="audit plan: headline, secondary, worst-case, checks, transfer, live, figures"),
+        Opt(
+            help="audit plan: headline, secondary, worst-case, k-density, checks, transfer, live, "
+            "figures"
+        ),
     ] = None,
     work_dir: Annotated[Path | None, Opt(help="audit resume state [runs/audit]")] = None,
     json_out: Annotated[

@@ -14,6 +14,9 @@ not yet won.
   check against torchattacks);
 - "cw-l2": Carlini & Wagner's L2 attack with the score term added (the C&W-wb attack of the
   RCE paper's official code), binary search on c, see `cw.py`.
+The score is the J-score, the confidence or the K-density of the net's final hidden vector
+(the RCE paper's second detector): for K-density the hinge pulls the features towards the
+training features of the class the attack aims at.
 Pixels are in [0, 1]; eps is an L-inf budget in pixel units.
 """
 
@@ -28,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.scoring import Kernel
-from training.attack.score import ScoreKind, log_score_at, served
+from training.attack.score import KernelTensors, ScoreKind, log_k_density_at, log_score_at
 from training.losses import Objective, served_logits
 
 AttackName = Literal["lagrangian", "selective", "orthogonal", "pgd", "cw-l2", "apgd"]
@@ -38,23 +41,52 @@ ClassLoss = Literal["margin", "ce"]
 
 @dataclass(frozen=True)
 class Threat:
-    """What the attacker knows: the network, what it serves, the score and the served T."""
+    """What the attacker knows: the network, what it serves, the score and the served T.
+
+    The K-density score also needs the kernel set (`kernel_set`), and its callers pass the
+    net's features (from `forward`) wherever they pass logits."""
 
     net: nn.Module
     objective: Objective
     kernel: Kernel
     threshold: float
     score: ScoreKind = "j"
+    kernel_set: KernelTensors | None = None
+
+    def __post_init__(self) -> None:
+        if self.score == "k_density" and self.kernel_set is None:
+            raise ValueError("the k_density score needs the model's kernel set (kernel_set)")
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, L) the vector the served softmax is applied to."""
         return served_logits(self.objective, self.net(x))
 
-    def wins(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, C, H, W) -> served logits (B, L) and, for K-density, the features (B, D)."""
+        if self.score != "k_density":
+            return self.logits(x), None
+        feats = self.net.features(x)  # type: ignore[operator]
+        return served_logits(self.objective, self.net.fc(feats)), feats  # type: ignore[operator]
+
+    def log_score(
+        self, logits: torch.Tensor, cls: torch.Tensor, features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B,) log of the score the image would get if `cls` were its label, float64."""
+        if self.score != "k_density":
+            return log_score_at(logits, cls, self.kernel, self.score)
+        if features is None or self.kernel_set is None:
+            raise ValueError("the k_density score needs the features from Threat.forward")
+        return log_k_density_at(features, cls, self.kernel_set)
+
+    def wins(
+        self, logits: torch.Tensor, y: torch.Tensor, features: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(B,) bool: the served answer is a wrong label and it is accepted."""
-        s = served(logits.detach(), self.kernel, self.score)
+        label = logits.detach().argmax(-1)
+        feats = None if features is None else features.detach()
+        log_score = self.log_score(logits.detach(), label, feats)
         log_t = math.log(self.threshold) if self.threshold > 0 else -math.inf
-        return (s.label != y) & (s.log_score >= log_t)
+        return (label != y) & (log_score >= log_t)
 
 
 @dataclass(frozen=True)
@@ -123,14 +155,16 @@ def score_loss(
     y: torch.Tensor,
     cfg: AdaptiveConfig,
     at_served: bool = False,
+    features: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B,) hinge max(0, log T' - log score), the score taken at the strongest wrong class
-    (the one the attack aims at) or, with at_served, at the served label (what is detected)."""
+    (the one the attack aims at) or, with at_served, at the served label (what is detected).
+    For K-density that class picks the kernel set the features are pulled towards."""
     if threat.threshold <= 0:
         return torch.zeros(len(y), dtype=torch.float64, device=logits.device)
     log_target = math.log(threat.threshold) + cfg.log_margin
     cls = logits.argmax(-1) if at_served else wrong_class(logits, y)
-    return (log_target - log_score_at(logits, cls, threat.kernel, threat.score)).clamp(min=0)
+    return (log_target - threat.log_score(logits, cls, features)).clamp(min=0)
 
 
 def _project_off(g: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -147,13 +181,15 @@ def descent_direction(
     y: torch.Tensor,
     cfg: AdaptiveConfig,
     lam: float,
+    features: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The gradient to descend for one step of the configured attack, (B, C, H, W)."""
     c_loss = class_loss(logits, y, cfg).double()
     if cfg.attack == "pgd":
         return torch.autograd.grad(c_loss.sum(), x)[0]
     # Bryniarski et al. step on what the detector says about the served label.
-    s_loss = score_loss(threat, logits, y, cfg, at_served=cfg.attack != "lagrangian")
+    at_served = cfg.attack != "lagrangian"
+    s_loss = score_loss(threat, logits, y, cfg, at_served, features)
     if cfg.attack == "lagrangian":
         return torch.autograd.grad((c_loss + lam * s_loss).sum(), x)[0]
     right = (logits.argmax(-1) == y).double()  # (B,) still classified right
@@ -176,7 +212,8 @@ def pgd_batch(
     """The L-inf attacks on one batch already on the net's device."""
     adv_out, spent = x.clone(), torch.zeros(len(x), dtype=torch.long)
     with torch.no_grad():  # a clean image served wrong and accepted is won at no cost
-        won = threat.wins(threat.logits(x), y).cpu()
+        logits, feats = threat.forward(x)
+        won = threat.wins(logits, y, feats).cpu()
     for r in range(cfg.restarts):
         idx = (~won).nonzero()[:, 0]
         if len(idx) == 0:
@@ -187,8 +224,8 @@ def pgd_batch(
         cur = (x0 + noise.to(x.device)).clamp(0.0, 1.0)
         for k in range(cfg.steps + 1):
             cur.requires_grad_(True)
-            logits = threat.logits(cur)
-            w = threat.wins(logits, y0)
+            logits, feats = threat.forward(cur)
+            w = threat.wins(logits, y0, feats)
             if w.any():
                 hit = idx[w.cpu()]
                 adv_out[hit.to(x.device)] = cur[w].detach()
@@ -197,7 +234,7 @@ def pgd_batch(
             if k == cfg.steps or not keep.any():
                 cur, idx = cur.detach()[keep], idx[keep.cpu()]
                 break
-            grad = descent_direction(threat, cur, logits, y0, cfg, lam)[keep]
+            grad = descent_direction(threat, cur, logits, y0, cfg, lam, feats)[keep]
             cur, x0, y0, idx = cur.detach()[keep], x0[keep], y0[keep], idx[keep.cpu()]
             cur = cur - cfg.alpha(k) * grad.sign()
             cur = torch.minimum(torch.maximum(cur, x0 - cfg.eps), x0 + cfg.eps).clamp(0.0, 1.0)

@@ -23,6 +23,7 @@ def apgd_batch(threat: Threat, x: torch.Tensor, y: torch.Tensor, cfg: AdaptiveCo
                             n_restarts=cfg.restarts, seed=cfg.seed, loss="ce")  # fmt: skip
     adv = atk(x, y).detach()
     with torch.no_grad():
-        won = threat.wins(threat.logits(adv), y).cpu()
+        logits, features = threat.forward(adv)
+        won = threat.wins(logits, y, features).cpu()
     spent = torch.full((len(x),), cfg.steps * cfg.restarts, dtype=torch.long)
     return Result(won, adv, spent)

@@ -18,15 +18,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from service.kdensity import KernelSet
 from service.manifest import MODEL_FILE, Manifest
+from service.repository import read_kernel_set
 from service.runtime import OnnxModel
-from service.scoring import score_logits, threshold_for_refuse_rate
+from service.scoring import Scores, score_logits, threshold_for_refuse_rate
 from training import data as data_mod
 from training.attack.adaptive import Result, Threat, pgd_batch
 from training.attack.cw import cw_batch, l2_distance
 from training.attack.io import model_version_dir, test_images
 from training.attack.plan import L2_BUDGETS, PLANS, THRESHOLDS, AuditJob, all_jobs, plan_jobs
-from training.attack.score import ScoreKind, served_kind
+from training.attack.score import KernelTensors, ScoreKind, served_kind, service_name
 from training.modelio import load_torch_model
 from training.progress import progress_bar
 
@@ -63,6 +65,7 @@ class Model:
     net: torch.nn.Module
     onnx: OnnxModel
     data: data_mod.TensorData
+    kernel_set: KernelSet | None = None  # K-density's training features, when the model has one
     thresholds: dict[tuple[str, float | None], float] = field(default_factory=dict)
 
     def threshold(self, score: str, clean_refusal: float | None) -> float:
@@ -86,17 +89,27 @@ class Model:
 
     def scores(self, x: np.ndarray, score: str) -> np.ndarray:
         """(N,) the served score of each image, from the ONNX graph."""
-        s = self.served(x)
-        return s.j_score if score == "j" else s.confidence
+        return self.served(x).named(service_name(score))  # type: ignore[arg-type]
 
-    def served(self, x: np.ndarray):
-        logits = np.concatenate(
-            [
-                self.onnx.run(np.ascontiguousarray(x[i : i + 500], np.float32))
-                for i in range(0, len(x), 500)
-            ]
+    def served(self, x: np.ndarray) -> Scores:
+        """`service.scoring` on the ONNX graph's outputs, K-density included when the model
+        has a kernel set."""
+        parts = [
+            self.onnx.run_with_features(np.ascontiguousarray(x[i : i + 500], np.float32))
+            for i in range(0, len(x), 500)
+        ]
+        logits = np.concatenate([p[0] for p in parts])
+        feats = None if self.kernel_set is None else np.concatenate([p[1] for p in parts])  # type: ignore[misc]
+        kernel = self.manifest.kernel.to_kernel()
+        return score_logits(
+            logits, kernel, self.manifest.threshold, features=feats, kernel_set=self.kernel_set
         )
-        return score_logits(logits, self.manifest.kernel.to_kernel(), self.manifest.threshold)
+
+    def threat(self, score: str, threshold: float) -> Threat:
+        """What the attacker knows about this model, attacking `score` at `threshold`."""
+        kset = None if self.kernel_set is None else KernelTensors.of(self.kernel_set)
+        kernel = self.manifest.kernel.to_kernel()
+        return Threat(self.net, self.manifest.objective, kernel, threshold, score, kset)  # type: ignore[arg-type]
 
 
 def load_model(cfg: AuditConfig, name: str) -> Model:
@@ -106,7 +119,8 @@ def load_model(cfg: AuditConfig, name: str) -> Model:
         p.requires_grad_(False)  # gradients w.r.t. the input only
     onnx = OnnxModel(folder / MODEL_FILE, device="cpu", intra_op_threads=cfg.threads)
     n_data = 10000 if not cfg.dry_run else 64
-    return Model(name, manifest, net, onnx, test_images(manifest, cfg.data_dir, n_data))
+    data = test_images(manifest, cfg.data_dir, n_data)
+    return Model(name, manifest, net, onnx, data, read_kernel_set(manifest, folder))
 
 
 def job_dir(cfg: AuditConfig, model: Model, job: AuditJob) -> Path:
@@ -167,9 +181,7 @@ def attack_chunk(
     """Attack images lo..hi-1 (except `skip`) and record what the served graph decides."""
     x, y = model.data.x[lo:hi], model.data.y[lo:hi]
     threshold = model.threshold(job.score, job.clean_refusal)
-    threat = Threat(
-        model.net, model.manifest.objective, model.manifest.kernel.to_kernel(), threshold, job.score
-    )
+    threat = model.threat(job.score, threshold)
     todo = torch.from_numpy(~skip)
     res = Result(
         torch.zeros(hi - lo, dtype=torch.bool), x.clone(), torch.zeros(hi - lo, dtype=torch.long)
@@ -187,7 +199,7 @@ def attack_chunk(
         res.won[todo], res.adv[todo], res.spent[todo] = part.won, part.adv, part.spent
     adv = res.adv.numpy()
     s = model.served(adv)
-    score = s.j_score if job.score == "j" else s.confidence
+    score = s.named(service_name(job.score))
     served_won = (s.label != y.numpy()) & (score >= threshold) & ~skip
     return {
         "idx": np.arange(lo, hi),
@@ -290,10 +302,13 @@ CLEAN = slice(0, 5000)  # clean accuracy and coverage: the images not used for t
 def clean_rows(model: Model, work_dir: Path) -> list[dict[str, object]]:
     """Clean accuracy, coverage and the clean wrong-and-accepted rate at every threshold."""
     path = work_dir / model.name / f"clean-{model.manifest.sha256[:12]}.npz"
-    if not path.exists():
+    has_kd = model.kernel_set is not None
+    # Files saved before K-density was audited lack it: score the clean images again.
+    if not path.exists() or (has_kd and "k_density" not in np.load(path).files):
         s = model.served(model.data.x[CLEAN].numpy())
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, label=s.label, j=s.j_score, confidence=s.confidence)
+        kd = {} if s.k_density is None else {"k_density": s.k_density}
+        np.savez(path, label=s.label, j=s.j_score, confidence=s.confidence, **kd)
     saved = dict(np.load(path))
     y = model.data.y[CLEAN].numpy()
     right = saved["label"] == y
@@ -302,6 +317,8 @@ def clean_rows(model: Model, work_dir: Path) -> list[dict[str, object]]:
         if refusal is None:  # the manifest's T is on the score the model is served on
             score = served_kind(model.manifest.score)
         if score == "confidence" and model.manifest.objective != "ce":
+            continue
+        if score == "k_density" and not has_kd:
             continue
         t = model.threshold(score, refusal)
         accepted = saved[score] >= t

@@ -39,10 +39,10 @@ class ScoreAwareSquare(torchattacks.Square):
     def margin_and_loss(
         self, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.threat.logits(x)
-        won = self.threat.wins(logits, y)
+        logits, feats = self.threat.forward(x)
+        won = self.threat.wins(logits, y, feats)
         loss = class_loss(logits, y, self.cfg).double()
-        loss = loss + self.lam * score_loss(self.threat, logits, y, self.cfg)
+        loss = loss + self.lam * score_loss(self.threat, logits, y, self.cfg, features=feats)
         # Square stops on an image once its margin is < 0: exactly when it is won.
         margin = torch.where(won, -torch.ones_like(loss), loss.clamp(min=0) + 1e-3)
         return margin.float(), loss.float()
@@ -87,7 +87,8 @@ def square_vs_whitebox(
     atk = ScoreAwareSquare(threat, cfg, lam=1.0, eps=eps, n_queries=queries, seed=0)
     adv = atk(x, y)
     with torch.no_grad():
-        won = threat.wins(threat.logits(adv), y).numpy()
+        logits, feats = threat.forward(adv)
+        won = threat.wins(logits, y, feats).numpy()
     return CheckResult("square-vs-whitebox", name, eps, len(y), {
         "square_success": float(won.mean()), "whitebox_success": float(whitebox_won.mean()),
         "square_only": float((won & ~whitebox_won).mean()), "queries": float(queries)})  # fmt: skip

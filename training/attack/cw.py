@@ -23,7 +23,8 @@ def cw_batch(threat: Threat, x: torch.Tensor, y: torch.Tensor, cfg: AdaptiveConf
     best_l2 = torch.full((n,), float("inf"), dtype=torch.float64, device=x.device)
     best = x.clone()
     with torch.no_grad():  # a clean image that already wins needs no perturbation
-        clean_win = threat.wins(threat.logits(x), y)
+        logits, feats = threat.forward(x)
+        clean_win = threat.wins(logits, y, feats)
     best_l2[clean_win] = 0.0
     w0 = torch.atanh((x * 2 - 1).clamp(-1 + 1e-6, 1 - 1e-6))
     for _ in range(cfg.restarts):
@@ -32,16 +33,17 @@ def cw_batch(threat: Threat, x: torch.Tensor, y: torch.Tensor, cfg: AdaptiveConf
         won_now = torch.zeros(n, dtype=torch.bool, device=x.device)
         for _ in range(cfg.steps):
             adv = (torch.tanh(w) + 1) / 2
-            logits = threat.logits(adv)
+            logits, feats = threat.forward(adv)
             l2 = ((adv - x) ** 2).flatten(1).sum(1).double()  # (B,) squared L2
             with torch.no_grad():
-                win = threat.wins(logits, y)
+                win = threat.wins(logits, y, feats)
                 better = win & (l2 < best_l2)
                 best_l2 = torch.where(better, l2, best_l2)
                 best[better] = adv[better].detach()
                 won_now |= win
             loss = l2 + c * (
-                class_loss(logits, y, cfg).double() + lam * score_loss(threat, logits, y, cfg)
+                class_loss(logits, y, cfg).double()
+                + lam * score_loss(threat, logits, y, cfg, features=feats)
             )
             opt.zero_grad()
             loss.sum().backward()

@@ -64,6 +64,40 @@ def success_vs_eps(rows: list[dict[str, object]], served: dict[str, str], path: 
     fig.savefig(path, dpi=110)
 
 
+def k_density_vs_j(rows: list[dict[str, object]], path: Path) -> None:
+    """Per model and eps: worst-case attack success against K-density (T for 5% of clean
+    images) beside J at the served T, as grouped bars."""
+
+    def worst(model: str, score: str, eps: float) -> float | None:
+        hits = [
+            r
+            for r in rows
+            if (r["model"], r["score"], r["attack"], r["norm"])
+            == (model, score, "worst-case", "linf")
+            and float(r["eps"]) == eps
+            and (score != "j" or r["clean_refusal"] is None)
+        ]
+        return float(max(hits, key=lambda r: int(r["n"]))["attack_success"]) if hits else None
+
+    kd = [r for r in rows if r["score"] == "k_density" and r["attack"] == "worst-case"]
+    models = sorted({str(r["model"]) for r in kd})
+    eps_all = sorted({float(r["eps"]) for r in kd})
+    fig = Figure(figsize=(5.5 * max(1, len(models)), 3.8))
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(models))))
+    x = np.arange(len(eps_all))
+    for ax, model in zip(axes, models, strict=False):
+        for k, (score, label) in enumerate((("j", "J, served T"), ("k_density", "K-density"))):
+            vals = [worst(model, score, e) for e in eps_all]
+            ax.bar(x + (k - 0.5) * 0.38, [np.nan if v is None else v for v in vals], 0.38,
+                   label=label)  # fmt: skip
+        ax.set_xticks(x, [f"eps {e:g}" for e in eps_all])
+        ax.set(title=model, ylabel="attack success (wrong and accepted)", ylim=(0, 1.05))
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def success_vs_steps(cfg: AuditConfig, path: Path) -> None:
     """Share of images won within s gradient steps (all restarts counted), headline attack."""
     fig = Figure(figsize=(5.5 * len(cfg.models), 4))
@@ -100,9 +134,48 @@ def write_figures(cfg: AuditConfig, rows: list[dict[str, object]]) -> None:
     served = served_of(cfg, {str(r["model"]) for r in rows})
     success_vs_eps(rows, served, folder / "success-vs-eps.png")
     success_vs_steps(cfg, folder / "success-vs-steps.png")
+    k_density_vs_j(rows, folder / "k-density-vs-j.png")
     doc = folder.with_suffix(".md")
     if doc.exists():
         update_section(doc, "adaptive", "Results", markdown(rows, served))
+        update_section(doc, "adaptive-kdensity", "K-density", k_density_markdown(rows))
+
+
+KD_COLUMNS = ("worst-case", "lagrangian", "selective", "orthogonal")
+
+
+def k_density_markdown(rows: list[dict[str, object]]) -> str:
+    """Attack success against K-density per model and eps, beside J's worst case."""
+    from training.evaluation import table
+
+    def best(**want: object) -> dict[str, object] | None:
+        hits = [r for r in rows if all(r.get(k) == v for k, v in want.items())]
+        return max(hits, key=lambda r: int(r["n"])) if hits else None
+
+    kd = [r for r in rows if r["score"] == "k_density" and r["norm"] == "linf"]
+    lines = []
+    for m, eps in sorted({(str(r["model"]), float(r["eps"])) for r in kd if r["attack"] != "none"}):
+        kd_at = {"model": m, "score": "k_density", "eps": eps, "restarts": 5}
+        cells = [_cell(best(**kd_at, attack=a)) for a in KD_COLUMNS]
+        t = best(**kd_at, attack="lagrangian")
+        long = best(model=m, score="k_density", attack="lagrangian", eps=eps, steps=1000)
+        j = best(model=m, score="j", attack="worst-case", eps=eps, clean_refusal=None)
+        tval = "-" if t is None else f"{float(t['threshold']):.4g}"
+        lines.append([m, f"{eps:g}", tval, *cells, _cell(long), _cell(j)])
+    if not lines:
+        return "(not run yet)"
+    return "\n".join(
+        [
+            "Attack success against K-density at the T refusing 5% of clean images 5,000-9,999 "
+            "(200 steps x 5 restarts, or one restart of 1,000 steps); the last column is the "
+            "worst case against J at the served T, for comparison.",
+            "",
+            table(
+                ["model", "eps", "T", *KD_COLUMNS, "1 x 1,000 steps", "J, served T, worst case"],
+                lines,
+            ),
+        ]
+    )
 
 
 COLUMNS = ("worst-case", "lagrangian", "selective", "lagrangian-ce", "orthogonal", "pgd")
@@ -197,9 +270,11 @@ def markdown(rows: list[dict[str, object]], served: dict[str, str]) -> str:
     )
     body += ["", "C&W-L2 with the score term (success within each L2 budget):", ""]
     cw = [
-        [str(r["model"]), f"{float(r['eps']):g}", _cell(r)] for r in rows if r["attack"] == "cw-l2"
+        [str(r["model"]), str(r["score"]), f"{float(r['eps']):g}", _cell(r)]
+        for r in rows
+        if r["attack"] == "cw-l2"
     ]
-    body.append(table(["model", "L2 budget", "success"], cw) if cw else "(not run yet)")
+    body.append(table(["model", "score", "L2 budget", "success"], cw) if cw else "(not run yet)")
     body += ["", "Clean test images 0-4,999 at each threshold:", ""]
     clean = [
         [

@@ -22,6 +22,7 @@ THRESHOLDS: tuple[tuple[ScoreKind, float | None], ...] = (
     ("j", None),
     ("j", 0.01),
     ("confidence", 0.05),
+    ("k_density", 0.05),
 )
 HEADLINE_EPS = ((0.3, 0.1), (0.2,), (0.05,))  # in order of value: cheap and telling first
 ALL_EPS = (0.05, 0.1, 0.2, 0.3)
@@ -121,7 +122,51 @@ def worst_case_fill(models: tuple[str, ...] = (RCE, CE)) -> list[AuditJob]:
     return jobs
 
 
-PLANS = {"headline": headline, "secondary": secondary, "worst-case": worst_case_fill}
+def k_density(models: tuple[str, ...] = (RCE, CE)) -> list[AuditJob]:
+    """The K-density detector (the RCE paper's second one) at the T refusing 5% of clean
+    calibration images: the Lagrangian attack with its term, then the other attacks."""
+    jobs = [
+        AuditJob(m, replace(LAGRANGE, eps=e), 100, score="k_density", clean_refusal=0.05)
+        for e in (0.3, 0.1)
+        for m in models
+    ]
+    jobs += [
+        AuditJob(m, replace(LAGRANGE, eps=0.3), 1000, score="k_density", clean_refusal=0.05)
+        for m in models
+    ]
+    for attack in ("selective", "orthogonal"):
+        jobs += [
+            AuditJob(
+                m,
+                replace(LAGRANGE, attack=attack, eps=0.1),  # type: ignore[arg-type]
+                100,
+                score="k_density",
+                clean_refusal=0.05,
+            )
+            for m in models
+        ]
+    # Convergence: one restart of 1,000 steps where the others spend 5 x 200.
+    jobs += [
+        AuditJob(
+            m,
+            replace(LAGRANGE, eps=0.1, steps=1000, restarts=1),
+            100,
+            score="k_density",
+            clean_refusal=0.05,
+        )
+        for m in models
+    ]
+    cw = AdaptiveConfig(attack="cw-l2", eps=0.0, steps=100, restarts=5, lambdas=(1.0,))
+    jobs += [AuditJob(m, cw, 100, score="k_density", clean_refusal=0.05) for m in models]
+    return jobs
+
+
+PLANS = {
+    "headline": headline,
+    "secondary": secondary,
+    "worst-case": worst_case_fill,
+    "k-density": k_density,
+}
 
 
 def on_served_score(jobs: list[AuditJob], served: Mapping[str, ScoreKind]) -> list[AuditJob]:

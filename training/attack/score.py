@@ -1,33 +1,76 @@
 """The thresholding test in torch, differentiable, for attacks that know the score.
 
-A mirror of `service.scoring` (which stays the one reference: tests check the two agree on the
-same logits). Computed in float64 like the numpy version, so CE models, whose non-maximal
-probabilities underflow float32, keep a finite non-ME and a finite gradient.
+A mirror of `service.scoring` and `service.kdensity` (which stay the one reference: tests check
+the two agree on the same logits and features). Computed in float64 like the numpy version, so
+CE models, whose non-maximal probabilities underflow float32, keep a finite non-ME and a finite
+gradient, and far-away features keep a finite log K-density.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from service.scoring import Kernel
+from service.kdensity import KernelSet
+from service.scoring import Kernel, ScoreName
 
-ScoreKind = Literal["j", "confidence"]
-SCORES: tuple[ScoreKind, ...] = ("j", "confidence")
+ScoreKind = Literal["j", "confidence", "k_density"]
+SCORES: tuple[ScoreKind, ...] = ("j", "confidence", "k_density")
 # The manifest's score names for the scores this mirror covers.
-_MANIFEST_SCORES: dict[str, ScoreKind] = {"j_score": "j", "confidence": "confidence"}
+_MANIFEST_SCORES: dict[str, ScoreKind] = {
+    "j_score": "j",
+    "confidence": "confidence",
+    "k_density": "k_density",
+}
+_SERVICE_NAMES: dict[ScoreKind, ScoreName] = {
+    "j": "j_score",
+    "confidence": "confidence",
+    "k_density": "k_density",
+}
 
 
 def served_kind(manifest_score: str) -> ScoreKind:
     """The mirror's name for the score a model is served on (its manifest's `score`)."""
     if manifest_score not in _MANIFEST_SCORES:
         raise ValueError(
-            f"the adaptive attacks know j_score and confidence; this model is served on "
+            f"the adaptive attacks know {', '.join(_MANIFEST_SCORES)}; this model is served on "
             f"{manifest_score!r}"
         )
     return _MANIFEST_SCORES[manifest_score]
+
+
+def service_name(kind: ScoreKind) -> ScoreName:
+    """The service's name (`service.scoring.ScoreName`) for one of the mirror's scores."""
+    return _SERVICE_NAMES[kind]
+
+
+@dataclass(frozen=True)
+class KernelTensors:
+    """A `KernelSet` as a float64 tensor, (L, N, D), converted once for every attack step."""
+
+    features: torch.Tensor
+    sigma2: float
+
+    @classmethod
+    def of(cls, kset: KernelSet, device: torch.device | str = "cpu") -> KernelTensors:
+        feats = torch.from_numpy(kset.features.astype("float64")).to(device)
+        return cls(feats, kset.sigma2)
+
+
+def log_k_density_at(
+    features: torch.Tensor, cls: torch.Tensor, kset: KernelTensors
+) -> torch.Tensor:
+    """log KD of `service.kdensity` against the kernel set of class `cls`: (B, D), (B,) -> (B,).
+
+    The squared distances are taken as differences, not |f|^2 - 2 f.f_i + |f_i|^2 as numpy
+    does: same value to rounding, and the gradient 2 (f - f_i) stays exact near a kernel point.
+    """
+    ref = kset.features[cls]  # (B, N, D) the kernel set of each image's class
+    d2 = ((features.double()[:, None, :] - ref) ** 2).sum(-1)  # (B, N)
+    return torch.logsumexp(-d2 / kset.sigma2, dim=-1) - math.log(ref.shape[1])
 
 
 @dataclass(frozen=True)
@@ -57,7 +100,11 @@ def non_me_at(log_p: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
 def log_score_at(
     served_logits: torch.Tensor, cls: torch.Tensor, kernel: Kernel, kind: ScoreKind = "j"
 ) -> torch.Tensor:
-    """log J (Eq. 5 times confidence) or log confidence of class `cls`: (B, L), (B,) -> (B,)."""
+    """log J (Eq. 5 times confidence) or log confidence of class `cls`: (B, L), (B,) -> (B,).
+
+    K-density is not a function of the logits: use `log_k_density_at` on the features."""
+    if kind == "k_density":
+        raise ValueError("k_density is computed from the features: use log_k_density_at")
     log_p = torch.log_softmax(served_logits.double(), dim=-1)  # (B, L)
     log_conf = log_p.gather(-1, cls[:, None])[:, 0]
     if kind == "confidence":

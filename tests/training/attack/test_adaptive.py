@@ -11,11 +11,14 @@ import torch
 import torchattacks
 from torch import nn
 
-from service.scoring import score_logits
+from service.manifest import MODEL_FILE
+from service.repository import read_kernel_set
+from service.runtime import OnnxModel
+from service.scoring import Scores, score_logits
 from training import data as data_mod
 from training.attack.adaptive import AdaptiveConfig, Threat, _project_off, pgd_batch
 from training.attack.cw import cw_batch, l2_distance
-from training.attack.score import served_kind
+from training.attack.score import KernelTensors, served_kind
 from training.export import ServedNet
 from training.modelio import load_torch_model
 
@@ -185,3 +188,110 @@ def test_config_rejects_bad_values() -> None:
         AdaptiveConfig(attack="fgsm")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="pixel units"):
         AdaptiveConfig(eps=2.0)
+
+
+class _KDensity:
+    """A tiny model attacked on K-density, with the service's own view of it (ONNX graph,
+    `service.scoring`, the verified kernel set) to check the attack against."""
+
+    def __init__(self, model_repo: Path, objective: str, images: data_mod.TensorData) -> None:
+        folder = model_repo / f"tiny-{objective}" / "1"
+        net, m = load_torch_model(folder)
+        for p in net.parameters():
+            p.requires_grad_(False)
+        kset = read_kernel_set(m, folder)
+        assert kset is not None
+        self.kset, self.kernel = kset, m.kernel.to_kernel()
+        self.onnx = OnnxModel(folder / MODEL_FILE, device="cpu")
+        # The tiny nets' features are so tight that the T refusing a share of clean images
+        # is near 1, out of reach of a 20-step attack: T a quarter of the lowest clean density
+        # still refuses what the blind attack makes of these images (log KD about -4 to -6).
+        t = 0.25 * float(self.served(images.x).named("k_density").min())
+        self.threat = Threat(net, m.objective, self.kernel, t, "k_density", KernelTensors.of(kset))
+
+    def served(self, x: torch.Tensor) -> Scores:
+        logits, feats = self.onnx.run_with_features(x.numpy())
+        return score_logits(logits, self.kernel, 0.0, "k_density", feats, self.kset)
+
+    def served_wins(self, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+        s = self.served(x)
+        return (s.label != y.numpy()) & (s.named("k_density") >= self.threat.threshold)
+
+
+@pytest.mark.parametrize("objective", ["rce", "ce"])
+def test_k_density_threat_scores_images_as_the_service_does(
+    model_repo: Path, images: data_mod.TensorData, objective: str
+) -> None:
+    kd = _KDensity(model_repo, objective, images)
+    with torch.no_grad():
+        logits, feats = kd.threat.forward(images.x)
+        assert feats is not None
+        got = kd.threat.log_score(logits, logits.argmax(-1), feats).numpy()
+    ref = kd.served(images.x)
+    np.testing.assert_array_equal(logits.argmax(-1).numpy(), ref.label)
+    # torch and onnxruntime features differ by float32 rounding, (f - f_i)^2 / sigma^2 by more.
+    np.testing.assert_allclose(got, np.log(ref.named("k_density")), rtol=1e-4, atol=1e-4)
+
+
+def test_k_density_threat_needs_the_kernel_set(model_repo: Path) -> None:
+    threat = _threat(model_repo, "rce")
+    with pytest.raises(ValueError, match="kernel set"):
+        replace(threat, score="k_density")
+    kd_threat = replace(
+        threat, score="k_density", kernel_set=KernelTensors(torch.zeros(10, 1, 4), 1.0)
+    )
+    with pytest.raises(ValueError, match="features"):
+        kd_threat.wins(torch.zeros(2, 10), torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("attack", ["lagrangian", "selective", "orthogonal"])
+@pytest.mark.parametrize("objective", ["rce", "ce"])
+def test_k_density_attacks_win_served_wins_inside_the_ball(
+    model_repo: Path, images: data_mod.TensorData, attack: str, objective: str
+) -> None:
+    kd = _KDensity(model_repo, objective, images)
+    cfg = AdaptiveConfig(attack=attack, eps=0.2, steps=20, restarts=2)  # type: ignore[arg-type]
+    res = pgd_batch(kd.threat, images.x, images.y, cfg, _gen())
+    assert ((res.adv - images.x).abs() <= cfg.eps + 1e-6).all()
+    assert res.adv.min() >= 0.0 and res.adv.max() <= 1.0
+    np.testing.assert_array_equal(res.won.numpy(), kd.served_wins(res.adv, images.y))
+    if attack != "orthogonal":  # too weak to win here in 40 steps; see the next test
+        assert res.won.any()
+
+
+def test_orthogonal_score_steps_raise_the_k_density_of_the_misclassified_images(
+    model_repo: Path, images: data_mod.TensorData
+) -> None:
+    kd = _KDensity(model_repo, "rce", images)
+    cfg = AdaptiveConfig(attack="orthogonal", eps=0.3, steps=20, restarts=1)
+    medians = []
+    for c in (cfg, replace(cfg, attack="pgd")):
+        s = kd.served(pgd_batch(kd.threat, images.x, images.y, c, _gen()).adv)
+        wrong = s.label != images.y.numpy()
+        assert wrong.sum() >= 3
+        medians.append(np.median(np.log(s.named("k_density")[wrong])))
+    orthogonal, blind = medians
+    assert orthogonal > blind + 1.0, medians
+
+
+def test_k_density_term_wins_more_than_the_attack_that_ignores_it(
+    model_repo: Path, images: data_mod.TensorData
+) -> None:
+    kd = _KDensity(model_repo, "rce", images)
+    cfg = AdaptiveConfig(eps=0.2, steps=20, restarts=2)
+    adaptive = pgd_batch(kd.threat, images.x, images.y, cfg, _gen()).won.sum()
+    blind = pgd_batch(kd.threat, images.x, images.y, replace(cfg, attack="pgd"), _gen())
+    assert adaptive > blind.won.sum()
+
+
+@pytest.mark.parametrize("objective", ["rce", "ce"])
+def test_cw_with_the_k_density_term_wins_served_wins(
+    model_repo: Path, images: data_mod.TensorData, objective: str
+) -> None:
+    kd = _KDensity(model_repo, objective, images)
+    x, y = images.x[:16], images.y[:16]
+    cfg = AdaptiveConfig(attack="cw-l2", steps=30, restarts=2, lambdas=(1.0,), cw_lr=0.05)
+    res = cw_batch(kd.threat, x, y, cfg)
+    np.testing.assert_array_equal(res.won.numpy(), kd.served_wins(res.adv, y))
+    assert res.adv.min() >= 0.0 and res.adv.max() <= 1.0
+    assert res.won.any()

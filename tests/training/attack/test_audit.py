@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.scoring import score_logits
+from service.scoring import score_logits, threshold_for_refuse_rate
 from training.attack import audit
 from training.attack.plan import all_jobs, plan_jobs
 
@@ -151,3 +151,25 @@ def test_apgd_cascade_wins_are_what_the_service_decides(cfg: audit.AuditConfig) 
         y = model.data.y[: len(x)].numpy()
         want = (s.label != y) & (score >= model.manifest.threshold) & ~saved["skipped"]
         np.testing.assert_array_equal(saved["served_won"], want)
+
+
+def test_k_density_plan_rows_are_what_the_service_decides(cfg: audit.AuditConfig) -> None:
+    kd_cfg = audit.AuditConfig(**{**cfg.__dict__, "plan": "k-density"})
+    rows = audit.run(kd_cfg)
+    kd_rows = [r for r in rows if r["score"] == "k_density"]
+    assert {r["attack"] for r in kd_rows} >= {"none", "lagrangian", "worst-case", "cw-l2"}
+    assert {r["model"] for r in kd_rows} == set(MODELS)
+    job = next(j for j in plan_jobs("k-density", MODELS, dry_run=True) if j.attack.eps == 0.3)
+    model = audit._MODELS[job.model]
+    assert model.kernel_set is not None
+    saved = audit.load_chunks(audit.job_dir(kd_cfg, model, job))
+    assert saved is not None
+    # The service's decision on the saved images: the graph's features, the verified kernel
+    # set, the T refusing 5% of the clean calibration images.
+    logits, feats = model.onnx.run_with_features(saved["adv"])
+    s = score_logits(logits, model.manifest.kernel.to_kernel(), 0.0, "k_density", feats,
+                     model.kernel_set)  # fmt: skip
+    t = threshold_for_refuse_rate(model.served(model.calibration).named("k_density"), 0.05)
+    assert saved["threshold"][0] == t
+    y = model.data.y[: len(saved["idx"])].numpy()
+    np.testing.assert_array_equal(saved["served_won"], (s.label != y) & (s.k_density >= t))
