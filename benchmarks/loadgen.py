@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 
 from benchmarks.serve_process import free_port
+from service import v2codec
 from service.manifest import Manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,23 +62,14 @@ def bodies(manifest: Manifest, n: int, tmp: Path) -> dict[str, tuple[Path, str, 
         "data": pixels.ravel().tolist(),  # V2 JSON tensors are flat, row-major
     }
     v2_json.write_text(json.dumps({"inputs": [images]}, separators=(",", ":")))
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "input",
-                    "shape": list(x.shape),
-                    "datatype": "FP32",
-                    "parameters": {"binary_data_size": x.nbytes},
-                }
-            ],
-            "parameters": {"binary_data_output": True},
-            "outputs": [{"name": o} for o in ("label", "j_score", "confidence", "non_me")],
-        }
-    ).encode()
+    body, headers = v2codec.encode_request(
+        [("input", x)],
+        outputs=("label", "j_score", "confidence", "non_me"),
+        parameters={"binary_data_output": True},
+    )
     v2 = tmp / f"v2-{n}.bin"
-    v2.write_bytes(header + x.tobytes())
-    extra = f'wrk.headers["Inference-Header-Content-Length"] = "{len(header)}"'
+    v2.write_bytes(body)
+    extra = f'wrk.headers["{v2codec.HEADER_LENGTH}"] = "{headers[v2codec.HEADER_LENGTH]}"'
     return {
         "native": (native, "application/json", ""),
         "v2-binary": (v2, "application/octet-stream", extra),

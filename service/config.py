@@ -36,8 +36,8 @@ class Settings(BaseSettings):
         default=0, ge=0, description="threads per onnxruntime run; 0: cores / inference_threads"
     )
     log_level: str = "info"
-    # Inference routes dispatched without FastAPI's routing and dependency solving (same
-    # answers; see service/api/hot.py). Off when CORS is on.
+    # Inference routes answered without FastAPI's dependency solving (same answers; see
+    # service/api/routing.py); off: FastAPI handles them as any other route.
     fast_path: bool = True
     # FastAPI's OpenTelemetry spans/metrics/logs (needs a configured OpenTelemetry SDK).
     opentelemetry: bool = False

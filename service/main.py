@@ -16,8 +16,6 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from service.api import handlers
-from service.api.deps import AppState
-from service.api.hot import HotRoutes
 from service.api.routes import health, native, v2
 from service.batching import ArrivalTracker
 from service.config import Settings, get_settings
@@ -27,6 +25,7 @@ from service.middleware import ServiceMiddleware
 from service.repository import Repository
 from service.schemas import PredictRequest, V2InferRequest, component_schemas
 from service.security import KeyRing
+from service.state import AppState
 from service.version import service_version
 
 log = logging.getLogger(__name__)
@@ -102,7 +101,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_methods=["GET", "POST"],
             allow_headers=["*"],
         )
-    # The fast path skips CORSMiddleware (it sits inside ServiceMiddleware): off with CORS.
-    hot = HotRoutes(state) if settings.fast_path and not settings.cors_origins else None
-    app.add_middleware(ServiceMiddleware, state=state, hot=hot)
+    app.add_middleware(ServiceMiddleware, state=state)
     return app

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 import uvicorn
 from fastapi import FastAPI
 
-from service.api.deps import AppState
 from service.config import Settings
 from service.connections import guarded_protocol
 from service.main import create_app
+from service.state import AppState
 
 if TYPE_CHECKING:
     from service.grpc_server import GrpcServer

@@ -12,7 +12,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, os.environ.get("NOTSURE_ROOT", str(Path(__file__).resolve().parents[2])))
 from service.manifest import Manifest
-from service.scoring import Scores, score_logits
+from service.scoring import Scores, accept, score_logits
 
 
 class Scorer:
@@ -33,12 +33,14 @@ class Scorer:
     def scores(self, pixels: Any) -> Scores:
         """Integer pixels 0-255, any shape holding whole images -> the thresholding test."""
         x = np.asarray(pixels, dtype=np.float32).reshape(-1, *self.manifest.input_shape) / 255
-        return score_logits(
-            self.sess.run(None, {"input": x})[0], self.kernel, self.manifest.threshold
-        )
+        return score_logits(self.sess.run(None, {"input": x})[0], self.kernel)
+
+    def accepted(self, s: Scores) -> Any:
+        """(B,) which images are answered at the manifest's T."""
+        return accept(s.score, self.manifest.threshold)
 
     def __call__(self, instances: Any) -> dict[str, list[Any]]:
         """Integer pixels 0-255 -> labels, J-scores and decisions."""
         s = self.scores(instances)
         return {"label": s.label.tolist(), "j_score": s.j_score.tolist(),
-                "accepted": s.accepted.tolist()}  # fmt: skip
+                "accepted": self.accepted(s).tolist()}  # fmt: skip

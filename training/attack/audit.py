@@ -91,7 +91,7 @@ class Model:
                 for i in range(0, len(x), 500)
             ]
         )
-        return score_logits(logits, self.manifest.kernel.to_kernel(), self.manifest.threshold)
+        return score_logits(logits, self.manifest.kernel.to_kernel())
 
 
 def load_model(cfg: AuditConfig, name: str) -> Model:

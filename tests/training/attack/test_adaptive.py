@@ -39,8 +39,8 @@ def _served_wins(threat: Threat, x: torch.Tensor, y: torch.Tensor) -> np.ndarray
     """Wins as `service.scoring` decides them, independent of the torch mirror."""
     with torch.no_grad():
         served = "j_score" if threat.score == "j" else "confidence"
-        s = score_logits(threat.logits(x).numpy(), threat.kernel, threat.threshold, served)
-    return (s.label != y.numpy()) & s.accepted
+        s = score_logits(threat.logits(x).numpy(), threat.kernel, served)
+    return (s.label != y.numpy()) & (s.score >= threat.threshold)
 
 
 def _gen() -> torch.Generator:
