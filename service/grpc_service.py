@@ -194,8 +194,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         labels = (model, call.version if model else "")
         endpoint = f"/{SERVICE}/{method}"
         m = self.state.metrics
-        m.requests.labels(*labels, endpoint, str(code), "grpc").inc()
-        m.request_latency.labels(*labels, endpoint, "grpc").observe(time.perf_counter() - start)
+        m.requests_of(*labels, endpoint, str(code), "grpc").inc()
+        m.latency_of(*labels, endpoint, "grpc").observe(time.perf_counter() - start)
         if code >= 400:
             level = (
                 logging.INFO

