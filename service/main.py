@@ -50,7 +50,7 @@ def _publish_body_schemas(app: FastAPI) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The ASGI app for these settings (get_settings() when None)."""
     settings = settings or get_settings()
-    metrics = Metrics()
+    metrics = Metrics(multiprocess_dir=settings.metrics_dir)
     executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="infer")
     arrivals = ArrivalTracker()
     state = AppState(
