@@ -42,8 +42,11 @@ COMPONENTS: list[tuple[str, tuple[str, ...]]] = [
     ("metrics", ("prometheus_client",)),
     ("scoring + decision", ("service/scoring.py", "service/kdensity.py")),
     ("tensor conversion", ("service/imaging.py", "from_values", "_stack", "check_batch")),
-    ("body parse", ("pydantic", "model_validate_json", "v2codec.py:", "multipart", "form ")),
+    ("body parse", ("service/fastjson.py", "pydantic", "v2codec.py:", "multipart", "_read (")),
     ("response", ("_response", "encode ", "json/encoder", "orjson", "responses.py")),
+    # A finished batch wakes the event loop from the worker thread (uvloop's
+    # call_soon_threadsafe, C code under this Python frame); the batcher hands batches over.
+    ("thread hand-offs", ("_call_set_state", "ThreadPoolExecutor.submit")),
     ("batcher", ("service/batching.py",)),
     ("routing + middleware", ("starlette", "fastapi", "service/middleware.py", "routing.py")),
     ("HTTP protocol (uvicorn)", ("uvicorn", "httptools", "h11")),
