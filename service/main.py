@@ -86,6 +86,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.notsure = state
     _publish_body_schemas(app)
+    # The inference routes are the app's own routes, tried first: matching a request against an
+    # included router took 130-240 us (FastAPI builds each included route's context), against
+    # the routes themselves 37-50 us (contended CPU).
+    app.router.routes[:0] = [*native.inference.routes, *v2.inference.routes]
     app.include_router(health.router)
     app.include_router(native.router)
     app.include_router(v2.router)

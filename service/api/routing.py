@@ -1,14 +1,15 @@
 """Inference routes: declared once as FastAPI routes, answered without FastAPI's per-request work.
 
 Each inference route is an ordinary `APIRoute` (its path, parameters and body are in OpenAPI,
-and the router matches it), of the class `InferenceRoute`. In a profile at concurrency 1,
-solving a route's dependencies (app state, the API-key headers, the validated path parameters)
-and the exit-stack layers around them took about a third of the event loop's time per predict
-request; the handlers need none of it, so this route class calls them directly with
-(state, call, request, name, version). A request whose path parameters FastAPI would refuse or
-read differently (an odd name, a version outside 1..VERSION_MAX or with a leading zero) is
-handled by FastAPI as any other route, so its error is FastAPI's own. Errors raised by a
-handler reach the app's exception handlers (`service.api.handlers`) either way.
+and the app's router matches it: first, see `service.main`), of the class `InferenceRoute`.
+In a profile at concurrency 1, solving a route's dependencies (app state, the API-key
+headers, the validated path parameters) and the exit-stack layers around them took about a
+third of the event loop's time per predict request; the handlers need none of it, so this
+route class calls them directly with (state, call, request, name, version). A request whose
+path parameters FastAPI would refuse or read differently (an odd name, a version outside
+1..VERSION_MAX or with a leading zero) is handled by FastAPI as any other route, so its error
+is FastAPI's own. Errors raised by a handler reach the app's exception handlers
+(`service.api.handlers`) either way.
 """
 
 from __future__ import annotations

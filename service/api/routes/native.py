@@ -42,6 +42,11 @@ T = TypeVar("T")
 router = APIRouter(
     prefix="/v1", tags=["native"], dependencies=[Depends(require_key)], responses=API_ERRORS
 )
+# The inference routes, with the same prefix, tags and guard; the app puts them first among
+# its own routes (service.main).
+inference = APIRouter(
+    prefix="/v1", tags=["native"], dependencies=[Depends(require_key)], responses=API_ERRORS
+)
 
 
 def _response(mv: LoadedModel, outcome: Outcome, request_id: str | None, reveal: bool) -> Response:
@@ -195,12 +200,12 @@ PREDICT_BODY = {
 }
 PREDICT: dict[str, Any] = {"response_model": PredictResponse, "openapi_extra": PREDICT_BODY}
 add_inference_route(
-    router, "/models/{name}/predict", handle_predict, name="predict",
+    inference, "/models/{name}/predict", handle_predict, name="predict",
     summary="Predict with the latest ready version",
     description="Each image gets a label and its score, or NOT SURE when the score < T.", **PREDICT,
 )  # fmt: skip
 add_inference_route(
-    router, "/models/{name}/versions/{version}/predict", handle_predict, name="predict_version",
+    inference, "/models/{name}/versions/{version}/predict", handle_predict, name="predict_version",
     summary="Predict with a given version", **PREDICT,
 )  # fmt: skip
 
@@ -221,7 +226,7 @@ async def predict_files(
 
 
 add_inference_route(
-    router, "/models/{name}/predict/files", handle_files, endpoint=predict_files,
+    inference, "/models/{name}/predict/files", handle_files, endpoint=predict_files,
     name="predict_files", response_model=PredictResponse,
     summary="Predict on uploaded image files (multipart/form-data)",
 )  # fmt: skip

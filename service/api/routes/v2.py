@@ -24,6 +24,11 @@ from service.state import AppState
 router = APIRouter(
     prefix="/v2", tags=["kserve-v2"], dependencies=[Depends(require_key)], responses=API_ERRORS
 )
+# The inference routes, with the same prefix, tags and guard; the app puts them first among
+# its own routes (service.main).
+inference = APIRouter(
+    prefix="/v2", tags=["kserve-v2"], dependencies=[Depends(require_key)], responses=API_ERRORS
+)
 
 INFER_BODY = {
     "requestBody": {
@@ -101,10 +106,10 @@ async def handle_infer(
 
 INFER: dict[str, Any] = {"response_model": V2InferResponse, "openapi_extra": INFER_BODY}
 add_inference_route(
-    router, "/models/{name}/infer", handle_infer, name="model_infer",
+    inference, "/models/{name}/infer", handle_infer, name="model_infer",
     description="Inference with the latest ready version; label is -1 for NOT SURE.", **INFER,
 )  # fmt: skip
 add_inference_route(
-    router, "/models/{name}/versions/{version}/infer", handle_infer, name="version_infer",
+    inference, "/models/{name}/versions/{version}/infer", handle_infer, name="version_infer",
     **INFER,
 )  # fmt: skip
