@@ -15,6 +15,7 @@ import httpx
 import numpy as np
 
 from benchmarks.serve_process import free_port
+from service import v2codec
 from service.manifest import Manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,25 +69,13 @@ def _png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _v2_binary(
-    name: str, x: np.ndarray, datatype: str, outputs: tuple[str, ...]
-) -> tuple[bytes, bytes]:
-    """A V2 binary-extension request (its JSON header, the whole body: header + raw bytes)."""
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": name,
-                    "shape": list(x.shape),
-                    "datatype": datatype,
-                    "parameters": {"binary_data_size": x.nbytes},
-                }
-            ],
-            "parameters": {"binary_data_output": True},
-            "outputs": [{"name": o} for o in outputs],
-        }
-    ).encode()
-    return header, header + x.tobytes()
+def _v2_binary(name: str, x: np.ndarray, outputs: tuple[str, ...]) -> tuple[bytes, str]:
+    """A V2 binary-extension request body (service.v2codec, as every other V2 client here) and
+    the wrk Lua line setting its header-length header."""
+    body, headers = v2codec.encode_request(
+        [(name, x)], outputs=outputs, parameters={"binary_data_output": True}
+    )
+    return body, f'wrk.headers["{v2codec.HEADER_LENGTH}"] = "{headers[v2codec.HEADER_LENGTH]}"'
 
 
 def bodies(manifest: Manifest, n: int, tmp: Path) -> dict[str, tuple[Path, str, str]]:
@@ -132,16 +121,14 @@ def bodies(manifest: Manifest, n: int, tmp: Path) -> dict[str, tuple[Path, str, 
         dumps({"inputs": [{**tensor, "data": np.round(x.ravel().astype(np.float64), 4).tolist()}]}),
         "application/json",
     )
-    header, data = _v2_binary("input", x, "FP32", V2_OUTPUTS)
-    put("v2-binary", data, "application/octet-stream",
-        f'wrk.headers["Inference-Header-Content-Length"] = "{len(header)}"')  # fmt: skip
+    data, extra = _v2_binary("input", x, V2_OUTPUTS)
+    put("v2-binary", data, "application/octet-stream", extra)
     images = {"name": "images", "shape": list(pixels.shape), "datatype": "UINT8"}
     # V2 JSON tensors are flat, row-major.
     put("v2-json-u8", dumps({"inputs": [{**images, "data": pixels.ravel().tolist()}]}),
         "application/json")  # fmt: skip
-    header, data = _v2_binary("images", pixels, "UINT8", ("label", "j_score", "accepted"))
-    put("v2-binary-u8", data, "application/octet-stream",
-        f'wrk.headers["Inference-Header-Content-Length"] = "{len(header)}"')  # fmt: skip
+    data, extra = _v2_binary("images", pixels, ("label", "j_score", "accepted"))
+    put("v2-binary-u8", data, "application/octet-stream", extra)
     return out
 
 

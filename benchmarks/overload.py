@@ -22,6 +22,7 @@ import httpx
 import numpy as np
 
 from benchmarks.soak import ServeProcess
+from service import v2codec
 
 MODEL = "tiny-rce"
 
@@ -54,23 +55,7 @@ def _pct(values: list[float]) -> dict[str, float]:
 
 def _body(shape: tuple[int, ...], images: int) -> tuple[bytes, dict[str, str]]:
     x = np.random.default_rng(images).random((images, *shape), dtype=np.float32)
-    head = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "input",
-                    "shape": list(x.shape),
-                    "datatype": "FP32",
-                    "parameters": {"binary_data_size": int(x.nbytes)},
-                }
-            ],
-            "outputs": [{"name": "label"}],
-        }
-    ).encode()
-    return head + x.tobytes(), {
-        "Inference-Header-Content-Length": str(len(head)),
-        "Content-Type": "application/octet-stream",
-    }
+    return v2codec.encode_request([("input", x)], outputs=["label"])
 
 
 async def run_phase(

@@ -36,6 +36,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
 from benchmarks.serve_process import ServeProcess, free_port, rss_kib
+from service import v2codec
 
 __all__ = ["ServeProcess", "free_port", "rss_kib"]
 
@@ -161,36 +162,19 @@ def build_calls(model: str, shape: tuple[int, int, int], seed: int) -> list[Call
         Call("metadata", "GET", f"/v2/models/{model}", 0),
     ]
     for n in (1, 32, 128):
-        head = json.dumps(
-            {
-                "inputs": [
-                    {
-                        "name": "input",
-                        "shape": [n, *shape],
-                        "datatype": "FP32",
-                        "parameters": {"binary_data_size": int(x[:n].nbytes)},
-                    }
-                ],
-                # j_score as binary data, the labels in the JSON header (-1: NOT SURE): the
-                # multi-replica soak counts decisions from them.
-                "outputs": [
-                    {"name": "j_score", "parameters": {"binary_data": True}},
-                    {"name": "label"},
-                ],
-            },
-            separators=(",", ":"),
-        ).encode()
+        # j_score as binary data, the labels in the JSON header (-1: NOT SURE): the
+        # multi-replica soak counts decisions from them.
+        body, headers = v2codec.encode_request(
+            [("input", x[:n])], outputs=["j_score", "label"], binary_outputs=["j_score"]
+        )
         calls.append(
             Call(
                 f"v2_binary_{n}",
                 "POST",
                 f"/v2/models/{model}/infer",
                 n,
-                head + x[:n].tobytes(),
-                headers=(
-                    ("inference-header-content-length", str(len(head))),
-                    ("content-type", "application/octet-stream"),
-                ),
+                body,
+                headers=tuple((k.lower(), v) for k, v in headers.items()),
             )
         )
     return calls
@@ -212,9 +196,11 @@ def check(call: Call, rid: str, r: httpx.Response) -> str | None:
     if not call.images:
         return None
     if call.kind.startswith("v2_binary"):
-        hlen = int(r.headers["inference-header-content-length"])
-        size = json.loads(r.content[:hlen])["outputs"][0]["parameters"]["binary_data_size"]
-        ok = size == len(r.content) - hlen == 4 * call.images  # one FP32 j_score per image
+        try:
+            tensors, _ = v2codec.decode_response(r.content, r.headers[v2codec.HEADER_LENGTH])
+        except (KeyError, ValueError):
+            return "prediction_count"
+        ok = tensors["j_score"].shape == tensors["label"].shape == (call.images,)
         return None if ok else "prediction_count"
     body = r.json()
     if call.id_in_body and body.get("id") != rid:

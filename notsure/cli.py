@@ -247,6 +247,10 @@ def serve(
         bool | None, typer.Option("--grpc/--no-grpc", help="KServe V2 gRPC (NOTSURE_GRPC_ENABLED)")
     ] = None,
     grpc_port: Annotated[int | None, typer.Option(help="gRPC port (NOTSURE_GRPC_PORT)")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(min=1, help="server processes sharing the ports (NOTSURE_WORKERS)"),
+    ] = None,
 ) -> None:
     """Serve the repository's models: HTTP (native, KServe V2, /metrics) and KServe V2 gRPC."""
     from service.config import Settings
@@ -261,6 +265,7 @@ def serve(
             "device": device,
             "grpc_enabled": grpc,
             "grpc_port": grpc_port,
+            "workers": workers,
         }.items()
         if v is not None
     }

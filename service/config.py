@@ -36,14 +36,20 @@ class Settings(BaseSettings):
         default=0, ge=0, description="threads per onnxruntime run; 0: cores / inference_threads"
     )
     log_level: str = "info"
-    # Inference routes dispatched without FastAPI's routing and dependency solving (same
-    # answers; see service/api/hot.py). Off when CORS is on.
+    # Inference routes answered without FastAPI's dependency solving (same answers; see
+    # service/api/routing.py); off: FastAPI handles them as any other route.
     fast_path: bool = True
     # FastAPI's OpenTelemetry spans/metrics/logs (needs a configured OpenTelemetry SDK).
     opentelemetry: bool = False
     # gRPC (KServe V2 / Open Inference Protocol), in the same process as HTTP
     grpc_enabled: bool = True
     grpc_port: int = 8001
+    # Server processes sharing the HTTP and gRPC ports (service/workers.py), for hosts with
+    # more cores than one process keeps busy: each loads the models and runs its own batchers
+    # on cores / workers of the cores; /metrics adds up all of them.
+    workers: int = Field(default=1, ge=1, le=64)
+    # Where the workers keep their metrics for /metrics to add up: set by the supervisor.
+    metrics_dir: Path | None = None
 
     # Decisions.
     thresholds: dict[str, float] = Field(
@@ -108,12 +114,15 @@ class Settings(BaseSettings):
         the cores between them instead of oversubscribing."""
         if self.intra_op_threads:
             return self.intra_op_threads
-        return max(1, (os.cpu_count() or 1) // self.inference_threads)
+        return max(1, self.cores() // self.inference_threads)
+
+    def cores(self) -> int:
+        """The cores one server process may use: the machine's, split between the workers."""
+        return max(1, (os.cpu_count() or 1) // self.workers)
 
     def lone_batch_threads(self) -> int:
         """onnxruntime threads for a batch running alone; 0 when it would gain nothing."""
-        cores = os.cpu_count() or 1
-        wide = cores if self.intra_op_threads == 0 else self.intra_op_threads
+        wide = self.cores() if self.intra_op_threads == 0 else self.intra_op_threads
         if (
             not self.lone_batch_all_cores
             or self.inference_threads == 1

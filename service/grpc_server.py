@@ -13,8 +13,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service.api.deps import AppState
 from service.grpc_service import SERVICE, InferenceServicer, register
+from service.state import AppState
 
 log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -43,8 +43,9 @@ class GrpcServer:
                 ("grpc.max_receive_message_length", s.max_body_bytes),
                 ("grpc.max_send_message_length", s.max_body_bytes),
                 # gRPC sets SO_REUSEPORT by default: a second server on the same port would
-                # then bind without error and take half the connections. Fail instead.
-                ("grpc.so_reuseport", 0),
+                # then bind without error and take half the connections. Fail instead, unless
+                # sharing the port is the point (several workers).
+                ("grpc.so_reuseport", 1 if s.workers > 1 else 0),
             ]
         )
         register(InferenceServicer(state), self.server)

@@ -24,10 +24,11 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from service import v2codec, v2infer
-from service.api.deps import AppState, check_key
 from service.api.handlers import V2_PREFIX, http_status
+from service.call import Call
 from service.errors import InvalidInput, ServeError
-from service.inference import VERSION_KEY, resolve, shed_early
+from service.inference import resolve, shed_early
+from service.state import AppState
 
 log = logging.getLogger(__name__)
 SERVICE = "inference.GRPCInferenceService"
@@ -98,20 +99,9 @@ def _check_parsed(request: Any, method: str) -> None:
         )
 
 
-def _model_of(request: Any, field: str) -> str:
-    return "" if isinstance(request, Malformed) else str(getattr(request, field))
-
-
 def _key_of(context: Context) -> tuple[str | None, str | None]:
     meta = {k.lower(): v for k, v in context.invocation_metadata() or ()}
     return _text(meta.get("authorization")), _text(meta.get("x-api-key"))
-
-
-class _Call:
-    """The per-call notes `service.inference` keeps (the model version for the metrics)."""
-
-    def __init__(self) -> None:
-        self.scope: dict[str, Any] = {}
 
 
 def _param(p: Any) -> Any:
@@ -169,22 +159,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         method: str,
         request: Any,
         context: Context,
-        body: Callable[[_Call], Awaitable[Any]],
+        body: Callable[[Call], Awaitable[Any]],
         *,
-        model_field: str | None = None,
         health: bool = False,
     ) -> Any:
-        state, call, start = self.state, _Call(), time.perf_counter()
-        model = _model_of(request, model_field) if model_field else None
-        known = model if model in state.repository.versions else None
-        gauge = state.metrics.inflight.labels(known, "") if known else None
-        if gauge is not None:
-            gauge.inc()
+        state, call, start = self.state, Call(), time.perf_counter()
         code, status, details = 200, grpc.StatusCode.INTERNAL, ""
         trailers: tuple[tuple[str, str], ...] = ()
         try:
             if not health or state.settings.protect_health:
-                check_key(state, *_key_of(context))
+                state.keys.check(*_key_of(context))
             _check_parsed(request, method)
             return await body(call)
         except asyncio.CancelledError:  # the client went away, or its deadline passed
@@ -199,19 +183,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             log.exception("unhandled error in gRPC %s", method)
             code, status, details = 500, grpc.StatusCode.INTERNAL, json.dumps(_INTERNAL)
         finally:
-            if gauge is not None:
-                gauge.dec()
-            self._record(method, known, call, code, start)
+            call.close()
+            self._record(method, call, code, start)
         if trailers:
             context.set_trailing_metadata(trailers)
         await context.abort(status, details)
 
-    def _record(self, method: str, model: str | None, call: _Call, code: int, start: float) -> None:
-        labels = (model or "", call.scope.get(VERSION_KEY, "") if model else "")
+    def _record(self, method: str, call: Call, code: int, start: float) -> None:
+        model = call.model
+        labels = (model, call.version if model else "")
         endpoint = f"/{SERVICE}/{method}"
         m = self.state.metrics
-        m.requests.labels(*labels, endpoint, str(code), "grpc").inc()
-        m.request_latency.labels(*labels, endpoint, "grpc").observe(time.perf_counter() - start)
+        m.requests_of(*labels, endpoint, str(code), "grpc").inc()
+        m.latency_of(*labels, endpoint, "grpc").observe(time.perf_counter() - start)
         if code >= 400:
             level = (
                 logging.INFO
@@ -234,20 +218,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     # -- server ----------------------------------------------------------------------------------
 
     async def ServerLive(self, request: Any, context: Context) -> Any:
-        async def body(call: _Call) -> Any:
+        async def body(call: Call) -> Any:
             return pb.ServerLiveResponse(live=True)
 
         return await self._rpc("ServerLive", request, context, body, health=True)
 
     async def ServerReady(self, request: Any, context: Context) -> Any:
-        async def body(call: _Call) -> Any:
+        async def body(call: Call) -> Any:
             st = self.state
             return pb.ServerReadyResponse(ready=st.repository.ready and not st.draining)
 
         return await self._rpc("ServerReady", request, context, body, health=True)
 
     async def ServerMetadata(self, request: Any, context: Context) -> Any:
-        async def body(call: _Call) -> Any:
+        async def body(call: Call) -> Any:
             return pb.ServerMetadataResponse(**v2infer.server_metadata())
 
         return await self._rpc("ServerMetadata", request, context, body, health=True)
@@ -255,7 +239,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     # -- models ----------------------------------------------------------------------------------
 
     async def ModelReady(self, request: Any, context: Context) -> Any:
-        async def body(call: _Call) -> Any:
+        async def body(call: Call) -> Any:
             try:
                 resolve(self.state, call, request.name, self._version(request.version, "version"))
             except ServeError as exc:
@@ -264,17 +248,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 return pb.ModelReadyResponse(ready=False)  # known, but not loaded
             return pb.ModelReadyResponse(ready=True)
 
-        return await self._rpc("ModelReady", request, context, body, model_field="name")
+        return await self._rpc("ModelReady", request, context, body)
 
     async def ModelMetadata(self, request: Any, context: Context) -> Any:
-        async def body(call: _Call) -> Any:
+        async def body(call: Call) -> Any:
             version = self._version(request.version, "version")
             meta = v2infer.metadata(resolve(self.state, call, request.name, version), self.state)
             return pb.ModelMetadataResponse(**meta)
 
-        return await self._rpc("ModelMetadata", request, context, body, model_field="name")
+        return await self._rpc("ModelMetadata", request, context, body)
 
-    async def _infer(self, request: Any, call: _Call, timeout_s: float | None) -> Any:
+    async def _infer(self, request: Any, call: Call, timeout_s: float | None) -> Any:
         state = self.state
         mv = resolve(state, call, request.model_name, self._version(request.model_version))
         shed_early(state, mv)
@@ -286,22 +270,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         return _response(mv.name, mv.version, request, answer)
 
     async def ModelInfer(self, request: Any, context: Context) -> Any:
-        async def body(call: _Call) -> Any:
+        async def body(call: Call) -> Any:
             # The client's gRPC deadline bounds the wait in the batching queue.
             return await self._infer(request, call, context.time_remaining())
 
-        return await self._rpc("ModelInfer", request, context, body, model_field="model_name")
+        return await self._rpc("ModelInfer", request, context, body)
 
     async def ModelStreamInfer(self, request_iterator: Any, context: Context) -> AsyncIterator[Any]:
         """One response per request, in order; an error answers that request, not the stream
         (as Triton's stream: `error_message` set, the stream stays open)."""
         async for request in request_iterator:
-            call, start, code = _Call(), time.perf_counter(), 200
-            model: str | None = _model_of(request, "model_name")
-            if model not in self.state.repository.versions:
-                model = None
+            call, start, code = Call(), time.perf_counter(), 200
             try:
-                check_key(self.state, *_key_of(context))
+                self.state.keys.check(*_key_of(context))
                 _check_parsed(request, "ModelInfer")
                 resp = await self._infer(request, call, context.time_remaining())
                 out = pb.ModelStreamInferResponse(infer_response=resp)
@@ -312,7 +293,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 log.exception("unhandled error in gRPC ModelStreamInfer")
                 code = 500
                 out = pb.ModelStreamInferResponse(error_message=json.dumps(_INTERNAL))
-            self._record("ModelStreamInfer", model, call, code, start)
+            call.close()
+            self._record("ModelStreamInfer", call, code, start)
             yield out
 
 

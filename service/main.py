@@ -16,8 +16,6 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from service.api import handlers
-from service.api.deps import AppState
-from service.api.hot import HotRoutes
 from service.api.routes import health, native, v2
 from service.batching import ArrivalTracker
 from service.config import Settings, get_settings
@@ -27,6 +25,7 @@ from service.middleware import ServiceMiddleware
 from service.repository import Repository
 from service.schemas import PredictRequest, V2InferRequest, component_schemas
 from service.security import KeyRing
+from service.state import AppState
 from service.version import service_version
 
 log = logging.getLogger(__name__)
@@ -51,7 +50,7 @@ def _publish_body_schemas(app: FastAPI) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The ASGI app for these settings (get_settings() when None)."""
     settings = settings or get_settings()
-    metrics = Metrics()
+    metrics = Metrics(multiprocess_dir=settings.metrics_dir)
     executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="infer")
     arrivals = ArrivalTracker()
     state = AppState(
@@ -87,6 +86,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.notsure = state
     _publish_body_schemas(app)
+    # The inference routes are the app's own routes, tried first: matching a request against an
+    # included router took 130-240 us (FastAPI builds each included route's context), against
+    # the routes themselves 37-50 us (contended CPU).
+    app.router.routes[:0] = [*native.inference.routes, *v2.inference.routes]
     app.include_router(health.router)
     app.include_router(native.router)
     app.include_router(v2.router)
@@ -102,7 +105,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_methods=["GET", "POST"],
             allow_headers=["*"],
         )
-    # The fast path skips CORSMiddleware (it sits inside ServiceMiddleware): off with CORS.
-    hot = HotRoutes(state) if settings.fast_path and not settings.cors_origins else None
-    app.add_middleware(ServiceMiddleware, state=state, hot=hot)
+    app.add_middleware(ServiceMiddleware, state=state)
     return app

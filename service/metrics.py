@@ -7,8 +7,15 @@ rate(notsure_predictions_total).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Generic, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import numpy as np
+import numpy.typing as npt
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+M = TypeVar("M", Counter, Gauge, Histogram)
 
 LATENCY_BUCKETS = (
     0.0005,
@@ -40,8 +47,13 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 class Metrics:
     """All of the service's metrics, registered in `self.registry`."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, multiprocess_dir: Path | None = None
+    ) -> None:
+        """`multiprocess_dir`: the folder where every worker of a multi-process server keeps
+        its values (prometheus_client's multiprocess mode); /metrics then adds them up."""
         r = self.registry = registry or CollectorRegistry()
+        self.multiprocess_dir = multiprocess_dir
         mv = ["model", "version"]
         # protocol: http or grpc. endpoint: the HTTP route template or the gRPC method
         # (/inference.GRPCInferenceService/ModelInfer). code: the HTTP status, for gRPC the
@@ -101,12 +113,15 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
+        # multiprocess_mode: how the workers' values add up (ignored with one process).
         self.inflight = Gauge(
-            "notsure_inflight_requests", "Requests being handled right now.", mv, registry=r
-        )
+            "notsure_inflight_requests", "Requests being handled right now.", mv, registry=r,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
         self.queue_depth = Gauge(
-            "notsure_queue_images", "Images waiting in the batching queue.", mv, registry=r
-        )
+            "notsure_queue_images", "Images waiting in the batching queue.", mv, registry=r,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
         self.rejected = Counter(
             "notsure_rejected",
             "Requests shed or timed out before inference, by reason.",
@@ -121,13 +136,61 @@ class Metrics:
             "1 when the model version loaded and serves, else 0.",
             mv,
             registry=r,
+            multiprocess_mode="livemin",  # 1 when it serves in every worker
         )
         self.model_info = Gauge(
             "notsure_model_info",
             "Static facts about a loaded model version (value is 1).",
             [*mv, "provider", "objective", "threshold", "architecture", "score"],
             registry=r,
+            multiprocess_mode="livemax",
         )
+        # The series every request touches, by label values.
+        self.requests_of = Children(self.requests)
+        self.latency_of = Children(self.request_latency)
+        self.predictions_of = Children(self.predictions)
+        self.j_score_of = Children(self.j_score)
+        self.score_of = Children(self.score)
+        self.inflight_of = Children(self.inflight)
+        self.rejected_of = Children(self.rejected)
+
+    def exposition(self) -> bytes:
+        """The text /metrics answers: this process's metrics, or every worker's added up."""
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=str(self.multiprocess_dir))  # type: ignore[no-untyped-call]
+        return generate_latest(merged)
+
+
+class Children(Generic[M]):
+    """A metric's labelled series, each looked up once: `labels()` validates the values and
+    takes the metric's lock, microseconds a call, several calls a request."""
+
+    def __init__(self, metric: M) -> None:
+        self._metric: M = metric
+        self._children: dict[tuple[str, ...], M] = {}
+
+    def __call__(self, *labels: str) -> M:
+        child = self._children.get(labels)
+        if child is None:
+            child = self._children[labels] = self._metric.labels(*labels)
+        return child
+
+
+def observe_many(hist: Histogram, values: npt.NDArray[np.floating] | Sequence[float]) -> None:
+    """`hist.observe(v)` for each value (one labelled series), one increment per bucket
+    instead of one lock round per value: 64 images cost 64 x 2 observes otherwise."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return
+    hist._sum.inc(float(v.sum()))  # a NaN makes the sum NaN, as with observe()
+    # observe() counts a value in the first bucket whose upper bound is >= it, a NaN in none.
+    bounds = np.asarray(hist._upper_bounds, dtype=np.float64)
+    v = v[~np.isnan(v)]
+    counts = np.bincount(np.searchsorted(bounds, v, side="left"), minlength=len(bounds))
+    for i in np.flatnonzero(counts).tolist():
+        hist._buckets[i].inc(int(counts[i]))
 
 
 class BatchMetrics:
@@ -141,8 +204,7 @@ class BatchMetrics:
         self._failures = metrics.batch_failures.labels(model, version)
 
     def on_dispatch(self, batch_images: int, waits_s: Sequence[float], queued: int) -> None:
-        for w in waits_s:
-            self._wait.observe(w)
+        observe_many(self._wait, waits_s)
         self._size.observe(batch_images)
         self._depth.set(queued)
 

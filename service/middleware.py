@@ -1,4 +1,4 @@
-"""Pure-ASGI middleware: request ids, body-size limit, arrival tracking, request metrics."""
+"""Pure-ASGI middleware: request ids, the body-size limit, the call record, request metrics."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ import re
 import time
 from typing import Any
 
+import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.deps import AppState
-from service.api.hot import HotRoutes
+from service.api.deps import CALL_KEY
+from service.call import Call
 from service.errors import PayloadTooLarge
-from service.inference import ARRIVING_KEY, VERSION_KEY
+from service.state import AppState
 
 log = logging.getLogger("notsure.access")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-_INFER_SUFFIXES = ("/predict", "/infer", "/predict/files")
 
 
 class RequestIds:
@@ -41,16 +41,12 @@ def _level(code: int) -> int:
     return logging.WARNING if code in (503, 504) else logging.ERROR
 
 
-def _model_of(path: str) -> str | None:
-    parts = path.split("/")
-    if len(parts) > 3 and parts[2] == "models":
-        return parts[3]
-    return None
-
-
 class ServiceMiddleware:
-    def __init__(self, app: ASGIApp, state: AppState, hot: HotRoutes | None = None) -> None:
-        self.app, self.state, self.hot = app, state, hot
+    """Around every HTTP request: its id, the body limit, its `Call` (closed when the answer
+    has gone, however it ended) and the request metrics and log line."""
+
+    def __init__(self, app: ASGIApp, state: AppState) -> None:
+        self.app, self.state = app, state
         self.ids = RequestIds()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -62,11 +58,8 @@ class ServiceMiddleware:
         rid = headers.get(b"x-request-id", b"").decode("latin-1")
         if not _SAFE_ID.match(rid):
             rid = self.ids.next()
-        scope["notsure.request_id"] = rid
+        call = scope[CALL_KEY] = Call(request_id=rid)
         start = time.perf_counter()
-        path: str = scope["path"]
-        model = _model_of(path)
-        known = model if model in state.repository.versions else None
         status = {"code": 500}
         limit = state.settings.max_body_bytes
 
@@ -87,7 +80,7 @@ class ServiceMiddleware:
                     fix="send fewer or smaller images per request",
                 ),
             )
-            self._record(scope, known, status["code"], start, rid)
+            self._record(scope, call, status["code"], start)
             return
         received = {"n": 0}
 
@@ -99,50 +92,34 @@ class ServiceMiddleware:
                     raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes", field="body")
             return message
 
-        arriving = (
-            known is not None and scope["method"] == "POST" and path.endswith(_INFER_SUFFIXES)
-        )
-        if arriving:
-            scope[ARRIVING_KEY] = True
-            state.arrivals.count += 1
-        gauge = state.metrics.inflight.labels(known or "", "") if known else None
-        if gauge is not None:
-            gauge.inc()
         try:
-            fast = self.hot.match(scope) if self.hot is not None else None
-            await (fast or self.app)(scope, receive_limited, send_wrapper)
+            await self.app(scope, receive_limited, send_wrapper)
         finally:
-            if scope.pop(ARRIVING_KEY, False):
-                state.arrivals.count -= 1
-            if gauge is not None:
-                gauge.dec()
-            self._record(scope, known, status["code"], start, rid)
+            call.close()
+            self._record(scope, call, status["code"], start)
 
-    def _record(self, scope: Scope, model: str | None, code: int, start: float, rid: str) -> None:
+    def _record(self, scope: Scope, call: Call, code: int, start: float) -> None:
         route = scope.get("route")
         endpoint = getattr(route, "path", None) or "unmatched"
-        version = scope.get(VERSION_KEY, "") if model else ""
-        labels = (model or "", version)
+        labels = (call.model, call.version if call.model else "")
         m = self.state.metrics
-        m.requests.labels(*labels, endpoint, str(code), "http").inc()
-        m.request_latency.labels(*labels, endpoint, "http").observe(time.perf_counter() - start)
+        m.requests_of(*labels, endpoint, str(code), "http").inc()
+        m.latency_of(*labels, endpoint, "http").observe(time.perf_counter() - start)
         if code >= 400 or log.isEnabledFor(logging.DEBUG):
             log.log(
                 _level(code),
                 "%s %s %s -> %d (%.1f ms) id=%s",
                 scope["method"],
                 scope["path"],
-                model or "-",
+                call.model or "-",
                 code,
                 1000 * (time.perf_counter() - start),
-                rid,
+                call.request_id,
             )
 
 
 async def _send_error(send: Send, exc: Any) -> None:
-    import json
-
-    body = json.dumps(exc.body()).encode()
+    body = orjson.dumps(exc.body())
     await send(
         {
             "type": "http.response.start",

@@ -11,7 +11,7 @@ import hashlib
 import itertools
 import logging
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +21,11 @@ from service.batching import ArrivalTracker, Batcher
 from service.config import Settings
 from service.errors import InferenceFailed, ModelNotFound, ModelNotReady
 from service.kdensity import KernelSet, read_kernel_array
-from service.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, check_threshold
+from service.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
 from service.metrics import BatchMetrics, Metrics
 from service.runtime import CPU, OnnxModel
 from service.scoring import Kernel, ScoreName, Scores, score_logits
+from service.thresholds import configured_threshold
 
 log = logging.getLogger(__name__)
 
@@ -33,47 +34,59 @@ class ModelLoadError(Exception):
     """A model version that cannot serve; the message says why, without file paths."""
 
 
-@dataclass
-class ModelVersion:
-    """One version of a model: its manifest and, when it loaded, its session and batcher."""
+@dataclass(eq=False)
+class LoadedModel:
+    """A version that loaded and serves: its verified manifest, sessions and batcher."""
 
     name: str
     version: int
-    path: Path
-    manifest: Manifest | None = None
-    model: OnnxModel | None = None
+    manifest: Manifest
+    model: OnnxModel
     # The same graph on every core, for batches that run alone (None: not worth it).
-    wide_model: OnnxModel | None = None
-    batcher: Batcher[Scores] | None = None
-    kernel: Kernel | None = None
-    kernel_set: KernelSet | None = None  # K-density's training features, when the model has one
-    score: ScoreName = "j_score"
-    threshold: float = 0.0
-    error: str | None = None
+    wide_model: OnnxModel | None
+    kernel: Kernel
+    kernel_set: KernelSet | None  # K-density's training features, when the model has one
+    threshold: float  # T in force unless a request brings its own (`service.thresholds`)
+    batcher: Batcher[Scores] = field(init=False)
 
     @property
-    def ready(self) -> bool:
-        return self.batcher is not None and self.error is None
+    def score(self) -> ScoreName:
+        """The score T applies to."""
+        return self.manifest.score
 
     def infer(self, x: np.ndarray, sizes: list[int]) -> list[Scores]:
         """Run one batch (in a worker thread) and split the scores per request."""
-        assert self.model is not None
         return self._infer(self.model, x, sizes)
 
     def infer_alone(self, x: np.ndarray, sizes: list[int]) -> list[Scores]:
         """`infer` on the every-core session: for a batch that has the machine to itself."""
-        assert self.wide_model is not None
+        assert self.wide_model is not None  # only called when the batcher was given it
         return self._infer(self.wide_model, x, sizes)
 
     def _infer(self, model: OnnxModel, x: np.ndarray, sizes: list[int]) -> list[Scores]:
-        assert self.kernel is not None
         logits, feats = model.run_with_features(x) if self.kernel_set else (model.run(x), None)
         if logits.shape[0] != x.shape[0] or (feats is not None and feats.shape[0] != x.shape[0]):
             raise InferenceFailed(f"model returned {logits.shape[0]} rows for {x.shape[0]} images")
-        # T is applied by the caller (it may be a per-request one), hence threshold 0 here.
-        scores = score_logits(logits, self.kernel, 0.0, self.score, feats, self.kernel_set)
+        scores = score_logits(logits, self.kernel, self.score, feats, self.kernel_set)
         bounds = [0, *itertools.accumulate(sizes)]
         return [scores.rows(a, b) for a, b in itertools.pairwise(bounds)]
+
+
+@dataclass(eq=False)
+class ModelVersion:
+    """One version found in the repository and how its load went: `loaded` when it serves,
+    else `error` says why not."""
+
+    name: str
+    version: int
+    path: Path
+    manifest: Manifest | None = None  # once it parsed, even if the version failed later
+    loaded: LoadedModel | None = None
+    error: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.loaded is not None and self.error is None
 
 
 def _check_graph(manifest: Manifest, model: OnnxModel) -> None:
@@ -198,33 +211,32 @@ class Repository:
         )
         _check_graph(manifest, model)
         _check_features(manifest, model)
-        mv.kernel_set = read_kernel_set(manifest, mv.path)
-        mv.score = manifest.score
+        kernel_set = read_kernel_set(manifest, mv.path)
         wide_threads = self.settings.lone_batch_threads() if model.provider == CPU else 0
-        if wide_threads:
-            mv.wide_model = OnnxModel(graph, device="cpu", intra_op_threads=wide_threads)
+        wide = (
+            OnnxModel(graph, device="cpu", intra_op_threads=wide_threads) if wide_threads else None
+        )
         cfg = self.settings.batching_for(mv.name)
-        for m in filter(None, (model, mv.wide_model)):
+        for m in filter(None, (model, wide)):
             for n in sorted({1, cfg.max_batch_size}):  # warm-up: first runs allocate and plan
                 x = np.zeros((n, *manifest.input_shape), np.float32)
                 # The same call serving makes: with a kernel set, logits and features together
                 # (a run that fetches other outputs is planned and allocated anew).
-                if mv.kernel_set is not None:
+                if kernel_set is not None:
                     m.run_with_features(x)
                 else:
                     m.run(x)
-        overrides = self.settings.thresholds
-        mv.threshold = overrides.get(
-            f"{mv.name}/{mv.version}", overrides.get(mv.name, manifest.threshold)
-        )
         try:
-            check_threshold(manifest.score, mv.threshold)
+            threshold = configured_threshold(self.settings, mv.name, mv.version, manifest)
         except ValueError as exc:
             raise ModelLoadError(f"configured {exc}") from exc
-        mv.model, mv.kernel = model, manifest.kernel.to_kernel()
+        lm = LoadedModel(
+            mv.name, mv.version, manifest, model, wide, manifest.kernel.to_kernel(), kernel_set,
+            threshold,
+        )  # fmt: skip
         labels = (mv.name, str(mv.version))
-        mv.batcher = Batcher(
-            mv.infer,
+        lm.batcher = Batcher(
+            lm.infer,
             self._executor,
             max_batch=cfg.max_batch_size if self.settings.batching else 1,
             max_delay_s=cfg.max_queue_delay_ms / 1000.0 if self.settings.batching else 0.0,
@@ -233,8 +245,9 @@ class Repository:
             retry_after_s=self.settings.retry_after_s,
             observer=BatchMetrics(self.metrics, *labels),
             arrivals=self._arrivals,
-            run_alone=mv.infer_alone if mv.wide_model is not None else None,
+            run_alone=lm.infer_alone if wide is not None else None,
         )
+        mv.loaded = lm
         # Both decision series exist from load on, so a refuse rate reads 0 before the first
         # refusal instead of "no data".
         for decision in ("accepted", "not_sure"):
@@ -243,7 +256,7 @@ class Repository:
             *labels,
             model.provider,
             manifest.objective,
-            f"{mv.threshold:g}",
+            f"{lm.threshold:g}",
             manifest.architecture,
             manifest.score,
         ).set(1)
@@ -253,7 +266,7 @@ class Repository:
             mv.version,
             model.provider,
             manifest.score,
-            mv.threshold,
+            lm.threshold,
             manifest.objective,
             cfg.max_batch_size,
             self.settings.inference_threads,
@@ -261,7 +274,7 @@ class Repository:
             f", {wide_threads} for a lone batch" if wide_threads else "",
         )
 
-    def get(self, name: str, version: int | None = None) -> ModelVersion:
+    def get(self, name: str, version: int | None = None) -> LoadedModel:
         """A ready version; the highest ready one when version is None."""
         versions = self.versions.get(name)
         if not versions:
@@ -271,7 +284,7 @@ class Repository:
                 fix=f"use one of: {', '.join(sorted(self.versions)) or 'none'}",
             )
         if version is None:
-            ready = [v for v in versions.values() if v.ready]
+            ready = [v.loaded for v in versions.values() if v.ready and v.loaded is not None]
             if not ready:
                 raise ModelNotReady(f"model {name!r} has no ready version")
             return max(ready, key=lambda v: v.version)
@@ -282,9 +295,9 @@ class Repository:
                 field="version",
                 fix=f"use one of: {', '.join(map(str, sorted(versions)))}",
             )
-        if not mv.ready:
+        if not mv.ready or mv.loaded is None:
             raise ModelNotReady(f"model {name!r} version {version} is not ready: {mv.error}")
-        return mv
+        return mv.loaded
 
     def all(self) -> list[ModelVersion]:
         return [mv for vs in self.versions.values() for mv in vs.values()]
@@ -295,5 +308,5 @@ class Repository:
 
     async def close(self) -> None:
         for mv in self.all():
-            if mv.batcher is not None:
-                await mv.batcher.close()
+            if mv.loaded is not None:
+                await mv.loaded.batcher.close()

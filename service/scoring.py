@@ -37,8 +37,12 @@ def default_score(objective: str) -> ScoreName:
     return "j_score" if objective == "rce" else "confidence"
 
 
+# The label an image gets when it is refused: every API and client reads -1 as NOT SURE.
+NOT_SURE = -1
+
+
 def accept(score: Array, threshold: float) -> npt.NDArray[np.bool_]:
-    """The decision, for every caller: an image is answered iff its score >= T."""
+    """The thresholding test's rule: an image is answered iff its score >= T."""
     return np.asarray(score) >= threshold
 
 
@@ -61,7 +65,6 @@ class Scores:
     non_me: F64  # (B,) Eq. (1)
     kernel_non_me: F64  # (B,) Eq. (5)
     j_score: F64  # (B,) confidence * kernel non-ME
-    accepted: npt.NDArray[np.bool_]  # (B,) score >= threshold
     energy: F64  # (B,) logsumexp of the logits
     k_density: F64 | None  # (B,) when the model has features and a kernel set
     score_name: ScoreName = "j_score"
@@ -90,7 +93,6 @@ class Scores:
             self.non_me[s],
             self.kernel_non_me[s],
             self.j_score[s],
-            self.accepted[s],
             self.energy[s],
             None if self.k_density is None else self.k_density[s],
             self.score_name,
@@ -164,16 +166,15 @@ def energy(logits: Array) -> F64:
 def score_logits(
     logits: Array,
     kernel: Kernel,
-    threshold: float,
     score: ScoreName = "j_score",
     features: Array | None = None,
     kernel_set: KernelSet | None = None,
 ) -> Scores:
     """Run the whole thresholding test on the vector fed to the softmax (B, L).
 
-    For an RCE model that vector is -Z (reverse logits), for a CE model Z. `accepted` applies
-    `threshold` to the score named `score`; K-density is computed when `features` (B, D) and a
-    `kernel_set` are given, against the kernel set of each image's predicted class.
+    For an RCE model that vector is -Z (reverse logits), for a CE model Z. `score` names the
+    score a threshold applies to (`decide`); K-density is computed when `features` (B, D) and
+    a `kernel_set` are given, against the kernel set of each image's predicted class.
     """
     lp = log_softmax(logits)
     label = lp.argmax(axis=-1).astype(np.int64)
@@ -187,9 +188,6 @@ def score_logits(
         kd = k_density(features, label, kernel_set)
     elif score == "k_density":
         raise ValueError("the k_density score needs features and a kernel set")
-    e = energy(logits)
-    chosen = {"j_score": j, "confidence": conf, "energy": e, "k_density": kd}[score]
-    assert chosen is not None  # k_density without features raised above
     return Scores(
         label=label,
         probabilities=probs,
@@ -197,11 +195,15 @@ def score_logits(
         non_me=nme,
         kernel_non_me=knme,
         j_score=j,
-        accepted=accept(chosen, threshold),
-        energy=e,
+        energy=energy(logits),
         k_density=kd,
         score_name=score,
     )
+
+
+def decide(scores: Scores, threshold: float) -> I64:
+    """(B,) the decision at T: the predicted label, or NOT_SURE (-1) where score < T."""
+    return np.where(accept(scores.score, threshold), scores.label, NOT_SURE).astype(np.int64)
 
 
 def threshold_for_refuse_rate(j_scores: Array, refuse_rate: float) -> float:

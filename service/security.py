@@ -6,6 +6,8 @@ import hmac
 import logging
 from pathlib import Path
 
+from service.errors import Unauthorized
+
 log = logging.getLogger(__name__)
 
 
@@ -54,6 +56,15 @@ class KeyRing:
         for key in (*self._static, *self._file_keys):
             ok |= hmac.compare_digest(candidate, key)
         return ok
+
+    def check(self, authorization: str | None, x_api_key: str | None) -> None:
+        """Raise Unauthorized unless the request's key headers carry an accepted key."""
+        if not self.accepts(key_from_headers(authorization, x_api_key)):
+            raise Unauthorized(
+                "missing or unknown API key",
+                field="Authorization",
+                fix="send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+            )
 
 
 def key_from_headers(authorization: str | None, x_api_key: str | None) -> str | None:

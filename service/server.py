@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 import uvicorn
 from fastapi import FastAPI
 
-from service.api.deps import AppState
 from service.config import Settings
 from service.connections import guarded_protocol
 from service.main import create_app
+from service.state import AppState
 
 if TYPE_CHECKING:
     from service.grpc_server import GrpcServer
@@ -117,11 +117,21 @@ def _drained(signum: int, frame: FrameType | None) -> None:
     log.info("drained after signal %d; exiting", signum)
 
 
-def run(settings: Settings) -> None:
-    """Serve until SIGINT/SIGTERM; in-flight requests finish before the process exits 0."""
+def serve(settings: Settings, sockets: list[socket.socket] | None = None) -> None:
+    """One server process, on `sockets` when given (else it binds host:port itself)."""
     server = build_server(settings)
     # After a graceful shutdown uvicorn restores the previous SIGTERM handler and re-raises the
     # signal; with the default action the drained process then dies with -15 (143 in a shell),
     # which supervisors read as a crash. A handler here makes that re-raise a no-op: exit 0.
     signal.signal(signal.SIGTERM, _drained)
-    server.run()
+    server.run(sockets)
+
+
+def run(settings: Settings) -> None:
+    """Serve until SIGINT/SIGTERM; in-flight requests finish before the process exits 0."""
+    if settings.workers == 1:
+        serve(settings)
+        return
+    from service.workers import run_workers
+
+    sys.exit(run_workers(settings))

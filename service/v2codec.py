@@ -4,21 +4,27 @@ Binary extension: the body is a JSON header of `Inference-Header-Content-Length`
 by the raw little-endian tensors, in input order, each sized by `parameters.binary_data_size`.
 Outputs are sent the same way when a request asks for `binary_data` (per output) or
 `binary_data_output` (for all).
+
+This is the one implementation of the wire format in the project: the server decodes requests
+(`decode`) and encodes responses (`encode`); clients, benchmarks and tests encode requests
+(`encode_request`) and decode responses (`decode_response`) with the same code. tritonclient
+stays the independent check of all four (tests/service/test_v2codec.py).
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 from pydantic import ValidationError
 
 from service.errors import InvalidInput
+from service.fastjson import validate_json
 from service.schemas import V2InferRequest
 
 DTYPES: dict[str, np.dtype[Any]] = {
@@ -29,7 +35,8 @@ DTYPES: dict[str, np.dtype[Any]] = {
     "INT32": np.dtype("<i4"),
     "INT64": np.dtype("<i8"),
 }
-DATATYPE_OF = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
+DATATYPE_OF = {dtype: name for name, dtype in DTYPES.items()}
+HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
 @dataclass(frozen=True)
@@ -116,7 +123,7 @@ def decode(body: bytes, header_length: str | None) -> DecodedRequest:
     hlen = _header_length(header_length, len(body))
     head, binary = (body, b"") if hlen is None else (body[:hlen], body[hlen:])
     try:
-        req = V2InferRequest.model_validate_json(head)
+        req = validate_json(V2InferRequest, head)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(map(str, first["loc"])) or "body"
@@ -156,15 +163,16 @@ def decode(body: bytes, header_length: str | None) -> DecodedRequest:
     return DecodedRequest(req, tensors)
 
 
-def encode(
-    header: dict[str, Any], outputs: list[tuple[str, npt.NDArray[Any]]], binary: set[str]
-) -> tuple[bytes, int | None]:
-    """The response body and, when any output is binary, the JSON header's length."""
-    out_json, blobs = [], []
-    for name, arr in outputs:
+def _pack(
+    tensors: Sequence[tuple[str, npt.NDArray[Any]]], binary: Container[str]
+) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """Each tensor's JSON entry, with its values as `data` or, when named in `binary`, as a
+    little-endian blob after the JSON header."""
+    entries, blobs = [], []
+    for name, arr in tensors:
         entry: dict[str, Any] = {
             "name": name,
-            "datatype": DATATYPE_OF[arr.dtype],
+            "datatype": DATATYPE_OF[arr.dtype.newbyteorder("<")],
             "shape": list(arr.shape),
         }
         if name in binary:
@@ -173,8 +181,71 @@ def encode(
             blobs.append(blob)
         else:
             entry["data"] = arr.reshape(-1).tolist()
-        out_json.append(entry)
-    head = json.dumps({**header, "outputs": out_json}, separators=(",", ":")).encode()
+        entries.append(entry)
+    return entries, blobs
+
+
+def _frame(header: dict[str, Any], blobs: list[bytes]) -> tuple[bytes, int | None]:
+    head = orjson.dumps(header)
     if not blobs:
         return head, None
     return head + b"".join(blobs), len(head)
+
+
+def encode(
+    header: dict[str, Any], outputs: list[tuple[str, npt.NDArray[Any]]], binary: set[str]
+) -> tuple[bytes, int | None]:
+    """The response body and, when any output is binary, the JSON header's length."""
+    entries, blobs = _pack(outputs, binary)
+    return _frame({**header, "outputs": entries}, blobs)
+
+
+def encode_request(
+    inputs: Sequence[tuple[str, npt.NDArray[Any]]],
+    *,
+    outputs: Sequence[str] = (),
+    binary_outputs: Container[str] = (),
+    binary_inputs: bool = True,
+    request_id: str | None = None,
+    parameters: dict[str, Any] | None = None,
+) -> tuple[bytes, dict[str, str]]:
+    """An infer request body and its HTTP headers: the inputs as binary data (or JSON `data`),
+    the named outputs (all when none), those in `binary_outputs` asked for as binary data."""
+    entries, blobs = _pack(inputs, {n for n, _ in inputs} if binary_inputs else ())
+    header: dict[str, Any] = {} if request_id is None else {"id": request_id}
+    header["inputs"] = entries
+    if parameters:
+        header["parameters"] = parameters
+    if outputs:
+        header["outputs"] = [
+            {"name": n, "parameters": {"binary_data": True}} if n in binary_outputs else {"name": n}
+            for n in outputs
+        ]
+    body, hlen = _frame(header, blobs)
+    if hlen is None:
+        return body, {"Content-Type": "application/json"}
+    return body, {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(hlen)}
+
+
+def decode_response(
+    body: bytes, header_length: str | int | None
+) -> tuple[dict[str, npt.NDArray[Any]], dict[str, Any]]:
+    """A response's output tensors by name and its JSON header, from a binary or JSON body.
+    ValueError when the body does not hold what its header declares."""
+    hlen = None if header_length is None else int(header_length)
+    head = body if hlen is None else body[:hlen]
+    meta: dict[str, Any] = orjson.loads(head)
+    offset, view = len(head), memoryview(body)
+    tensors: dict[str, npt.NDArray[Any]] = {}
+    for out in meta.get("outputs", []):  # binary outputs follow the header in header order
+        dtype, shape = DTYPES[out["datatype"]], list(out["shape"])
+        size = (out.get("parameters") or {}).get("binary_data_size")
+        if size is None:
+            tensors[out["name"]] = np.asarray(out["data"], dtype=dtype).reshape(shape)
+            continue
+        if offset + size > len(body):
+            raise ValueError(f"output {out['name']!r} is cut short")
+        arr = np.frombuffer(view[offset : offset + size], dtype=dtype).reshape(shape)
+        tensors[out["name"]] = arr
+        offset += size
+    return tensors, meta

@@ -13,11 +13,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from service.api.deps import AppState
+from service.call import Call
 from service.errors import InvalidInput, PayloadTooLarge
 from service.imaging import check_batch
-from service.inference import Call, infer, threshold_for
-from service.repository import ModelVersion
+from service.inference import infer
+from service.repository import LoadedModel
+from service.state import AppState
+from service.thresholds import threshold_in_force
 from service.version import service_version
 
 INPUT = "input"
@@ -31,14 +33,13 @@ def server_metadata() -> dict[str, Any]:
     return {"name": "notsure", "version": service_version(), "extensions": ["binary_tensor_data"]}
 
 
-def outputs_of(mv: ModelVersion) -> tuple[str, ...]:
+def outputs_of(mv: LoadedModel) -> tuple[str, ...]:
     """The output tensors this model version can answer with, in metadata order."""
     return (*OUTPUTS, KD_OUTPUT) if mv.kernel_set is not None else OUTPUTS
 
 
-def metadata(mv: ModelVersion, state: AppState) -> dict[str, Any]:
+def metadata(mv: LoadedModel, state: AppState) -> dict[str, Any]:
     """Model metadata: one FP32 image input, the decision outputs (label -1 is NOT SURE)."""
-    assert mv.manifest is not None
     c, h, w = mv.manifest.input_shape
     n = mv.manifest.num_classes
     versions = sorted(state.repository.versions.get(mv.name, {}))
@@ -63,7 +64,7 @@ class Answer:
     score: str
 
 
-def check_outputs(mv: ModelVersion, wanted: Sequence[str]) -> list[str]:
+def check_outputs(mv: LoadedModel, wanted: Sequence[str]) -> list[str]:
     """The requested output names (all when none are named); unknown names are refused."""
     available = outputs_of(mv)
     if not wanted:
@@ -81,7 +82,7 @@ def check_outputs(mv: ModelVersion, wanted: Sequence[str]) -> list[str]:
 async def run(
     state: AppState,
     call: Call,
-    mv: ModelVersion,
+    mv: LoadedModel,
     inputs: Sequence[tuple[str, npt.NDArray[Any]]],
     parameters: Mapping[str, Any],
     wanted: Sequence[str],
@@ -102,7 +103,6 @@ async def run(
             fix=f'name the tensor "{INPUT}" (see the model metadata)',
         )
     names = check_outputs(mv, wanted)
-    assert mv.manifest is not None
     x = check_batch(tensor, mv.manifest.input_shape, "inputs[0]")
     if x.shape[0] > state.settings.max_instances:
         raise PayloadTooLarge(
@@ -110,15 +110,13 @@ async def run(
             field="inputs[0].shape",
         )
     requested = parameters.get("threshold")
-    if requested is not None and (
-        isinstance(requested, bool) or not isinstance(requested, int | float)
-    ):
-        raise InvalidInput("threshold must be a number", field="parameters.threshold")
-    threshold = threshold_for(state, mv, requested)
+    threshold = threshold_in_force(
+        state.settings, mv.score, mv.threshold, requested, "parameters.threshold"
+    )
     outcome = await infer(state, call, mv, x, threshold, timeout_s)
     s = outcome.scores
     values: dict[str, npt.NDArray[Any]] = {
-        "label": np.where(outcome.accepted, s.label, -1).astype(np.int64),
+        "label": outcome.labels,
         "j_score": s.j_score.astype(np.float32),
         "confidence": s.confidence.astype(np.float32),
         "non_me": s.non_me.astype(np.float32),

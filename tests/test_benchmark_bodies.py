@@ -48,9 +48,7 @@ def test_every_body_kind_gets_the_same_answer(
     # integer JSON body holds, divided by 255.
     pixels = np.array(json.loads(reqs["native"][0].read_bytes())["instances"], dtype=np.float32)
     model = OnnxModel(model_repo / MODEL / "1" / "model.onnx")
-    want = score_logits(
-        model.run(pixels[:, None] / 255), manifest.kernel.to_kernel(), manifest.threshold
-    )
+    want = score_logits(model.run(pixels[:, None] / 255), manifest.kernel.to_kernel())
     for kind, route in NOTSURE_APIS.items():
         path, ctype, extra = reqs[kind]
         headers = {"Content-Type": ctype}

@@ -36,6 +36,7 @@ from service.runtime import OnnxModel
 from service.scoring import (
     SCORE_NAMES,
     ScoreName,
+    accept,
     default_score,
     kernel_mu,
     kernel_sigma,
@@ -171,7 +172,7 @@ def calibrate(cfg: CalibrateConfig) -> Manifest:
     kset = kd[0] if kd else None
 
     v = run_all(model, splits.val.x.numpy())
-    val = score_logits(v.logits, kernel.to_kernel(), 0.0, score, v.features, kset)
+    val = score_logits(v.logits, kernel.to_kernel(), score, v.features, kset)
     val_correct = val.label == splits.val.y.numpy()
     available = [s for s in SCORE_NAMES if s != "k_density" or kset is not None]
     thresholds: dict[ScoreName, float] = {}
@@ -187,10 +188,10 @@ def calibrate(cfg: CalibrateConfig) -> Manifest:
         threshold, rule, guarantee = pick_threshold(cfg, val.named(score), val_correct)
 
     t_out = run_all(model, splits.test.x.numpy())
-    test = score_logits(t_out.logits, kernel.to_kernel(), threshold, score, t_out.features, kset)
+    test = score_logits(t_out.logits, kernel.to_kernel(), score, t_out.features, kset)
     y = splits.test.y.numpy()
     correct = test.label == y
-    accepted = test.accepted
+    accepted = accept(test.score, threshold)
     metrics = {
         "clean_test_accuracy": float(correct.mean()),
         "val_accuracy": float((val.label == splits.val.y.numpy()).mean())

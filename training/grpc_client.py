@@ -14,7 +14,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from training.attack.service_client import DTYPES, F32, OUTPUTS, Decisions, ServiceError
+from service.v2codec import DTYPES
+from training.attack.service_client import F32, OUTPUTS, Decisions, ServiceError
 
 DEFAULT_PORT = 8001
 # Back-pressure and transient statuses (queue full, not ready yet, deadline in the queue):

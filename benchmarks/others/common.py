@@ -12,7 +12,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, os.environ.get("NOTSURE_ROOT", str(Path(__file__).resolve().parents[2])))
 from service.manifest import Manifest
-from service.scoring import Scores, score_logits
+from service.scoring import Scores, accept, score_logits
 
 
 class Scorer:
@@ -36,12 +36,14 @@ class Scorer:
         a = np.asarray(pixels)
         x = a.astype(np.float32) / 255 if a.dtype.kind in "iu" else a.astype(np.float32)
         x = x.reshape(-1, *self.manifest.input_shape)
-        return score_logits(
-            self.sess.run(None, {"input": x})[0], self.kernel, self.manifest.threshold
-        )
+        return score_logits(self.sess.run(None, {"input": x})[0], self.kernel)
+
+    def accepted(self, s: Scores) -> Any:
+        """(B,) which images are answered at the manifest's T."""
+        return accept(s.score, self.manifest.threshold)
 
     def __call__(self, instances: Any) -> dict[str, list[Any]]:
         """Integer pixels 0-255 or floats in [0, 1] -> labels, J-scores and decisions."""
         s = self.scores(instances)
         return {"label": s.label.tolist(), "j_score": s.j_score.tolist(),
-                "accepted": s.accepted.tolist()}  # fmt: skip
+                "accepted": self.accepted(s).tolist()}  # fmt: skip

@@ -33,7 +33,7 @@ def infer(images: np.ndarray) -> dict[str, np.ndarray]:
     return {
         "label": s.label[:, None],
         "j_score": s.j_score[:, None],
-        "accepted": s.accepted[:, None],
+        "accepted": scorer.accepted(s)[:, None],
     }
 
 

@@ -1,4 +1,4 @@
-"""Shared FastAPI dependencies: settings, the app state, API-key checks.
+"""Shared FastAPI dependencies: the app state, the request's call record, API-key checks.
 
 They are all `async def`: FastAPI runs plain `def` dependencies in a thread pool, which cost
 several thread hops per request on the hot path.
@@ -6,29 +6,23 @@ several thread hops per request on the hot path.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
+from starlette.types import Scope
 
-from service.batching import ArrivalTracker
+from service.call import Call
 from service.config import Settings
-from service.errors import Unauthorized
-from service.metrics import Metrics
-from service.repository import Repository
-from service.security import KeyRing, key_from_headers
+from service.state import AppState
+
+# The scope entry holding the request's `Call`: the middleware creates and closes it.
+CALL_KEY = "notsure.call"
 
 
-@dataclass
-class AppState:
-    """Everything the lifespan builds, stored on app.state.notsure."""
-
-    settings: Settings
-    metrics: Metrics
-    repository: Repository
-    keys: KeyRing
-    arrivals: ArrivalTracker
-    draining: bool = False
+def call_of(scope: Scope) -> Call:
+    """The request's call record (set by `ServiceMiddleware`)."""
+    call: Call = scope[CALL_KEY]
+    return call
 
 
 async def get_state(request: Request) -> AppState:
@@ -36,7 +30,12 @@ async def get_state(request: Request) -> AppState:
     return state
 
 
+async def get_call(request: Request) -> Call:
+    return call_of(request.scope)
+
+
 StateDep = Annotated[AppState, Depends(get_state)]
+CallDep = Annotated[Call, Depends(get_call)]
 
 # Path parameters of every model route: names are validated here, so a request can never name
 # a path outside the repository (lookups are dictionary keys, never joined into file paths).
@@ -58,16 +57,7 @@ def check_request_key(state: AppState, request: Request) -> None:
     # parameters: those become pydantic fields with an alias, and some pydantic releases warn
     # about that alias on every request (a warning that `-W error` turns into a 500).
     headers = request.headers
-    check_key(state, headers.get("authorization"), headers.get("x-api-key"))
-
-
-def check_key(state: AppState, authorization: str | None, x_api_key: str | None) -> None:
-    if not state.keys.accepts(key_from_headers(authorization, x_api_key)):
-        raise Unauthorized(
-            "missing or unknown API key",
-            field="Authorization",
-            fix="send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
-        )
+    state.keys.check(headers.get("authorization"), headers.get("x-api-key"))
 
 
 async def require_key(state: StateDep, request: Request) -> None:

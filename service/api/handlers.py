@@ -1,7 +1,7 @@
 """HTTP answers for exceptions: the service's one mapping of errors to responses.
 
-`service.main` registers these with FastAPI; the inference fast path (`service.api.hot`) calls
-the same functions, so an error reads the same whichever way the request went.
+`service.main` registers these with FastAPI; they answer every route's errors, the inference
+routes' (`service.api.routing`) included.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
+from service.api.deps import CALL_KEY
 from service.errors import InvalidInput, ServeError, invalid_input_from
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,8 @@ def client_gone(request: Request, exc: Exception) -> Response:
 
 
 def unexpected(request: Request, exc: Exception) -> JSONResponse:
-    rid = request.scope.get("notsure.request_id", "")
+    call = request.scope.get(CALL_KEY)
+    rid = call.request_id if call is not None else ""
     log.exception("unhandled error (request id %s)", rid)
     return JSONResponse(
         {"error": "internal error; this is a bug in notsure", "request_id": rid}, status_code=500

@@ -3,7 +3,6 @@ live server, models made slow or failing on purpose, and request builders."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,8 +13,9 @@ import numpy.typing as npt
 import pytest
 
 from benchmarks.soak import ServeProcess
-from service.api.deps import AppState
-from service.repository import ModelVersion
+from service import v2codec
+from service.repository import LoadedModel
+from service.state import AppState
 from tests.conftest import LiveServer
 
 RCE = "tiny-rce"
@@ -29,24 +29,7 @@ def pixels(n: int, seed: int = 0) -> npt.NDArray[np.float32]:
 
 def v2_binary(x: npt.NDArray[np.float32], rid: str | None = None) -> tuple[bytes, dict[str, str]]:
     """A KServe V2 binary-extension infer body for (B, 1, 28, 28) images, and its headers."""
-    head: dict[str, object] = {
-        "inputs": [
-            {
-                "name": "input",
-                "shape": list(x.shape),
-                "datatype": "FP32",
-                "parameters": {"binary_data_size": int(x.nbytes)},
-            }
-        ]
-    }
-    if rid is not None:
-        head["id"] = rid
-    raw = json.dumps(head).encode()
-    headers = {
-        "Inference-Header-Content-Length": str(len(raw)),
-        "Content-Type": "application/octet-stream",
-    }
-    return raw + x.tobytes(), headers
+    return v2codec.encode_request([("input", x)], request_id=rid)
 
 
 def app_state(server: LiveServer) -> AppState:
@@ -55,11 +38,14 @@ def app_state(server: LiveServer) -> AppState:
     return state
 
 
-def model_version(server: LiveServer, name: str = RCE) -> ModelVersion:
-    return app_state(server).repository.versions[name][1]
+def model_version(server: LiveServer, name: str = RCE) -> LoadedModel:
+    """Version 1 of the model, as the live server loaded it."""
+    loaded = app_state(server).repository.versions[name][1].loaded
+    assert loaded is not None, f"{name}/1 did not load"
+    return loaded
 
 
-def slow_down(monkeypatch: pytest.MonkeyPatch, mv: ModelVersion, seconds: float) -> list[int]:
+def slow_down(monkeypatch: pytest.MonkeyPatch, mv: LoadedModel, seconds: float) -> list[int]:
     """Make every batch of this model version take at least `seconds`; returns batch sizes run."""
     assert mv.model is not None
     run, run_with_features = mv.model.run, mv.model.run_with_features

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.config import Settings
-from service.repository import ModelVersion
+from service.repository import LoadedModel
 from tests.conftest import LiveServer
 from tests.reliability.conftest import RCE, model_version, pixels, slow_down, v2_binary
 
@@ -34,7 +34,7 @@ def metric(text: str, name: str, **labels: str) -> float:
     )
 
 
-async def overload(url: str, mv: ModelVersion) -> dict[str, list]:  # type: ignore[type-arg]
+async def overload(url: str, mv: LoadedModel) -> dict[str, list]:  # type: ignore[type-arg]
     """A burst that fills the queue, then, while it is full, single requests and health probes
     one after another (so their latency is the server's, not a connection storm's)."""
     x = pixels(IMAGES)

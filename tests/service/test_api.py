@@ -61,7 +61,7 @@ def offline(model_repo: Path, name: str, x: np.ndarray):  # type: ignore[no-unty
     kset = None
     if m.k_density is not None:
         kset = KernelSet(np.load(vdir / m.k_density.file), m.k_density.sigma2)
-    return m, score_logits(logits, m.kernel.to_kernel(), m.threshold, m.score, feats, kset)
+    return m, score_logits(logits, m.kernel.to_kernel(), m.score, feats, kset)
 
 
 # --- health and metadata ---------------------------------------------------------------------
@@ -223,7 +223,7 @@ def test_v2_json_infer(client: TestClient, model_repo: Path) -> None:
     outs = {o["name"]: o for o in body["outputs"]}
     assert body["id"] == "r7" and body["model_version"] == "1"
     assert body["parameters"]["threshold"] == pytest.approx(manifest.threshold)
-    expected_labels = np.where(want.accepted, want.label, -1).tolist()
+    expected_labels = np.where(want.score >= manifest.threshold, want.label, -1).tolist()
     assert outs["label"]["data"] == expected_labels and outs["label"]["datatype"] == "INT64"
     assert np.allclose(outs["j_score"]["data"], want.j_score, rtol=1e-5)
     assert outs["probabilities"]["shape"] == [3, 10]

@@ -64,7 +64,7 @@ def offline(model_repo: Path, x: np.ndarray) -> tuple[Manifest, Scores]:
     vdir = model_repo / RCE / "1"
     m = Manifest.load(vdir / MANIFEST_FILE)
     logits = OnnxModel(vdir / MODEL_FILE, device="cpu").run(x)
-    return m, score_logits(logits, m.kernel.to_kernel(), m.threshold)
+    return m, score_logits(logits, m.kernel.to_kernel())
 
 
 def infer_input(x: np.ndarray, name: str = "input", datatype: str = "FP32") -> Any:
@@ -103,8 +103,9 @@ def test_same_answers_as_over_http_and_as_the_onnx_file(
     assert response.parameters["score"].string_param == manifest.score == "j_score"
     labels = result.as_numpy("label")
     assert labels.dtype == np.int64
-    np.testing.assert_array_equal(labels, np.where(want.accepted, want.label, -1))
-    assert (labels == -1).any() or want.accepted.all()  # -1 is NOT SURE
+    answered = want.j_score >= manifest.threshold
+    np.testing.assert_array_equal(labels, np.where(answered, want.label, -1))
+    assert (labels == -1).any() or answered.all()  # -1 is NOT SURE
     np.testing.assert_allclose(result.as_numpy("j_score"), want.j_score, rtol=1e-5)
     np.testing.assert_allclose(result.as_numpy("confidence"), want.confidence, rtol=1e-5)
     np.testing.assert_allclose(result.as_numpy("probabilities"), want.probabilities, atol=1e-6)
@@ -128,14 +129,16 @@ def test_typed_contents_and_requested_outputs(stub: Any, model_repo: Path) -> No
     req.outputs.add(name="j_score")
     req.outputs.add(name="label")
     resp = stub.ModelInfer(req, timeout=30)
-    _, want = offline(model_repo, x)
+    manifest, want = offline(model_repo, x)
     assert [o.name for o in resp.outputs] == ["j_score", "label"]
     assert resp.id == ""  # none sent, none made up
     assert list(resp.outputs[1].shape) == [3]
     j = np.frombuffer(resp.raw_output_contents[0], "<f4")
     label = np.frombuffer(resp.raw_output_contents[1], "<i8")
     np.testing.assert_allclose(j, want.j_score, rtol=1e-5)
-    np.testing.assert_array_equal(label, np.where(want.accepted, want.label, -1))
+    np.testing.assert_array_equal(
+        label, np.where(want.j_score >= manifest.threshold, want.label, -1)
+    )
     # UINT8 pixels (0-255) in typed uint contents decode like the HTTP route's.
     req8 = pb.ModelInferRequest(model_name=RCE)
     t8 = req8.inputs.add(name="input", datatype="UINT8", shape=[1, 1, 28, 28])

@@ -9,6 +9,7 @@ import pytest
 
 from service.scoring import (
     Kernel,
+    decide,
     kernel_mu,
     kernel_non_me,
     kernel_sigma,
@@ -44,13 +45,14 @@ def test_j_score_by_hand() -> None:
     p = [0.7, 0.2, 0.1]
     nme = -(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3))
     k = math.exp(-((nme - math.log(2)) ** 2) / (1.0 * 0.1**2))
-    scores = score_logits(np.log(np.array([p])), Kernel(mu=math.log(2), sigma=0.1), 0.5)
+    scores = score_logits(np.log(np.array([p])), Kernel(mu=math.log(2), sigma=0.1))
     assert scores.label[0] == 0
     assert scores.confidence[0] == pytest.approx(0.7)
     assert scores.non_me[0] == pytest.approx(nme)
     assert scores.kernel_non_me[0] == pytest.approx(k)
     assert scores.j_score[0] == pytest.approx(0.7 * k)  # 0.5079...
-    assert bool(scores.accepted[0]) is (0.7 * k >= 0.5)
+    # 0.7 k = 0.5079 >= 0.5 is answered with its label; at T = 0.51 it is NOT SURE.
+    assert decide(scores, 0.5).tolist() == [0] and decide(scores, 0.51).tolist() == [-1]
 
 
 def test_eta_relaxes_the_kernel() -> None:
@@ -65,7 +67,7 @@ def test_saturated_ce_logits_stay_finite() -> None:
     # float32 softmax underflows the non-maximal probabilities; the log-space path must not.
     logits = np.zeros((1, 10), np.float32)
     logits[0, 3] = 100.0
-    s = score_logits(logits, Kernel(mu=kernel_mu(10), sigma=0.1), 0.0)
+    s = score_logits(logits, Kernel(mu=kernel_mu(10), sigma=0.1))
     assert s.label[0] == 3
     assert s.non_me[0] == pytest.approx(math.log(9))  # the 9 others are equal
     assert np.isfinite(s.j_score).all()
@@ -97,7 +99,7 @@ def test_threshold_refuses_the_requested_share() -> None:
 
 
 def test_rows_slice_every_field() -> None:
-    s = score_logits(np.random.default_rng(0).normal(size=(5, 4)), Kernel(1.0, 0.3), 0.1)
+    s = score_logits(np.random.default_rng(0).normal(size=(5, 4)), Kernel(1.0, 0.3))
     part = s.rows(1, 3)
     assert len(part) == 2
     assert np.array_equal(part.label, s.label[1:3])
@@ -106,29 +108,28 @@ def test_rows_slice_every_field() -> None:
 
 def test_energy_is_logsumexp_by_hand() -> None:
     z = [2.0, -1.0, 0.5]
-    s = score_logits(np.array([z]), Kernel(mu=math.log(2), sigma=0.1), 0.0, score="energy")
+    s = score_logits(np.array([z]), Kernel(mu=math.log(2), sigma=0.1), score="energy")
     assert s.energy[0] == pytest.approx(math.log(sum(math.exp(v) for v in z)))
     # Shift by +1000: the naive sum overflows, the stable one moves by exactly 1000.
-    big = score_logits(np.array([z]) + 1000.0, Kernel(mu=math.log(2), sigma=0.1), 0.0, "energy")
+    big = score_logits(np.array([z]) + 1000.0, Kernel(mu=math.log(2), sigma=0.1), "energy")
     assert big.energy[0] == pytest.approx(s.energy[0] + 1000.0)
 
 
 @pytest.mark.parametrize("name", ["j_score", "confidence", "energy"])
-def test_accepted_applies_t_to_the_named_score(name: str) -> None:
-    from service.scoring import accept
-
+def test_decide_applies_t_to_the_named_score(name: str) -> None:
     logits = np.log(np.array([[0.7, 0.2, 0.1], [0.4, 0.35, 0.25]]))
-    base = score_logits(logits, Kernel(mu=math.log(2), sigma=0.5), 0.0)
+    base = score_logits(logits, Kernel(mu=math.log(2), sigma=0.5))
     values = base.named(name)  # type: ignore[arg-type]
     t = float(values.mean())
-    s = score_logits(logits, Kernel(mu=math.log(2), sigma=0.5), t, score=name)  # type: ignore[arg-type]
+    s = score_logits(logits, Kernel(mu=math.log(2), sigma=0.5), score=name)  # type: ignore[arg-type]
     assert s.score_name == name and np.array_equal(s.score, values)
-    assert s.accepted.tolist() == [bool(v >= t) for v in values] == accept(values, t).tolist()
+    want = [int(lab) if v >= t else -1 for lab, v in zip(s.label, values, strict=True)]
+    assert decide(s, t).tolist() == want
 
 
 def test_k_density_score_needs_features() -> None:
     with pytest.raises(ValueError, match="features"):
-        score_logits(np.zeros((1, 3)), Kernel(mu=1.0, sigma=1.0), 0.0, score="k_density")
+        score_logits(np.zeros((1, 3)), Kernel(mu=1.0, sigma=1.0), score="k_density")
 
 
 def test_default_scores() -> None:

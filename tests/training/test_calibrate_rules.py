@@ -27,7 +27,7 @@ def val_scores(model_dir: Path, m: Manifest) -> tuple[np.ndarray, np.ndarray]:
     val = data_mod.run_splits("synthetic", Path("data"), 0, 0, True).val
     s = score_logits(
         OnnxModel(model_dir / MODEL_FILE, device="cpu").run(val.x.numpy()),
-        m.kernel.to_kernel(), 0.0, m.score,
+        m.kernel.to_kernel(), m.score,
     )  # fmt: skip
     return s.score, s.label == val.y.numpy()
 

@@ -101,9 +101,7 @@ class Model:
         logits = np.concatenate([p[0] for p in parts])
         feats = None if self.kernel_set is None else np.concatenate([p[1] for p in parts])  # type: ignore[misc]
         kernel = self.manifest.kernel.to_kernel()
-        return score_logits(
-            logits, kernel, self.manifest.threshold, features=feats, kernel_set=self.kernel_set
-        )
+        return score_logits(logits, kernel, features=feats, kernel_set=self.kernel_set)
 
     def threat(self, score: str, threshold: float) -> Threat:
         """What the attacker knows about this model, attacking `score` at `threshold`."""

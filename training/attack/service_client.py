@@ -8,7 +8,6 @@ numbers for a 20k-image attack run. `OfflineScorer` runs the same ONNX graph in-
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -18,20 +17,17 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 
+from service import v2codec
 from service.manifest import MODEL_FILE, Manifest
 from service.repository import read_kernel_set
 from service.runtime import OnnxModel
-from service.scoring import score_logits
+from service.scoring import NOT_SURE, decide, score_logits
 
 log = logging.getLogger(__name__)
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
-NOT_SURE = -1
 OUTPUTS = ("label", "j_score", "confidence", "non_me", "probabilities")
-DTYPES = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"), "INT64": np.dtype("<i8"),
-          "INT32": np.dtype("<i4")}  # fmt: skip
-HEADER = "Inference-Header-Content-Length"
 
 
 @dataclass(frozen=True)
@@ -68,36 +64,6 @@ class Decisions:
 
 class ServiceError(RuntimeError):
     """The service answered with an error, or not at all within the retries."""
-
-
-def encode_request(x: F32, outputs: tuple[str, ...] = OUTPUTS) -> tuple[bytes, int]:
-    """A V2 infer body with the image tensor as binary data; returns (body, JSON header length)."""
-    raw = np.ascontiguousarray(x, dtype="<f4").tobytes()
-    header = {
-        "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
-                    "parameters": {"binary_data_size": len(raw)}}],
-        "outputs": [{"name": n, "parameters": {"binary_data": True}} for n in outputs],
-    }  # fmt: skip
-    head = json.dumps(header).encode()
-    return head + raw, len(head)
-
-
-def decode_response(body: bytes, header_length: int | None) -> tuple[dict[str, np.ndarray], dict]:
-    """Output tensors by name and the response's JSON, from a binary or a plain JSON body."""
-    head = body if header_length is None else body[:header_length]
-    meta = json.loads(head)
-    offset = len(head)
-    tensors: dict[str, np.ndarray] = {}
-    # Binary outputs follow the header in the order they appear in it.
-    for out in meta["outputs"]:
-        dtype, shape = DTYPES[out["datatype"]], tuple(out["shape"])
-        size = (out.get("parameters") or {}).get("binary_data_size")
-        if size is not None:
-            tensors[out["name"]] = np.frombuffer(body[offset : offset + size], dtype).reshape(shape)
-            offset += size
-        else:
-            tensors[out["name"]] = np.asarray(out["data"], dtype=dtype).reshape(shape)
-    return tensors, meta
 
 
 class V2Client:
@@ -151,8 +117,11 @@ class V2Client:
         self, x: F32, outputs: tuple[str, ...]
     ) -> tuple[dict[str, np.ndarray], float]:
         """The named output tensors for a batch (B, C, H, W), and the T the service applied."""
-        body, head_len = encode_request(x, outputs)
-        headers = {HEADER: str(head_len), "Content-Type": "application/octet-stream"}
+        body, headers = v2codec.encode_request(
+            [("input", np.ascontiguousarray(x, np.float32))],
+            outputs=outputs,
+            binary_outputs=outputs,
+        )
         for attempt in range(self.retries + 1):
             try:
                 resp = self.http.post(self.infer_path, content=body, headers=headers)
@@ -167,8 +136,8 @@ class V2Client:
                 continue
             if resp.status_code != 200:
                 raise ServiceError(f"{self.infer_path}: HTTP {resp.status_code}: {resp.text[:300]}")
-            length = resp.headers.get(HEADER)
-            tensors, meta = decode_response(resp.content, int(length) if length else None)
+            length = resp.headers.get(v2codec.HEADER_LENGTH)
+            tensors, meta = v2codec.decode_response(resp.content, length)
             missing = [n for n in outputs if n not in tensors]
             if missing:
                 raise ServiceError(f"response lacks outputs {missing}")
@@ -190,10 +159,10 @@ class OfflineScorer:
     def infer(self, x: F32) -> Decisions:
         m = self.manifest
         z, f = self.model.run_with_features(np.ascontiguousarray(x, np.float32))
-        s = score_logits(z, m.kernel.to_kernel(), m.threshold, m.score, f, self.kernel_set)
+        s = score_logits(z, m.kernel.to_kernel(), m.score, f, self.kernel_set)
         # Cast to what the service sends (FP32), so both paths give the same record.
         return Decisions(
-            label=np.where(s.accepted, s.label, NOT_SURE).astype(np.int64),
+            label=decide(s, m.threshold),
             j_score=s.j_score.astype(np.float32),
             confidence=s.confidence.astype(np.float32),
             non_me=s.non_me.astype(np.float32),

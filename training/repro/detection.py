@@ -38,7 +38,7 @@ class Scored:
 
 def score(logits: npt.NDArray[np.floating], kernel: Kernel) -> Scored:
     """Run the thresholding test's scoring (service.scoring) on served logits (B, L)."""
-    s = score_logits(logits, kernel, threshold=0.0)
+    s = score_logits(logits, kernel)
     return Scored(label=s.label, confidence=s.confidence, j_score=s.j_score)
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from service import v2infer
 from service.api.deps import StateDep, require_key_for_health, require_key_for_metrics
@@ -63,4 +63,4 @@ async def ready(state: StateDep) -> Response:
 
 @router.get("/metrics", dependencies=[Depends(require_key_for_metrics)], response_class=Response)
 async def metrics(state: StateDep) -> Response:
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

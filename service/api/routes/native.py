@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, TypeVar
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from fastapi.responses import Response
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
+from starlette.datastructures import UploadFile as StarletteUpload
 
-from service.api.deps import NAME, VERSION, AppState, StateDep, require_key
+from service.api.deps import NAME, StateDep, call_of, require_key
+from service.api.routing import add_inference_route
+from service.call import Call
 from service.errors import InvalidInput, PayloadTooLarge, invalid_input_from
+from service.fastjson import validate_json
 from service.imaging import (
     declared_pixels,
     decode_image,
     header_pixels,
     instance_to_tensor,
 )
-from service.inference import Outcome, infer, resolve, shed_early, threshold_for
-from service.repository import ModelVersion
+from service.inference import Outcome, infer, resolve, shed_early
+from service.repository import LoadedModel
 from service.schemas import (
     API_ERRORS,
     ModelList,
@@ -30,18 +34,26 @@ from service.schemas import (
     PredictResponse,
     body_schema,
 )
+from service.state import AppState
+from service.thresholds import threshold_in_force
 
 T = TypeVar("T")
 
 router = APIRouter(
     prefix="/v1", tags=["native"], dependencies=[Depends(require_key)], responses=API_ERRORS
 )
+# The inference routes, with the same prefix, tags and guard; the app puts them first among
+# its own routes (service.main).
+inference = APIRouter(
+    prefix="/v1", tags=["native"], dependencies=[Depends(require_key)], responses=API_ERRORS
+)
 
 
-def _response(mv: ModelVersion, outcome: Outcome, request_id: str | None, reveal: bool) -> Response:
-    """Build the JSON by hand: the hot path skips response-model re-validation."""
+def _response(mv: LoadedModel, outcome: Outcome, request_id: str | None, reveal: bool) -> Response:
+    """Build the JSON by hand: the hot path skips response-model re-validation (orjson: 1 us
+    for a 1-image answer where json.dumps took 29, contended CPU)."""
     s = outcome.scores
-    classes = mv.manifest.classes if mv.manifest else []
+    classes = mv.manifest.classes
     preds = []
     name = s.score_name
     for label, acc, j, c, nme, v in zip(
@@ -73,7 +85,7 @@ def _response(mv: ModelVersion, outcome: Outcome, request_id: str | None, reveal
         "threshold": outcome.threshold,
         "predictions": preds,
     }
-    return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
+    return Response(orjson.dumps(body), media_type="application/json")
 
 
 async def _stack(
@@ -91,11 +103,12 @@ async def _stack(
 
 
 async def handle_predict(
-    state: AppState, request: Request, name: str, version: int | None
+    state: AppState, call: Call, request: Request, name: str, version: int | None
 ) -> Response:
     settings = state.settings
-    mv = resolve(state, request, name, version)
+    mv = resolve(state, call, name, version)
     shed_early(state, mv)
+    call.arrive(state.arrivals)
     body = await _read(request)
     if len(body.instances) > settings.max_instances:
         raise PayloadTooLarge(
@@ -103,8 +116,7 @@ async def handle_predict(
             field="instances",
             fix=f"split the request into batches of {settings.max_instances}",
         )
-    threshold = threshold_for(state, mv, body.threshold)
-    assert mv.manifest is not None
+    threshold = threshold_in_force(settings, mv.score, mv.threshold, body.threshold)
     shape = mv.manifest.input_shape
     x = await _stack(
         body.instances,
@@ -114,73 +126,52 @@ async def handle_predict(
         sum(map(declared_pixels, body.instances)),
         settings.decode_inline_max_pixels,
     )
-    outcome = await infer(state, request, mv, x, threshold)
+    outcome = await infer(state, call, mv, x, threshold)
     return _response(mv, outcome, body.id, settings.reveal_not_sure_labels)
-
-
-# The predict body is parsed here, straight from bytes by pydantic-core, instead of by FastAPI
-# (json.loads, then a second validation pass over the same nested lists); the schema is
-# still published in OpenAPI.
-PREDICT_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": body_schema(PredictRequest)}},
-    }
-}
 
 
 async def _read(request: Request) -> PredictRequest:
     try:
-        return PredictRequest.model_validate_json(await request.body())
+        return validate_json(PredictRequest, await request.body())
     except ValidationError as exc:
         raise invalid_input_from(exc.errors()) from exc
 
 
-@router.post(
-    "/models/{name}/predict",
-    response_model=PredictResponse,
-    summary="Predict with the latest ready version",
-    openapi_extra=PREDICT_BODY,
-)
-async def predict(name: NAME, request: Request, state: StateDep) -> Response:
-    """Each image gets a label and its score, or NOT SURE when the score < T."""
-    return await handle_predict(state, request, name, None)
+class FilesQuery(BaseModel):
+    """The query of an upload: validated as FastAPI validates the endpoint's Query parameters."""
+
+    resize: bool = False
+    version: int | None = Field(default=None, ge=1)
+    threshold: float | None = None
 
 
-@router.post(
-    "/models/{name}/versions/{version}/predict",
-    response_model=PredictResponse,
-    summary="Predict with a given version",
-    openapi_extra=PREDICT_BODY,
-)
-async def predict_version(
-    name: NAME, version: VERSION, request: Request, state: StateDep
+async def handle_files(
+    state: AppState, call: Call, request: Request, name: str, _: int | None
 ) -> Response:
-    return await handle_predict(state, request, name, version)
-
-
-@router.post(
-    "/models/{name}/predict/files",
-    response_model=PredictResponse,
-    summary="Predict on uploaded image files (multipart/form-data)",
-)
-async def predict_files(
-    name: NAME,
-    request: Request,
-    state: StateDep,
-    files: Annotated[list[UploadFile], File(description="PNG or JPEG files")],
-    resize: Annotated[bool, Query()] = False,
-    version: Annotated[int | None, Query(ge=1)] = None,
-) -> Response:
+    """The upload route's steps: those of predict, with the images decoded from the files."""
     settings = state.settings
-    mv = resolve(state, request, name, version)
+    try:
+        query = FilesQuery.model_validate(dict(request.query_params))
+    except ValidationError as exc:
+        errors = [{**e, "loc": ("query", *e["loc"])} for e in exc.errors()]
+        raise invalid_input_from(errors) from exc
+    mv = resolve(state, call, name, query.version)
+    shed_early(state, mv)
+    call.arrive(state.arrivals)
+    files = (await request.form()).getlist("files")
+    if not files:
+        raise invalid_input_from(
+            [{"loc": ("body", "files"), "type": "missing", "msg": "Field required"}]
+        )
     if len(files) > settings.max_instances:
         raise PayloadTooLarge(
             f"{len(files)} files, the limit is {settings.max_instances}", field="files"
         )
-    assert mv.manifest is not None
+    threshold = threshold_in_force(settings, mv.score, mv.threshold, query.threshold)
     blobs = []
     for i, f in enumerate(files):
+        if not isinstance(f, StarletteUpload):
+            raise InvalidInput("not a file", field=f"files[{i}]", fix="send a PNG or JPEG file")
         data = await f.read()
         if not data:
             raise InvalidInput("empty file", field=f"files[{i}]", fix="send a PNG or JPEG file")
@@ -189,20 +180,63 @@ async def predict_files(
     x = await _stack(
         blobs,
         lambda i, data: decode_image(
-            data, shape, f"files[{i}]", resize=resize, max_pixels=settings.max_image_pixels
+            data, shape, f"files[{i}]", resize=query.resize, max_pixels=settings.max_image_pixels
         ),
         sum(map(header_pixels, blobs)),
         settings.decode_inline_max_pixels,
     )
-    outcome = await infer(state, request, mv, x, mv.threshold)
+    outcome = await infer(state, call, mv, x, threshold)
     return _response(mv, outcome, None, settings.reveal_not_sure_labels)
+
+
+# The predict body is parsed by the handler, straight from bytes by pydantic-core, instead of
+# by FastAPI (json.loads, then a second validation pass over the same nested lists); the schema
+# is still published in OpenAPI.
+PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": body_schema(PredictRequest)}},
+    }
+}
+PREDICT: dict[str, Any] = {"response_model": PredictResponse, "openapi_extra": PREDICT_BODY}
+add_inference_route(
+    inference, "/models/{name}/predict", handle_predict, name="predict",
+    summary="Predict with the latest ready version",
+    description="Each image gets a label and its score, or NOT SURE when the score < T.", **PREDICT,
+)  # fmt: skip
+add_inference_route(
+    inference, "/models/{name}/versions/{version}/predict", handle_predict, name="predict_version",
+    summary="Predict with a given version", **PREDICT,
+)  # fmt: skip
+
+
+async def predict_files(
+    name: NAME,
+    request: Request,
+    state: StateDep,
+    files: Annotated[list[UploadFile], File(description="PNG or JPEG files")],
+    resize: Annotated[bool, Query()] = False,
+    version: Annotated[int | None, Query(ge=1)] = None,
+    threshold: Annotated[
+        float | None, Query(description="T for this request (when the server allows it)")
+    ] = None,
+) -> Response:
+    """Each uploaded image gets a label and its score, or NOT SURE when the score < T."""
+    return await handle_files(state, call_of(request.scope), request, name, None)
+
+
+add_inference_route(
+    inference, "/models/{name}/predict/files", handle_files, endpoint=predict_files,
+    name="predict_files", response_model=PredictResponse,
+    summary="Predict on uploaded image files (multipart/form-data)",
+)  # fmt: skip
 
 
 @router.get("/models", response_model=ModelList, summary="Every model version and its state")
 async def list_models(state: StateDep) -> dict[str, Any]:
     out = []
     for mv in state.repository.all():
-        m = mv.manifest
+        m, lm = mv.manifest, mv.loaded if mv.ready else None
         out.append(
             ModelSummary(
                 name=mv.name,
@@ -210,8 +244,8 @@ async def list_models(state: StateDep) -> dict[str, Any]:
                 ready=mv.ready,
                 objective=m.objective if m else None,
                 score=m.score if m else None,
-                threshold=mv.threshold if mv.ready else None,
-                provider=mv.model.provider if mv.model else None,
+                threshold=lm.threshold if lm else None,
+                provider=lm.model.provider if lm else None,
                 error=mv.error,
             )
         )

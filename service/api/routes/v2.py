@@ -8,7 +8,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from service import v2codec, v2infer
-from service.api.deps import NAME, VERSION, AppState, StateDep, require_key
+from service.api.deps import NAME, VERSION, CallDep, StateDep, require_key
+from service.api.routing import add_inference_route
+from service.call import Call
 from service.inference import resolve, shed_early
 from service.schemas import (
     API_ERRORS,
@@ -17,8 +19,14 @@ from service.schemas import (
     V2ModelMetadata,
     body_schema,
 )
+from service.state import AppState
 
 router = APIRouter(
+    prefix="/v2", tags=["kserve-v2"], dependencies=[Depends(require_key)], responses=API_ERRORS
+)
+# The inference routes, with the same prefix, tags and guard; the app puts them first among
+# its own routes (service.main).
+inference = APIRouter(
     prefix="/v2", tags=["kserve-v2"], dependencies=[Depends(require_key)], responses=API_ERRORS
 )
 
@@ -38,43 +46,42 @@ INFER_BODY = {
 
 
 @router.get("/models/{name}", response_model=V2ModelMetadata)
-async def model_metadata(name: NAME, request: Request, state: StateDep) -> dict[str, Any]:
-    return v2infer.metadata(resolve(state, request, name, None), state)
+async def model_metadata(name: NAME, call: CallDep, state: StateDep) -> dict[str, Any]:
+    return v2infer.metadata(resolve(state, call, name, None), state)
 
 
 @router.get("/models/{name}/versions/{version}", response_model=V2ModelMetadata)
 async def version_metadata(
-    name: NAME, version: VERSION, request: Request, state: StateDep
+    name: NAME, version: VERSION, call: CallDep, state: StateDep
 ) -> dict[str, Any]:
-    return v2infer.metadata(resolve(state, request, name, version), state)
+    return v2infer.metadata(resolve(state, call, name, version), state)
 
 
 @router.get("/models/{name}/ready", response_class=Response)
-async def model_ready(name: NAME, request: Request, state: StateDep) -> Response:
-    resolve(state, request, name, None)  # raises 404/503 when not ready
+async def model_ready(name: NAME, call: CallDep, state: StateDep) -> Response:
+    resolve(state, call, name, None)  # raises 404/503 when not ready
     return Response(status_code=200)
 
 
 @router.get("/models/{name}/versions/{version}/ready", response_class=Response)
-async def version_ready(
-    name: NAME, version: VERSION, request: Request, state: StateDep
-) -> Response:
-    resolve(state, request, name, version)
+async def version_ready(name: NAME, version: VERSION, call: CallDep, state: StateDep) -> Response:
+    resolve(state, call, name, version)
     return Response(status_code=200)
 
 
 async def handle_infer(
-    state: AppState, request: Request, name: str, version: int | None
+    state: AppState, call: Call, request: Request, name: str, version: int | None
 ) -> Response:
-    mv = resolve(state, request, name, version)
+    mv = resolve(state, call, name, version)
     shed_early(state, mv)
+    call.arrive(state.arrivals)
     body = await request.body()
     decoded = v2codec.decode(body, request.headers.get("inference-header-content-length"))
     req = decoded.request
     params = req.parameters or {}
     answer = await v2infer.run(
         state,
-        request,
+        call,
         mv,
         [(t.name, decoded.tensors[t.name]) for t in req.inputs],
         params,
@@ -97,18 +104,12 @@ async def handle_infer(
     )
 
 
-@router.post("/models/{name}/infer", response_model=V2InferResponse, openapi_extra=INFER_BODY)
-async def model_infer(name: NAME, request: Request, state: StateDep) -> Response:
-    """Inference with the latest ready version; label is -1 for NOT SURE."""
-    return await handle_infer(state, request, name, None)
-
-
-@router.post(
-    "/models/{name}/versions/{version}/infer",
-    response_model=V2InferResponse,
-    openapi_extra=INFER_BODY,
-)
-async def version_infer(
-    name: NAME, version: VERSION, request: Request, state: StateDep
-) -> Response:
-    return await handle_infer(state, request, name, version)
+INFER: dict[str, Any] = {"response_model": V2InferResponse, "openapi_extra": INFER_BODY}
+add_inference_route(
+    inference, "/models/{name}/infer", handle_infer, name="model_infer",
+    description="Inference with the latest ready version; label is -1 for NOT SURE.", **INFER,
+)  # fmt: skip
+add_inference_route(
+    inference, "/models/{name}/versions/{version}/infer", handle_infer, name="version_infer",
+    **INFER,
+)  # fmt: skip

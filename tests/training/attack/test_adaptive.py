@@ -42,8 +42,8 @@ def _served_wins(threat: Threat, x: torch.Tensor, y: torch.Tensor) -> np.ndarray
     """Wins as `service.scoring` decides them, independent of the torch mirror."""
     with torch.no_grad():
         served = "j_score" if threat.score == "j" else "confidence"
-        s = score_logits(threat.logits(x).numpy(), threat.kernel, threat.threshold, served)
-    return (s.label != y.numpy()) & s.accepted
+        s = score_logits(threat.logits(x).numpy(), threat.kernel, served)
+    return (s.label != y.numpy()) & (s.score >= threat.threshold)
 
 
 def _gen() -> torch.Generator:
@@ -211,7 +211,7 @@ class _KDensity:
 
     def served(self, x: torch.Tensor) -> Scores:
         logits, feats = self.onnx.run_with_features(x.numpy())
-        return score_logits(logits, self.kernel, 0.0, "k_density", feats, self.kset)
+        return score_logits(logits, self.kernel, "k_density", feats, self.kset)
 
     def served_wins(self, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
         s = self.served(x)

@@ -71,9 +71,11 @@ def test_saved_wins_are_what_the_service_scoring_decides(cfg: audit.AuditConfig)
     saved = audit.load_chunks(audit.job_dir(cfg, model, job))
     assert saved is not None
     logits = model.onnx.run(saved["adv"])
-    s = score_logits(logits, model.manifest.kernel.to_kernel(), model.manifest.threshold)
+    s = score_logits(logits, model.manifest.kernel.to_kernel())
     y = model.data.y[: len(saved["idx"])].numpy()
-    np.testing.assert_array_equal(saved["served_won"], (s.label != y) & s.accepted)
+    np.testing.assert_array_equal(
+        saved["served_won"], (s.label != y) & (s.score >= model.manifest.threshold)
+    )
     eps = job.attack.eps
     assert (np.abs(saved["adv"] - model.data.x[: len(y)].numpy()) <= eps + 1e-6).all()
 
@@ -142,11 +144,7 @@ def test_apgd_cascade_wins_are_what_the_service_decides(cfg: audit.AuditConfig) 
         assert saved is not None
         x = model.data.x[: len(saved["idx"])].numpy()
         assert (np.abs(saved["adv"] - x) <= job.attack.eps + 1e-6).all()
-        s = score_logits(
-            model.onnx.run(saved["adv"]),
-            model.manifest.kernel.to_kernel(),
-            model.manifest.threshold,
-        )
+        s = score_logits(model.onnx.run(saved["adv"]), model.manifest.kernel.to_kernel())
         score = s.j_score if served[job.model] == "j" else s.confidence
         y = model.data.y[: len(x)].numpy()
         want = (s.label != y) & (score >= model.manifest.threshold) & ~saved["skipped"]
@@ -167,7 +165,7 @@ def test_k_density_plan_rows_are_what_the_service_decides(cfg: audit.AuditConfig
     # The service's decision on the saved images: the graph's features, the verified kernel
     # set, the T refusing 5% of the clean calibration images.
     logits, feats = model.onnx.run_with_features(saved["adv"])
-    s = score_logits(logits, model.manifest.kernel.to_kernel(), 0.0, "k_density", feats,
+    s = score_logits(logits, model.manifest.kernel.to_kernel(), "k_density", feats,
                      model.kernel_set)  # fmt: skip
     t = threshold_for_refuse_rate(model.served(model.calibration).named("k_density"), 0.05)
     assert saved["threshold"][0] == t

@@ -64,9 +64,9 @@ def _manifest(threshold: float) -> Manifest:
 
 def _decisions(logits: np.ndarray, manifest: Manifest) -> Decisions:
     """What a correct service returns for these logits (float32, -1 on NOT SURE)."""
-    s = score_logits(logits, manifest.kernel.to_kernel(), manifest.threshold)
+    s = score_logits(logits, manifest.kernel.to_kernel())
     return Decisions(
-        label=np.where(s.accepted, s.label, NOT_SURE),
+        label=np.where(s.score >= manifest.threshold, s.label, NOT_SURE),
         j_score=s.j_score.astype(np.float32),
         confidence=s.confidence.astype(np.float32),
         non_me=s.non_me.astype(np.float32),

@@ -39,7 +39,7 @@ def _logits(kind: str, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_mirror_equals_service_scoring(kind: str, kernel: Kernel) -> None:
     z = _logits(kind, seed=1)
-    ref = score_logits(z.numpy(), kernel, threshold=0.3)
+    ref = score_logits(z.numpy(), kernel)
     got = served(z, kernel, "j")
     np.testing.assert_array_equal(got.label.numpy(), ref.label)
     log_j = got.log_score.numpy()
@@ -60,7 +60,7 @@ def test_float32_logits_are_scored_in_float64() -> None:
     """The service scores float32 logits in float64; the mirror must not lose them to float32."""
     z = _logits("ce", seed=2).float()
     kernel = KERNELS[1]
-    ref = score_logits(z.numpy(), kernel, threshold=0.0)
+    ref = score_logits(z.numpy(), kernel)
     assert (ref.j_score > 0).all()
     np.testing.assert_allclose(served(z, kernel).log_score.numpy(), np.log(ref.j_score), rtol=1e-9)
 

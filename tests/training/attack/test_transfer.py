@@ -42,9 +42,7 @@ def test_transfer_rows_count_the_targets_served_wins(cfg: audit.AuditConfig) -> 
         x = source.data.x[: r["n"]].numpy()
         assert np.abs(adv - x).max() <= r["eps"] + 1e-6 and adv.min() >= 0 and adv.max() <= 1
         # Independent recount: the target's ONNX graph and the service's scoring at its T.
-        s = score_logits(
-            target.onnx.run(adv), target.manifest.kernel.to_kernel(), target.manifest.threshold
-        )
+        s = score_logits(target.onnx.run(adv), target.manifest.kernel.to_kernel())
         score = s.j_score if target.manifest.score == "j_score" else s.confidence
         y = target.data.y[: r["n"]].numpy()
         expected = ((s.label != y) & (score >= target.manifest.threshold)).mean()

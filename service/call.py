@@ -1,0 +1,51 @@
+"""One request's notes while it is served: a typed record with one owner.
+
+The transport that receives a request (the HTTP middleware, the gRPC servicer) creates its
+`Call`, hands it to the inference steps, and closes it when the answer has gone: closing gives
+back whatever the call still holds (its place among the arriving requests, its in-flight count),
+whichever way the request ended.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import Gauge
+
+from service.batching import ArrivalTracker
+
+
+@dataclass(slots=True, eq=False)
+class Call:
+    request_id: str = ""
+    model: str = ""  # a model of the repository that the request names ("" for none)
+    version: str = ""  # the version that answered it ("" until resolved)
+    # Held until the body is in and the images are queued: the batcher waits for such calls.
+    _arriving: ArrivalTracker | None = None
+    _inflight: Gauge | None = None
+
+    def arrive(self, arrivals: ArrivalTracker) -> None:
+        """The request's body is on its way: count it until `queued`."""
+        if self._arriving is None:
+            arrivals.count += 1
+            self._arriving = arrivals
+
+    def queued(self) -> None:
+        """Its images are queued (or it failed before): it no longer counts as arriving."""
+        if self._arriving is not None:
+            self._arriving.count -= 1
+            self._arriving = None
+
+    def enter(self, model: str, inflight: Gauge) -> None:
+        """The request is for this known model: count it in flight until `close`."""
+        if self._inflight is None:
+            self.model = model
+            inflight.inc()
+            self._inflight = inflight
+
+    def close(self) -> None:
+        """The answer has gone: give back everything the call still holds."""
+        self.queued()
+        if self._inflight is not None:
+            self._inflight.dec()
+            self._inflight = None

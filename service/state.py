@@ -1,0 +1,23 @@
+"""The state one server process builds at start-up and every transport shares (HTTP, gRPC)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from service.batching import ArrivalTracker
+from service.config import Settings
+from service.metrics import Metrics
+from service.repository import Repository
+from service.security import KeyRing
+
+
+@dataclass
+class AppState:
+    """Everything the lifespan builds; the HTTP app keeps it on app.state.notsure."""
+
+    settings: Settings
+    metrics: Metrics
+    repository: Repository
+    keys: KeyRing
+    arrivals: ArrivalTracker
+    draining: bool = False
