@@ -111,12 +111,31 @@ def write_checks(path: Path, results: list[CheckResult]) -> None:
     )
 
 
+def headline_wins(cfg: AuditConfig, name: str, eps: float, n: int) -> np.ndarray | None:
+    """(n,) which of the first n images the headline attack won against the model's served
+    score at its served T; None (and a warning) while that run has fewer images."""
+    from training.attack import audit
+    from training.attack.plan import plan_jobs
+
+    job = next(
+        j
+        for j in plan_jobs("headline", (name,), cfg.dry_run, audit.served_scores())
+        if j.attack.eps == eps
+    )
+    saved = audit.load_chunks(audit.job_dir(cfg, audit._MODELS[name], job))
+    if saved is None or len(saved["idx"]) < n:
+        log.warning(
+            "%s: no headline result on %d images at eps %g yet; check skipped", name, n, eps
+        )
+        return None
+    return np.asarray(saved["served_won"][:n])
+
+
 def run_checks(
     cfg: AuditConfig, n: int = 100, square_n: int = 50, queries: int = 1000
 ) -> list[CheckResult]:
     """Both checks on every model, at eps 0.1 and 0.3."""
     from training.attack import audit
-    from training.attack.plan import plan_jobs
 
     results: list[CheckResult] = []
     out = cfg.out_json.with_name("checks.json")
@@ -130,18 +149,11 @@ def run_checks(
             log.info("%s", results[-1])
             write_checks(out, results)
         for eps in (0.1, 0.3):
-            job = next(
-                j
-                for j in plan_jobs("headline", (name,), cfg.dry_run, audit.served_scores())
-                if j.attack.eps == eps
-            )
-            saved = audit.load_chunks(audit.job_dir(cfg, model, job))
-            if saved is None or len(saved["idx"]) < square_n:
-                log.warning("%s: no headline result on %d images at eps %g yet; Square skipped",
-                            name, square_n, eps)  # fmt: skip
+            white = headline_wins(cfg, name, eps, square_n)
+            if white is None:
                 continue
             results.append(square_vs_whitebox(threat, x[:square_n], y[:square_n], eps, queries,
-                                              saved["served_won"][:square_n], name))  # fmt: skip
+                                              white, name))  # fmt: skip
             log.info("%s", results[-1])
             write_checks(out, results)
     return results

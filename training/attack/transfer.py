@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torchattacks
 
-from training.attack.checks import CheckResult, write_checks
+from training.attack.checks import CheckResult, headline_wins, write_checks
 from training.attack.score import served_kind
 from training.export import ServedNet
 
@@ -64,7 +64,6 @@ def run_transfer(
     """Every source's images at every eps against every target in cfg.models, next to the
     target's white-box wins on the same images (the headline job at that eps)."""
     from training.attack import audit
-    from training.attack.plan import plan_jobs
 
     if cfg.dry_run:  # the tiny models attack each other
         sources, n, steps = cfg.models, 8, 3
@@ -76,18 +75,10 @@ def run_transfer(
             adv = cached_craft(cfg, source, eps, n, steps)
             for name in cfg.models:
                 target = audit._MODELS[name]
-                job = next(
-                    j
-                    for j in plan_jobs("headline", (name,), cfg.dry_run, audit.served_scores())
-                    if j.attack.eps == eps
-                )
-                saved = audit.load_chunks(audit.job_dir(cfg, target, job))
-                if saved is None or len(saved["idx"]) < n:
-                    log.warning("%s: no headline result on %d images at eps %g; skipped",
-                                name, n, eps)  # fmt: skip
+                white = headline_wins(cfg, name, eps, n)
+                if white is None:
                     continue
                 won = served_wins(target, adv, target.data.y[:n].numpy())
-                white = saved["served_won"][:n]
                 values = {
                     "transfer_success": float(won.mean()),
                     "whitebox_success": float(white.mean()),
