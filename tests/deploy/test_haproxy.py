@@ -70,4 +70,6 @@ def test_the_balancer_closes_slow_and_idle_clients(haproxy: int) -> None:
 
     for p in asyncio.run(probes()):
         assert p.closed_after_s is not None, p
-        assert HEADER_TIMEOUT_S <= p.closed_after_s <= HEADER_TIMEOUT_S + SLACK_S, p
+        # haproxy's timers fire on its own millisecond clock: a close 2 ms before the timeout,
+        # measured from before the connect, was seen on CI.
+        assert HEADER_TIMEOUT_S - 0.02 <= p.closed_after_s <= HEADER_TIMEOUT_S + SLACK_S, p
