@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torchattacks
 
+from service.scoring import accept
 from training.attack.checks import CheckResult, headline_wins, write_checks
-from training.attack.score import served_kind
 from training.export import ServedNet
 
 if TYPE_CHECKING:
@@ -54,8 +54,7 @@ def cached_craft(cfg: AuditConfig, source: Model, eps: float, n: int, steps: int
 def served_wins(target: Model, adv: np.ndarray, y: np.ndarray) -> np.ndarray:
     """(N,) the target's served answer is a wrong label that it accepts."""
     s = target.served(adv)
-    score = s.j_score if served_kind(target.manifest.score) == "j" else s.confidence
-    return (s.label != y) & (score >= target.manifest.threshold)
+    return (s.label != y) & accept(s.named(target.manifest.score), target.manifest.threshold)
 
 
 def run_transfer(
