@@ -8,6 +8,9 @@ Unlike a fixed-delay batcher, it only waits for more requests when some are know
 way (parsed but not yet queued), so a lone request on an idle server runs at once. Such a lone
 batch may also run "wide" (`run_alone`: on every core) while holding every slot, since nothing
 else would use the cores; under load, batches run in parallel on one slot's share each.
+"Idle" means quiet for a while (`QUIET_S`), not merely that the queue happens to be empty at
+this instant: under load the queue empties between batches all the time, and each wide batch
+then leaves onnxruntime's pool threads spinning on the cores the next batches need.
 """
 
 from __future__ import annotations
@@ -29,6 +32,11 @@ from service.errors import DeadlineExceeded, InferenceFailed, Overloaded, ServeE
 log = logging.getLogger(__name__)
 R = TypeVar("R")
 F32 = npt.NDArray[np.float32]
+
+# A batch runs wide only when no two requests have been in the server at once for this long.
+# Sequential requests (one client waiting for each answer) leave gaps of a millisecond or so
+# and never overlap; under concurrent load they overlap every few milliseconds.
+QUIET_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -101,8 +109,8 @@ class Batcher(Generic[R]):
 
     `run(x, sizes)` gets the concatenated images and the per-request counts and must return one
     result per request; any exception (or a wrong count) fails every request of that batch.
-    `run_alone`, when given, runs a batch that starts with every slot free, nothing else queued
-    and nothing arriving; it holds every slot until it ends.
+    `run_alone`, when given, runs a batch that starts with every slot free on a quiet server
+    (nothing else queued, arriving or running for `QUIET_S`); it holds every slot until it ends.
     """
 
     def __init__(
@@ -130,6 +138,7 @@ class Batcher(Generic[R]):
         self._running: set[asyncio.Future[list[R]]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._closing = False
+        self._busy_at = -QUIET_S  # when two requests were last in the server at once
 
     # -- request side ---------------------------------------------------------------------------
 
@@ -156,6 +165,8 @@ class Batcher(Generic[R]):
         item: _Pending[R] = _Pending(x, loop.create_future(), now, now + timeout_s)
         self._queue.append(item)
         self._queued_images += n
+        if len(self._queue) > 1 or self._running or self._arrivals.count:
+            self._busy_at = now
         self._dispatch()
         try:
             return await item.future
@@ -208,11 +219,12 @@ class Batcher(Generic[R]):
         self._queue = keep
 
     def _start(self, items: list[_Pending[R]], now: float) -> None:
+        if len(items) > 1 or self._queue or self._arrivals.count:
+            self._busy_at = now
         alone = (
             self._run_alone is not None
             and self._free_slots == self._slots
-            and not self._queue
-            and self._arrivals.count == 0
+            and now - self._busy_at >= QUIET_S
         )
         held = self._slots if alone else 1
         self._free_slots -= held

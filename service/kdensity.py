@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import numpy.typing as npt
@@ -50,6 +51,13 @@ class KernelSet:
     @property
     def dim(self) -> int:
         return int(self.features.shape[2])
+
+    @cached_property
+    def reference(self) -> tuple[F64, F64]:
+        """The features in float64, (L, N, D), and their squared norms, (L, N): computed once,
+        not per request (for a batch of one image they cost more than the distances)."""
+        ref = self.features.astype(np.float64)
+        return ref, (ref**2).sum(axis=2)
 
 
 def read_kernel_array(raw: bytes) -> npt.NDArray[np.float32]:
@@ -96,11 +104,12 @@ def log_k_density(features: Array, labels: npt.NDArray[np.integer], kset: Kernel
         )
     out = np.empty(f.shape[0], dtype=np.float64)
     n = kset.features.shape[1]
+    refs, norms = kset.reference
     for c in np.unique(lab):  # one distance matrix per class present in the batch
         rows = lab == c
-        ref = kset.features[int(c)].astype(np.float64)  # (N, D)
+        ref = refs[int(c)]  # (N, D)
         # ||f - f_i||^2 = |f|^2 - 2 f.f_i + |f_i|^2, clipped at 0 against rounding.
-        d2 = (f[rows] ** 2).sum(1)[:, None] - 2.0 * f[rows] @ ref.T + (ref**2).sum(1)[None, :]
+        d2 = (f[rows] ** 2).sum(1)[:, None] - 2.0 * f[rows] @ ref.T + norms[int(c)][None, :]
         z = -np.maximum(d2, 0.0) / kset.sigma2  # (b, N)
         m = z.max(axis=1, keepdims=True)
         out[rows] = m[:, 0] + np.log(np.exp(z - m).sum(axis=1)) - math.log(n)

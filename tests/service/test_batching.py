@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from service.batching import ArrivalTracker, Batcher, Plan, RunFn, plan
+from service.batching import QUIET_S, ArrivalTracker, Batcher, Plan, RunFn, plan
 from service.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
 
 
@@ -191,8 +191,8 @@ async def test_close_drains_then_refuses(executor: ThreadPoolExecutor) -> None:
 
 async def test_lone_batch_runs_wide_and_holds_every_slot(executor: ThreadPoolExecutor) -> None:
     """An idle server runs the batch on the every-core session; while it runs, nothing else
-    starts (the cores are taken), and what queued meanwhile runs as one batch after it (wide
-    again: by then nothing else is queued or arriving)."""
+    starts (the cores are taken), and what queued meanwhile runs as one batch after it,
+    narrow: the server was busy a moment ago."""
     calls: list[tuple[str, list[int]]] = []
     gate = threading.Event()
 
@@ -217,7 +217,7 @@ async def test_lone_batch_runs_wide_and_holds_every_slot(executor: ThreadPoolExe
     gate.set()
     assert (await first).tolist() == [1.0]
     assert [(await t).tolist() for t in others] == [[2.0], [3.0]]
-    assert calls == [("wide", [1]), ("wide", [1, 1])]
+    assert calls == [("wide", [1]), ("narrow", [1, 1])]
 
 
 def _two_slots(
@@ -251,6 +251,34 @@ async def test_batch_runs_narrow_when_requests_are_arriving(executor: ThreadPool
     arrivals.count = 1  # another request is being received: the cores will be needed
     await b.submit(_images(2.0), timeout_s=5)
     assert seen == ["wide", "narrow"]
+
+
+async def test_wide_only_after_a_quiet_period(executor: ThreadPoolExecutor) -> None:
+    """Once two requests overlapped, batches run narrow until nothing has overlapped for
+    QUIET_S, even when the queue is empty at the moment a batch starts; sequential requests
+    (each sent after the last answer) keep running wide."""
+    seen: list[str] = []
+
+    def narrow(x: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+        seen.append("narrow")
+        return _echo(x, sizes)
+
+    def wide(x: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+        seen.append("wide")
+        return _echo(x, sizes)
+
+    arrivals = ArrivalTracker()
+    b = _two_slots(narrow, wide, executor, arrivals, max_batch=1)
+    for v in (1.0, 2.0):  # one after the other: never two at once
+        await b.submit(_images(v), timeout_s=5)
+    assert seen == ["wide", "wide"]
+    # Two at once: the first cannot know that another follows; the second overlaps it.
+    await asyncio.gather(*(b.submit(_images(v), timeout_s=5) for v in (3.0, 4.0)))
+    await b.submit(_images(5.0), timeout_s=5)  # alone in the queue, but right after a burst
+    assert seen[2:] == ["wide", "narrow", "narrow"]
+    await asyncio.sleep(QUIET_S * 1.5)
+    await b.submit(_images(6.0), timeout_s=5)
+    assert seen[5:] == ["wide"]
 
 
 async def test_failed_wide_batch_gives_back_every_slot(executor: ThreadPoolExecutor) -> None:
