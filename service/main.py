@@ -23,6 +23,7 @@ from service.errors import ServeError
 from service.metrics import Metrics
 from service.middleware import ServiceMiddleware
 from service.repository import Repository
+from service.runtime import single_threaded_blas
 from service.schemas import PredictRequest, V2InferRequest, component_schemas
 from service.security import KeyRing
 from service.state import AppState
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        single_threaded_blas()
         await asyncio.to_thread(state.repository.load_all)
         yield
         # uvicorn has stopped accepting connections and let in-flight requests finish; drain

@@ -12,6 +12,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
+from threadpoolctl import threadpool_limits
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +21,14 @@ FEATURES_OUTPUT = "features"  # the graph output that holds the final hidden vec
 Device = Literal["auto", "cuda", "cpu"]
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+
+
+def single_threaded_blas() -> None:
+    """Run numpy's BLAS (OpenBLAS) on one thread in this process. The service's matrix
+    products are small (K-density's distances to the kernel set), and OpenBLAS's own threads
+    spin-wait after each one on the cores that onnxruntime needs: with them, 64-image JSON
+    requests at concurrency 8 went 17 req/s, without them 21 (2 cores)."""
+    threadpool_limits(1, user_api="blas")
 
 
 class ProviderUnavailable(RuntimeError):

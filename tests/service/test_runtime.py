@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,3 +68,31 @@ def test_thread_split(
     monkeypatch.setattr(config.os, "cpu_count", lambda: cores)
     s = config.Settings(**env)  # type: ignore[arg-type]
     assert (s.intra_threads(), s.lone_batch_threads()) == (narrow, wide)
+
+
+def test_started_service_runs_numpy_blas_on_one_thread(model_repo: Path) -> None:
+    """In a fresh process (the limit is process-wide): BLAS has several threads on a
+    multi-core host until the app starts, then one."""
+    script = f"""
+import json, os
+from threadpoolctl import threadpool_info
+from fastapi.testclient import TestClient
+from service.config import Settings
+from service.main import create_app
+
+def blas() -> list[int]:
+    return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+before = blas()
+with TestClient(create_app(Settings(model_repository={str(model_repo)!r}))) as client:
+    assert client.get("/v2/health/ready").status_code == 200
+    print(json.dumps({{"before": before, "after": blas()}}))
+"""
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "2"}  # as on a 2-core host, whatever this one is
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["before"] and all(n == 2 for n in seen["before"])
+    assert seen["after"] == [1] * len(seen["before"])
