@@ -10,7 +10,10 @@ batch may also run "wide" (`run_alone`: on every core) while holding every slot,
 else would use the cores; under load, batches run in parallel on one slot's share each.
 "Idle" means quiet for a while (`QUIET_S`), not merely that the queue happens to be empty at
 this instant: under load the queue empties between batches all the time, and each wide batch
-then leaves onnxruntime's pool threads spinning on the cores the next batches need.
+then leaves onnxruntime's pool threads spinning on the cores the next batches need. On a quiet
+server a small batch (`inline_max_images`) may run on the event loop itself: a millisecond of
+inference costs less there than the hand-off to a worker thread and back (about 0.2 ms of
+Python per request), and there is nothing else for the loop to do meanwhile.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ F32 = npt.NDArray[np.float32]
 # Sequential requests (one client waiting for each answer) leave gaps of a millisecond or so
 # and never overlap; under concurrent load they overlap every few milliseconds.
 QUIET_S = 0.05
+# What the service runs on the event loop when quiet: batches of at most this many images
+# (about 1 ms for the bundled ResNet-32; larger ones would hold up everything else the loop does).
+INLINE_MAX_IMAGES = 2
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,8 @@ class Batcher(Generic[R]):
     result per request; any exception (or a wrong count) fails every request of that batch.
     `run_alone`, when given, runs a batch that starts with every slot free on a quiet server
     (nothing else queued, arriving or running for `QUIET_S`); it holds every slot until it ends.
+    On a quiet server a batch of up to `inline_max_images` (default 0: none) runs on the event
+    loop's thread.
     """
 
     def __init__(
@@ -126,8 +134,10 @@ class Batcher(Generic[R]):
         observer: BatchObserver | None = None,
         arrivals: ArrivalTracker | None = None,
         run_alone: RunFn[R] | None = None,
+        inline_max_images: int = 0,
     ) -> None:
         self._run, self._run_alone, self._executor = run, run_alone, executor
+        self.inline_max_images = inline_max_images
         self.max_batch, self.max_delay_s = max_batch, max_delay_s
         self.max_queue_images, self.retry_after_s = max_queue_images, retry_after_s
         self._free_slots = self._slots = slots
@@ -221,11 +231,8 @@ class Batcher(Generic[R]):
     def _start(self, items: list[_Pending[R]], now: float) -> None:
         if len(items) > 1 or self._queue or self._arrivals.count:
             self._busy_at = now
-        alone = (
-            self._run_alone is not None
-            and self._free_slots == self._slots
-            and now - self._busy_at >= QUIET_S
-        )
+        quiet = self._free_slots == self._slots and now - self._busy_at >= QUIET_S
+        alone = quiet and self._run_alone is not None
         held = self._slots if alone else 1
         self._free_slots -= held
         sizes = [p.size for p in items]
@@ -237,7 +244,14 @@ class Batcher(Generic[R]):
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         run = self._run_alone if alone and self._run_alone is not None else self._run
-        fut = loop.run_in_executor(self._executor, run, x, sizes)
+        if quiet and x.shape[0] <= self.inline_max_images:
+            fut = loop.create_future()
+            try:
+                fut.set_result(run(x, sizes))
+            except Exception as exc:  # reported by _finish, as from a worker thread
+                fut.set_exception(exc)
+        else:
+            fut = loop.run_in_executor(self._executor, run, x, sizes)
         self._running.add(fut)
         fut.add_done_callback(lambda f: self._finish(f, items, t0, held))
 

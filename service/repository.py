@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 
-from service.batching import ArrivalTracker, Batcher
+from service.batching import INLINE_MAX_IMAGES, ArrivalTracker, Batcher
 from service.config import Settings
 from service.errors import InferenceFailed, ModelNotFound, ModelNotReady
 from service.kdensity import KernelSet, read_kernel_array
@@ -246,6 +246,7 @@ class Repository:
             observer=BatchMetrics(self.metrics, *labels),
             arrivals=self._arrivals,
             run_alone=lm.infer_alone if wide is not None else None,
+            inline_max_images=INLINE_MAX_IMAGES,
         )
         mv.loaded = lm
         # Both decision series exist from load on, so a refuse rate reads 0 before the first

@@ -102,11 +102,17 @@ class Scores:
         return int(self.label.shape[0])
 
 
+def _logsumexp(z: F64) -> F64:
+    """Stable logsumexp over the last axis, kept: (B, L) -> (B, 1)."""
+    m = z.max(axis=-1, keepdims=True)
+    out: F64 = m + np.log(np.exp(z - m).sum(axis=-1, keepdims=True))
+    return out
+
+
 def log_softmax(logits: Array) -> F64:
     """Stable log-softmax over the last axis: (B, L) -> (B, L)."""
     z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    out: F64 = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    out: F64 = z - _logsumexp(z)
     return out
 
 
@@ -115,13 +121,15 @@ def softmax(logits: Array) -> F64:
     return np.exp(log_softmax(logits))
 
 
-def non_me_from_log_probs(log_p: Array) -> F64:
+def non_me_from_log_probs(log_p: Array, top: I64 | None = None) -> F64:
     """Non-maximal entropy, Eq. (1): entropy of the non-maximal probabilities renormalised to 1.
 
-    Takes log-probabilities (or any logits: the result is shift-invariant) of shape (B, L).
+    Takes log-probabilities (or any logits: the result is shift-invariant) of shape (B, L), and
+    optionally their argmax when the caller has it already.
     """
     lp = np.asarray(log_p, dtype=np.float64)
-    top = lp.argmax(axis=-1)
+    if top is None:
+        top = lp.argmax(axis=-1)
     others = lp.copy()
     np.put_along_axis(others, top[:, None], -np.inf, axis=-1)
     # log q_i = log p_i - logsumexp_{j != t_hat} log p_j, for the L-1 non-maximal classes.
@@ -158,9 +166,7 @@ def kernel_non_me(non_me_values: Array, kernel: Kernel) -> F64:
 
 def energy(logits: Array) -> F64:
     """logsumexp of the logits, (B, L) -> (B,): minus the free energy (Liu et al. 2020)."""
-    z = np.asarray(logits, dtype=np.float64)
-    m = z.max(axis=-1)
-    return np.asarray(m + np.log(np.exp(z - m[:, None]).sum(axis=-1)))
+    return _logsumexp(np.asarray(logits, dtype=np.float64))[:, 0]
 
 
 def score_logits(
@@ -176,11 +182,13 @@ def score_logits(
     score a threshold applies to (`decide`); K-density is computed when `features` (B, D) and
     a `kernel_set` are given, against the kernel set of each image's predicted class.
     """
-    lp = log_softmax(logits)
+    z = np.asarray(logits, dtype=np.float64)
+    lse = _logsumexp(z)  # (B, 1): the energy, and what log-softmax subtracts
+    lp = z - lse
     label = lp.argmax(axis=-1).astype(np.int64)
     probs = np.exp(lp)
-    conf = np.take_along_axis(probs, label[:, None], axis=-1)[:, 0]
-    nme = non_me_from_log_probs(lp)
+    conf = probs.max(axis=-1)  # p[t_hat]
+    nme = non_me_from_log_probs(lp, label)
     knme = kernel_non_me(nme, kernel)
     j = conf * knme
     kd = None
@@ -195,7 +203,7 @@ def score_logits(
         non_me=nme,
         kernel_non_me=knme,
         j_score=j,
-        energy=energy(logits),
+        energy=lse[:, 0],
         k_density=kd,
         score_name=score,
     )

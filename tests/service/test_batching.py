@@ -281,6 +281,50 @@ async def test_wide_only_after_a_quiet_period(executor: ThreadPoolExecutor) -> N
     assert seen[5:] == ["wide"]
 
 
+async def test_small_batch_on_a_quiet_server_runs_on_the_event_loop(
+    executor: ThreadPoolExecutor,
+) -> None:
+    """Up to inline_max_images on a quiet server: on the loop's own thread (the wide run when
+    there is one); a larger batch, or any batch while requests overlap, in a worker thread."""
+    seen: list[tuple[str, int, bool]] = []
+    loop_thread = threading.get_ident()
+
+    def record(kind: str) -> RunFn[np.ndarray]:
+        def run(x: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+            seen.append((kind, int(x.shape[0]), threading.get_ident() == loop_thread))
+            return _echo(x, sizes)
+
+        return run
+
+    b = Batcher(
+        record("narrow"), executor, max_batch=8, max_delay_s=0.0, max_queue_images=100,
+        slots=2, run_alone=record("wide"), inline_max_images=2,
+    )  # fmt: skip
+    assert (await b.submit(_images(1.0, 2), timeout_s=5)).tolist() == [1.0, 1.0]
+    await b.submit(_images(3.0, 3), timeout_s=5)
+    assert seen == [("wide", 2, True), ("wide", 3, False)]
+    await asyncio.gather(*(b.submit(_images(v), timeout_s=5) for v in (4.0, 5.0)))
+    await b.submit(_images(6.0), timeout_s=5)  # right after the overlap: not quiet
+    assert [on_loop for _, _, on_loop in seen[3:]] == [False, False]
+
+
+async def test_failed_inline_batch_fails_its_requests_and_frees_the_slots(
+    executor: ThreadPoolExecutor,
+) -> None:
+    calls = itertools.count()
+
+    def flaky(x: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+        if next(calls) == 0:
+            raise RuntimeError("onnxruntime exploded")
+        return _echo(x, sizes)
+
+    b = Batcher(flaky, executor, max_batch=8, max_delay_s=0.0, max_queue_images=10,
+                inline_max_images=1)  # fmt: skip
+    with pytest.raises(InferenceFailed):
+        await b.submit(_images(1.0), timeout_s=5)
+    assert (await b.submit(_images(2.0), timeout_s=5)).tolist() == [2.0]
+
+
 async def test_failed_wide_batch_gives_back_every_slot(executor: ThreadPoolExecutor) -> None:
     def wide(x: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
         raise RuntimeError("onnxruntime exploded")

@@ -51,7 +51,9 @@ def test_observe_many_matches_observe_one_by_one() -> None:
     for v in values.tolist():
         ref.labels("m").observe(v)
     observe_many(got.labels("m"), values[:100])
-    observe_many(got.labels("m"), values[100:])
+    observe_many(got.labels("m"), values[100:-7])
+    for one in values[-7:]:  # the few-values path, NaN included
+        observe_many(got.labels("m"), [one])
     observe_many(got.labels("m"), [])
     _same(ref_registry, got_registry)
     assert _samples(got_registry)[("h_bucket", "+Inf")] == len(values) - 1  # all but NaN
