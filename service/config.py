@@ -67,9 +67,9 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(default=10.0, gt=0)
     retry_after_s: int = Field(default=1, ge=0)
     inference_threads: int = Field(default=2, ge=1, le=64)
-    # A batch that starts on an idle server (nothing queued, nothing arriving, no other batch
-    # running) runs on a second session with every core: batch-1 latency 0.6 instead of 1.0 ms
-    # for ResNet-32 on 2 cores. CPU provider only.
+    # A batch that starts on a quiet server (no two requests at once for the last 50 ms, see
+    # service.batching.QUIET_S) runs on a second session with every core: batch-1 latency 0.6
+    # instead of 1.0 ms for ResNet-32 on 2 cores. CPU provider only.
     lone_batch_all_cores: bool = True
 
     # Slow and idle clients. Each open connection holds a file descriptor and a parser: a few
