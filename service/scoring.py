@@ -131,7 +131,7 @@ def non_me_from_log_probs(log_p: Array, top: I64 | None = None) -> F64:
     if top is None:
         top = lp.argmax(axis=-1)
     others = lp.copy()
-    np.put_along_axis(others, top[:, None], -np.inf, axis=-1)
+    others[np.arange(others.shape[0]), top] = -np.inf
     # log q_i = log p_i - logsumexp_{j != t_hat} log p_j, for the L-1 non-maximal classes.
     m = others.max(axis=-1, keepdims=True)
     log_q = others - (m + np.log(np.exp(others - m).sum(axis=-1, keepdims=True)))
