@@ -5,6 +5,9 @@
 - Gradient masking: a score-based black-box attack (torchattacks' Square, which never looks at a
   gradient) is given the same win condition and objective; if it won images the white-box
   attack lost, the gradients would be misleading the white-box attack.
+- Gradient alignment: where Orthogonal PGD steps on the score (misclassified images), the
+  cosine between the classification and the score gradients. Orthogonal PGD removes from each
+  its component along the other, which leaves little of either when they are aligned.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchattacks
 
 from training.attack.adaptive import AdaptiveConfig, Threat, class_loss, pgd_batch, score_loss
@@ -76,6 +80,37 @@ def reference_pgd(
         with torch.no_grad():
             values[key] = float((served(adv).argmax(1) != y).float().mean())
     return CheckResult("reference-pgd", name, eps, len(y), values)
+
+
+def gradient_alignment(
+    threat: Threat, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, name: str
+) -> CheckResult:
+    """Cosine between the gradients of the classification loss and of the score loss (at the
+    served label, as Orthogonal PGD takes it) on the images that blind PGD (`steps` of eps/8)
+    misclassifies: where Orthogonal PGD steps on the score. Images where either gradient is
+    zero (the margin floored, or the score above T' already) are left out."""
+    cfg = AdaptiveConfig(attack="pgd", eps=eps, steps=steps, restarts=1, step_size=eps / 8)
+    blind = replace(threat, threshold=0.0)
+    adv = pgd_batch(blind, x, y, cfg, torch.Generator().manual_seed(0)).adv
+    adv = adv.detach().requires_grad_(True)
+    logits, feats = threat.forward(adv)
+    c_loss = class_loss(logits, y, cfg).double()
+    s_loss = score_loss(threat, logits, y, cfg, at_served=True, features=feats)
+    g_c = torch.autograd.grad(c_loss.sum(), adv, retain_graph=True)[0].flatten(1)
+    g_s = torch.autograd.grad(s_loss.sum(), adv)[0].flatten(1)
+    wrong = logits.argmax(-1) != y
+    both = wrong & (g_c.norm(dim=1) > 0) & (g_s.norm(dim=1) > 0)
+    cos = F.cosine_similarity(g_c[both], g_s[both], dim=1)
+    values = {
+        "misclassified": float(wrong.float().mean()),
+        "with_both_gradients": float(both.sum()),
+    }
+    if both.any():
+        values |= {
+            "median_cosine": float(cos.median()),
+            "share_abs_cosine_over_0.5": float((cos.abs() > 0.5).float().mean()),
+        }
+    return CheckResult("gradient-alignment", name, eps, len(y), values)
 
 
 def square_vs_whitebox(
@@ -148,6 +183,9 @@ def run_checks(
             results.append(reference_pgd(threat, x, y, eps, steps=20, name=name))
             log.info("%s", results[-1])
             write_checks(out, results)
+        results.append(gradient_alignment(threat, x, y, 0.1, steps=20, name=name))
+        log.info("%s", results[-1])
+        write_checks(out, results)
         for eps in (0.1, 0.3):
             white = headline_wins(cfg, name, eps, square_n)
             if white is None:

@@ -16,7 +16,14 @@ from service.repository import read_kernel_set
 from service.runtime import OnnxModel
 from service.scoring import Scores, score_logits
 from training import data as data_mod
-from training.attack.adaptive import AdaptiveConfig, Threat, _project_off, pgd_batch
+from training.attack.adaptive import (
+    AdaptiveConfig,
+    Threat,
+    _project_off,
+    class_loss,
+    pgd_batch,
+    score_loss,
+)
 from training.attack.cw import cw_batch, l2_distance
 from training.attack.score import KernelTensors, served_kind
 from training.export import ServedNet
@@ -295,3 +302,34 @@ def test_cw_with_the_k_density_term_wins_served_wins(
     np.testing.assert_array_equal(res.won.numpy(), kd.served_wins(res.adv, y))
     assert res.adv.min() >= 0.0 and res.adv.max() <= 1.0
     assert res.won.any()
+
+
+def test_gradient_alignment_reports_the_cosines_of_misclassified_images(
+    model_repo: Path, images: data_mod.TensorData
+) -> None:
+    """The check's cosines, recomputed here by hand on the same images (its PGD is seeded)."""
+    from training.attack.checks import gradient_alignment
+
+    threat = _threat(model_repo, "rce")
+    r = gradient_alignment(threat, images.x, images.y, 0.3, steps=10, name="tiny-rce")
+    assert r.name == "gradient-alignment" and r.n == len(images.y)
+    assert 0 < r.values["misclassified"] <= 1
+    assert r.values["with_both_gradients"] > 0  # some wrong images are still below T'
+    assert -1.0 <= r.values["median_cosine"] <= 1.0
+    assert 0.0 <= r.values["share_abs_cosine_over_0.5"] <= 1.0
+    # By hand: numpy cosines of the two gradients at the same adversarial images.
+    cfg = AdaptiveConfig(attack="pgd", eps=0.3, steps=10, restarts=1, step_size=0.3 / 8)
+    adv = pgd_batch(replace(threat, threshold=0.0), images.x, images.y, cfg, _gen()).adv
+    adv = adv.detach().requires_grad_(True)
+    logits, feats = threat.forward(adv)
+    c = class_loss(logits, images.y, cfg).double().sum()
+    s = score_loss(threat, logits, images.y, cfg, at_served=True, features=feats).sum()
+    gc = torch.autograd.grad(c, adv, retain_graph=True)[0].flatten(1).numpy().astype(np.float64)
+    gs = torch.autograd.grad(s, adv)[0].flatten(1).numpy().astype(np.float64)
+    wrong = (logits.argmax(-1) != images.y).numpy()
+    nc, ns = np.linalg.norm(gc, axis=1), np.linalg.norm(gs, axis=1)
+    both = wrong & (nc > 0) & (ns > 0)
+    assert r.values["with_both_gradients"] == both.sum()
+    cos = (gc[both] * gs[both]).sum(1) / (nc[both] * ns[both])
+    lower_median = np.sort(cos)[(len(cos) - 1) // 2]  # torch's median of an even count
+    assert r.values["median_cosine"] == pytest.approx(float(lower_median), abs=1e-5)
