@@ -234,8 +234,8 @@ def _two_slots(
     )  # fmt: skip
 
 
-async def test_batch_runs_narrow_when_requests_are_arriving(executor: ThreadPoolExecutor) -> None:
-    seen: list[str] = []
+def _recording(seen: list[str]) -> tuple[RunFn[np.ndarray], RunFn[np.ndarray]]:
+    """A narrow and a wide run that note which of them ran each batch."""
 
     def narrow(x: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
         seen.append("narrow")
@@ -245,6 +245,12 @@ async def test_batch_runs_narrow_when_requests_are_arriving(executor: ThreadPool
         seen.append("wide")
         return _echo(x, sizes)
 
+    return narrow, wide
+
+
+async def test_batch_runs_narrow_when_requests_are_arriving(executor: ThreadPoolExecutor) -> None:
+    seen: list[str] = []
+    narrow, wide = _recording(seen)
     arrivals = ArrivalTracker()
     b = _two_slots(narrow, wide, executor, arrivals, max_batch=8)
     await b.submit(_images(1.0), timeout_s=5)
@@ -258,15 +264,7 @@ async def test_wide_only_after_a_quiet_period(executor: ThreadPoolExecutor) -> N
     QUIET_S, even when the queue is empty at the moment a batch starts; sequential requests
     (each sent after the last answer) keep running wide."""
     seen: list[str] = []
-
-    def narrow(x: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
-        seen.append("narrow")
-        return _echo(x, sizes)
-
-    def wide(x: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
-        seen.append("wide")
-        return _echo(x, sizes)
-
+    narrow, wide = _recording(seen)
     arrivals = ArrivalTracker()
     b = _two_slots(narrow, wide, executor, arrivals, max_batch=1)
     for v in (1.0, 2.0):  # one after the other: never two at once
