@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal, get_args
 
 import numpy as np
@@ -66,8 +67,18 @@ class Scores:
     kernel_non_me: F64  # (B,) Eq. (5)
     j_score: F64  # (B,) confidence * kernel non-ME
     energy: F64  # (B,) logsumexp of the logits
-    k_density: F64 | None  # (B,) when the model has features and a kernel set
+    # (B, D) final hidden vectors and the kernel set, when the model has both: `k_density`
+    # is computed from them when first read (most answers never show it).
+    features: Array | None = None
+    kernel_set: KernelSet | None = None
     score_name: ScoreName = "j_score"
+
+    @cached_property
+    def k_density(self) -> F64 | None:
+        """(B,) K-density against each image's predicted class, when the model has one."""
+        if self.features is None or self.kernel_set is None:
+            return None
+        return k_density(self.features, self.label, self.kernel_set)
 
     @property
     def score(self) -> F64:
@@ -94,7 +105,8 @@ class Scores:
             self.kernel_non_me[s],
             self.j_score[s],
             self.energy[s],
-            None if self.k_density is None else self.k_density[s],
+            None if self.features is None else self.features[s],
+            self.kernel_set,
             self.score_name,
         )
 
@@ -179,8 +191,9 @@ def score_logits(
     """Run the whole thresholding test on the vector fed to the softmax (B, L).
 
     For an RCE model that vector is -Z (reverse logits), for a CE model Z. `score` names the
-    score a threshold applies to (`decide`); K-density is computed when `features` (B, D) and
-    a `kernel_set` are given, against the kernel set of each image's predicted class.
+    score a threshold applies to (`decide`); K-density is there (computed when first read) when
+    `features` (B, D) and a `kernel_set` are given, against the kernel set of each image's
+    predicted class.
     """
     z = np.asarray(logits, dtype=np.float64)
     lse = _logsumexp(z)  # (B, 1): the energy, and what log-softmax subtracts
@@ -191,10 +204,8 @@ def score_logits(
     nme = non_me_from_log_probs(lp, label)
     knme = kernel_non_me(nme, kernel)
     j = conf * knme
-    kd = None
-    if features is not None and kernel_set is not None:
-        kd = k_density(features, label, kernel_set)
-    elif score == "k_density":
+    has_kd = features is not None and kernel_set is not None
+    if score == "k_density" and not has_kd:
         raise ValueError("the k_density score needs features and a kernel set")
     return Scores(
         label=label,
@@ -204,7 +215,8 @@ def score_logits(
         kernel_non_me=knme,
         j_score=j,
         energy=lse[:, 0],
-        k_density=kd,
+        features=np.asarray(features) if has_kd else None,
+        kernel_set=kernel_set if has_kd else None,
         score_name=score,
     )
 

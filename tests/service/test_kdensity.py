@@ -76,3 +76,21 @@ def test_read_kernel_array_round_trips_and_refuses_anything_else() -> None:
         read_kernel_array(npy_bytes(np.array([{"x": 1}], dtype=object), allow_pickle=True))
     with pytest.raises(ValueError, match=r"not a \.npy"):
         read_kernel_array(b"PK\x03\x04 not an npy file at all")
+
+
+def test_scores_k_density_per_request_rows_match_the_whole_batch() -> None:
+    """What a request reads from its rows of a batch equals K-density over the whole batch,
+    sliced (the same numbers whichever way the batch was cut)."""
+    from service.scoring import Kernel, score_logits
+
+    rng = np.random.default_rng(3)
+    kset = KernelSet(rng.normal(size=(3, 20, 4)).astype(np.float32), sigma2=0.5)
+    logits = rng.normal(size=(7, 3)).astype(np.float32)
+    feats = rng.normal(size=(7, 4)).astype(np.float32)
+    s = score_logits(logits, Kernel(mu=math.log(2), sigma=0.3), "j_score", feats, kset)
+    want = k_density(feats, logits.argmax(1), kset)
+    assert s.k_density is not None
+    np.testing.assert_allclose(s.k_density, want, rtol=1e-12)
+    parts = [s.rows(0, 2), s.rows(2, 3), s.rows(3, 7)]
+    np.testing.assert_allclose(np.concatenate([p.named("k_density") for p in parts]), want)
+    assert score_logits(logits, Kernel(mu=math.log(2), sigma=0.3)).k_density is None
