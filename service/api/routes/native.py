@@ -117,17 +117,21 @@ async def handle_predict(
             fix=f"split the request into batches of {settings.max_instances}",
         )
     threshold = threshold_in_force(settings, mv.score, mv.threshold, body.threshold)
-    shape = mv.manifest.input_shape
+    shape, resize = mv.manifest.input_shape, body.resize
     x = await _stack(
         body.instances,
         lambda i, inst: instance_to_tensor(
-            inst, shape, f"instances[{i}]", resize=body.resize, max_pixels=settings.max_image_pixels
+            inst, shape, f"instances[{i}]", resize=resize, max_pixels=settings.max_image_pixels
         ),
         sum(map(declared_pixels, body.instances)),
         settings.decode_inline_max_pixels,
     )
+    request_id = body.id
+    # The parsed instances (a Python object per pixel: megabytes for a large request) need not
+    # wait in the queue with the request; the array holds the images from here on.
+    del body
     outcome = await infer(state, call, mv, x, threshold)
-    return _response(mv, outcome, body.id, settings.reveal_not_sure_labels)
+    return _response(mv, outcome, request_id, settings.reveal_not_sure_labels)
 
 
 async def _read(request: Request) -> PredictRequest:
