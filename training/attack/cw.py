@@ -12,6 +12,8 @@ import torch
 
 from training.attack.adaptive import AdaptiveConfig, Result, Threat, class_loss, score_loss
 
+START_MARGIN = 1e-3  # in tanh space: pixels start at most 5e-4 from their value
+
 
 def cw_batch(threat: Threat, x: torch.Tensor, y: torch.Tensor, cfg: AdaptiveConfig) -> Result:
     """`cfg.restarts` binary-search steps of `cfg.steps` Adam steps each, on one batch."""
@@ -26,7 +28,10 @@ def cw_batch(threat: Threat, x: torch.Tensor, y: torch.Tensor, cfg: AdaptiveConf
         logits, feats = threat.forward(x)
         clean_win = threat.wins(logits, y, feats)
     best_l2[clean_win] = 0.0
-    w0 = torch.atanh((x * 2 - 1).clamp(-1 + 1e-6, 1 - 1e-6))
+    # Pixels at exactly 0 or 1 (most of an MNIST image) would start deep in tanh's flat tails
+    # (atanh(1 - 1e-6) = 7.3), where 100 Adam steps of 0.01 move them by less than 1e-4: such
+    # an attack can only touch the strokes' edges. Start them at 1e-3 from the box instead.
+    w0 = torch.atanh((x * 2 - 1).clamp(-1 + START_MARGIN, 1 - START_MARGIN))
     for _ in range(cfg.restarts):
         w = w0.clone().requires_grad_(True)
         opt = torch.optim.Adam([w], lr=cfg.cw_lr)
