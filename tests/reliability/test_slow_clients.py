@@ -130,7 +130,9 @@ def test_slow_and_idle_connections_are_closed_while_normal_requests_are_answered
             continue
         limit = HEADER_TIMEOUT_S if p.mode != "stall_body" else BODY_TIMEOUT_S
         assert p.closed_after_s is not None, f"{p.mode} connection still open after {watch_s} s"
-        assert limit <= p.closed_after_s <= limit + SLACK_S, p
+        # The event loop's timers (libuv's) count whole milliseconds: a close 17 us before
+        # the timeout, measured from before the connect, was seen on CI.
+        assert limit - 0.02 <= p.closed_after_s <= limit + SLACK_S, p
         assert p.status == 408, p
     # Normal requests were all answered (200, checked as they ran) beside the slow connections.
     # Their latency is printed above, not asserted: a timed unit test on this shared 2-core
