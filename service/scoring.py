@@ -66,7 +66,7 @@ class Scores:
     non_me: F64  # (B,) Eq. (1)
     kernel_non_me: F64  # (B,) Eq. (5)
     j_score: F64  # (B,) confidence * kernel non-ME
-    energy: F64  # (B,) logsumexp of the logits
+    energy: F64  # (B,) logsumexp of the logits: minus the free energy (Liu et al. 2020)
     # (B, D) final hidden vectors and the kernel set, when the model has both: `k_density`
     # is computed from them when first read (most answers never show it).
     features: Array | None = None
@@ -174,11 +174,6 @@ def kernel_non_me(non_me_values: Array, kernel: Kernel) -> F64:
     """Kernel non-ME, Eq. (5): exp(-(nonME - mu)^2 / (eta * sigma^2))."""
     v = np.asarray(non_me_values, dtype=np.float64)
     return np.asarray(np.exp(-((v - kernel.mu) ** 2) / (kernel.eta * kernel.sigma**2)))
-
-
-def energy(logits: Array) -> F64:
-    """logsumexp of the logits, (B, L) -> (B,): minus the free energy (Liu et al. 2020)."""
-    return _logsumexp(np.asarray(logits, dtype=np.float64))[:, 0]
 
 
 def score_logits(
