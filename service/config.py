@@ -1,4 +1,5 @@
-"""The one Settings object (environment prefix NOTSURE_). Nothing else reads os.environ."""
+"""The one Settings object (environment prefix NOTSURE_). Nothing else reads or writes
+os.environ."""
 
 from __future__ import annotations
 
@@ -142,3 +143,13 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+# prometheus_client picks its multiprocess value store when it is imported, from this variable.
+PROMETHEUS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def export_metrics_dir(path: Path) -> None:
+    """Name the multiprocess metrics folder in this process's environment, for the worker
+    processes it starts (their prometheus_client reads it when imported)."""
+    os.environ[PROMETHEUS_DIR_VARIABLE] = str(path)

@@ -26,11 +26,9 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from service.config import Settings
+from service.config import Settings, export_metrics_dir
 
 log = logging.getLogger(__name__)
-# prometheus_client picks its multiprocess value store when it is imported, from this variable.
-PROMETHEUS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def shared_socket(host: str, port: int) -> socket.socket:
@@ -56,7 +54,7 @@ def _worker(settings: Settings) -> None:
 def run_workers(settings: Settings) -> int:
     """Run `settings.workers` server processes until they exit; the exit status."""
     metrics_dir = Path(tempfile.mkdtemp(prefix="notsure-metrics-"))
-    os.environ[PROMETHEUS_DIR_VARIABLE] = str(metrics_dir)  # inherited by the workers
+    export_metrics_dir(metrics_dir)  # inherited by the workers
     each = settings.model_copy(update={"metrics_dir": metrics_dir})
     ctx = multiprocessing.get_context("spawn")
     procs = [
