@@ -17,7 +17,8 @@ not yet won.
 The score is the J-score, the confidence or the K-density of the net's final hidden vector
 (the RCE paper's second detector): for K-density the hinge pulls the features towards the
 training features of the class the attack aims at.
-Pixels are in [0, 1]; eps is an L-inf budget in pixel units.
+Pixels are in [0, 1]; eps is a budget in pixel units: L-inf by default, L2 with norm="l2"
+(the PGD attacks then step along the L2-normalised gradient and project onto the L2 ball).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from training.losses import Objective, served_logits
 AttackName = Literal["lagrangian", "selective", "orthogonal", "pgd", "cw-l2", "apgd"]
 ATTACKS: tuple[AttackName, ...] = ("lagrangian", "selective", "orthogonal", "pgd", "cw-l2", "apgd")
 ClassLoss = Literal["margin", "ce"]
+Norm = Literal["linf", "l2"]
 
 
 @dataclass(frozen=True)
@@ -91,9 +93,9 @@ class Threat:
 
 @dataclass(frozen=True)
 class AdaptiveConfig:
-    """One adaptive attack. L-inf steps follow a schedule from eps/4, halved every quarter of
-    the steps, unless step_size is given (coarse steps first find the region, fine ones the
-    accepted corner of it)."""
+    """One adaptive attack. Steps follow a schedule from eps/4, halved every quarter of the
+    steps, unless step_size is given (coarse steps first find the region, fine ones the
+    accepted corner of it); in the budget's norm, L-inf (sign steps) or L2."""
 
     attack: AttackName = "lagrangian"
     eps: float = 0.3
@@ -105,16 +107,24 @@ class AdaptiveConfig:
     kappa: float = 2.0  # the margin loss stops rewarding once the wrong class leads by kappa
     step_size: float | None = None
     seed: int = 0
-    cw_c: float = 1.0  # C&W: initial constant c, then binary search
-    cw_lr: float = 0.01  # C&W: Adam learning rate in tanh space
+    norm: Norm = "linf"  # the budget's norm for the PGD attacks (C&W is always L2)
+    cw_c: float = 10.0  # C&W: initial constant c, then binary search
+    cw_lr: float = 0.1  # C&W: Adam's first learning rate in tanh space, decayed to 1% of it
+    # C&W: Adam's second-moment decay. The default 0.999 remembers the huge first gradients of
+    # the score term (log J starts far below log T) for ~1,000 steps and freezes a 200-step
+    # run: on 20 RCE ResNet-32 images 2 of 20 won with 0.999, 18 of 20 with 0.9.
+    cw_beta2: float = 0.9
 
     def __post_init__(self) -> None:
         if self.attack not in ATTACKS:
             raise ValueError(f"attack must be one of {', '.join(ATTACKS)}, got {self.attack!r}")
         if self.loss not in ("margin", "ce"):
             raise ValueError(f"loss must be 'margin' or 'ce', got {self.loss!r}")
-        if not 0.0 <= self.eps <= 1.0:
-            raise ValueError(f"eps is in pixel units and must be in [0, 1], got {self.eps}")
+        if self.norm not in ("linf", "l2"):
+            raise ValueError(f"norm must be 'linf' or 'l2', got {self.norm!r}")
+        top = 1.0 if self.norm == "linf" else 28.0  # an L2 budget can exceed one pixel's range
+        if not 0.0 <= self.eps <= top:
+            raise ValueError(f"eps is in pixel units and must be in [0, {top:g}], got {self.eps}")
         if self.steps < 1 or self.restarts < 1 or not self.lambdas:
             raise ValueError("steps and restarts must be >= 1 and lambdas non-empty")
 
@@ -202,6 +212,40 @@ def descent_direction(
     return r * _project_off(g_c, g_s) + (1 - r) * _project_off(g_s, g_c)
 
 
+def _per_image(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, 1, ...) to broadcast over `like`'s image dimensions."""
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+def steepest(grad: torch.Tensor, norm: Norm) -> torch.Tensor:
+    """The unit step of steepest descent in the norm: sign for L-inf, grad / ||grad||_2 for L2."""
+    if norm == "linf":
+        return grad.sign()
+    return grad / _per_image(grad.flatten(1).norm(dim=1).clamp(min=1e-12), grad)
+
+
+def project(cur: torch.Tensor, x0: torch.Tensor, cfg: AdaptiveConfig) -> torch.Tensor:
+    """Back onto the eps-ball around x0 in the budget's norm, then into the pixel box."""
+    if cfg.norm == "linf":
+        return torch.minimum(torch.maximum(cur, x0 - cfg.eps), x0 + cfg.eps).clamp(0.0, 1.0)
+    delta = cur - x0
+    size = delta.flatten(1).norm(dim=1)
+    scale = (cfg.eps / size.clamp(min=1e-12)).clamp(max=1.0)
+    return (x0 + delta * _per_image(scale, delta)).clamp(0.0, 1.0)
+
+
+def random_start(
+    shape: torch.Size, cfg: AdaptiveConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """A random perturbation inside the budget: uniform in the L-inf box, or for L2 a random
+    direction with a length uniform in [0, eps]."""
+    if cfg.norm == "linf":
+        return (torch.rand(shape, generator=generator) * 2 - 1) * cfg.eps
+    d = torch.randn(shape, generator=generator)
+    d = d / _per_image(d.flatten(1).norm(dim=1), d)
+    return d * _per_image(torch.rand(shape[0], generator=generator) * cfg.eps, d)
+
+
 def pgd_batch(
     threat: Threat,
     x: torch.Tensor,
@@ -209,7 +253,7 @@ def pgd_batch(
     cfg: AdaptiveConfig,
     generator: torch.Generator,
 ) -> Result:
-    """The L-inf attacks on one batch already on the net's device."""
+    """The PGD attacks (L-inf or L2) on one batch already on the net's device."""
     adv_out, spent = x.clone(), torch.zeros(len(x), dtype=torch.long)
     with torch.no_grad():  # a clean image served wrong and accepted is won at no cost
         logits, feats = threat.forward(x)
@@ -220,8 +264,7 @@ def pgd_batch(
             break
         lam = cfg.lambdas[r % len(cfg.lambdas)]
         x0, y0 = x[idx.to(x.device)], y[idx.to(x.device)]
-        noise = (torch.rand(x0.shape, generator=generator) * 2 - 1) * cfg.eps
-        cur = (x0 + noise.to(x.device)).clamp(0.0, 1.0)
+        cur = (x0 + random_start(x0.shape, cfg, generator).to(x.device)).clamp(0.0, 1.0)
         for k in range(cfg.steps + 1):
             cur.requires_grad_(True)
             logits, feats = threat.forward(cur)
@@ -236,8 +279,7 @@ def pgd_batch(
                 break
             grad = descent_direction(threat, cur, logits, y0, cfg, lam, feats)[keep]
             cur, x0, y0, idx = cur.detach()[keep], x0[keep], y0[keep], idx[keep.cpu()]
-            cur = cur - cfg.alpha(k) * grad.sign()
-            cur = torch.minimum(torch.maximum(cur, x0 - cfg.eps), x0 + cfg.eps).clamp(0.0, 1.0)
+            cur = project(cur - cfg.alpha(k) * steepest(grad, cfg.norm), x0, cfg)
         if len(idx):
             adv_out[idx.to(x.device)] = cur.detach()
             spent[idx] = (r + 1) * cfg.steps

@@ -346,7 +346,7 @@ def clean_rows(model: Model, work_dir: Path) -> list[dict[str, object]]:
 def write_rows(cfg: AuditConfig) -> list[dict[str, object]]:
     """Rows of every job of every plan with saved chunks (other processes' too), merged into
     the JSON file."""
-    from training.attack.rows import job_rows, merge_rows, worst_case_rows
+    from training.attack.rows import job_rows, merge_rows, within_budget, worst_case_rows
 
     rows: list[dict[str, object]] = []
     groups: dict[tuple[object, ...], list[tuple[AuditJob, dict[str, np.ndarray]]]] = {}
@@ -358,8 +358,13 @@ def write_rows(cfg: AuditConfig) -> list[dict[str, object]]:
         if not job.cascade:
             rows += job_rows(job, saved, L2_BUDGETS)
     for group, members in groups.items():
-        if group[-1] == "linf":
-            rows += worst_case_rows(members)
+        model, score, refusal, eps, norm = group
+        also = []
+        if norm == "l2" and eps > 0:  # L2 PGD at this budget, with C&W's wins within it
+            cw = groups.get((model, score, refusal, 0.0, "l2"), [])
+            also = [(j, within_budget(saved, eps)) for j, saved in cw]
+        if eps > 0:
+            rows += worst_case_rows(members, also)
     for model in _MODELS.values():
         rows += clean_rows(model, cfg.work_dir)
     return merge_rows(cfg.out_json, rows)

@@ -268,13 +268,32 @@ def markdown(rows: list[dict[str, object]], served: dict[str, str]) -> str:
             lines,
         )
     )
-    body += ["", "C&W-L2 with the score term (success within each L2 budget):", ""]
-    cw = [
-        [str(r["model"]), str(r["score"]), f"{float(r['eps']):g}", _cell(r)]
-        for r in rows
-        if r["attack"] == "cw-l2"
+    body += [
+        "",
+        "L2 budgets (pixel units; an MNIST image has 784 pixels): the Lagrangian attack with L2 "
+        "steps (`lagrangian`), C&W-L2 with the score term (its smallest winning perturbation "
+        "within the budget) and the worst case of the two, at the T named:",
+        "",
     ]
-    body.append(table(["model", "score", "L2 budget", "success"], cw) if cw else "(not run yet)")
+    l2 = [r for r in rows if r["norm"] == "l2"]
+    l2_lines = []
+    for m, score, refusal in sorted(
+        {(str(r["model"]), str(r["score"]), r["clean_refusal"]) for r in l2}, key=str
+    ):
+        t_name = "served T" if refusal is None else f"T for {float(refusal):.0%}"  # type: ignore[arg-type]
+        for eps in sorted({float(r["eps"]) for r in l2 if r["model"] == m and r["score"] == score}):
+            cells = [
+                _cell(
+                    find(model=m, score=score, attack=a, eps=eps, clean_refusal=refusal, norm="l2")
+                )
+                for a in ("lagrangian", "cw-l2", "worst-case")
+            ]
+            l2_lines.append([m, f"{score}, {t_name}", f"{eps:g}", *cells])
+    body.append(
+        table(["model", "score", "L2 budget", "lagrangian", "cw-l2", "worst case"], l2_lines)
+        if l2_lines
+        else "(not run yet)"
+    )
     body += ["", "Clean test images 0-4,999 at each threshold:", ""]
     clean = [
         [

@@ -27,6 +27,7 @@ THRESHOLDS: tuple[tuple[ScoreKind, float | None], ...] = (
 HEADLINE_EPS = ((0.3, 0.1), (0.2,), (0.05,))  # in order of value: cheap and telling first
 ALL_EPS = (0.05, 0.1, 0.2, 0.3)
 L2_BUDGETS = (0.5, 1.0, 1.5, 2.0, 3.0)
+L2_ORDER = (2.0, 1.5, 1.0, 3.0)  # L2 PGD's budgets, by value (0.5 is C&W's alone)
 
 
 @dataclass(frozen=True)
@@ -45,11 +46,11 @@ class AuditJob:
     @property
     def group(self) -> tuple[str, str, float | None, float, str]:
         """Jobs whose per-image wins are combined into one worst case."""
-        norm = "l2" if self.attack.attack == "cw-l2" else "linf"
+        norm = "l2" if self.attack.attack == "cw-l2" else self.attack.norm
         return (self.model, self.score, self.clean_refusal, self.attack.eps, norm)
 
     def key(self, model_sha: str) -> str:
-        blob = json.dumps([model_sha, asdict(self)], sort_keys=True, default=str)
+        blob = json.dumps([model_sha, _keyed(self)], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     @property
@@ -57,8 +58,28 @@ class AuditJob:
         a = self.attack
         t = "served-T" if self.clean_refusal is None else f"T{self.clean_refusal:g}"
         tail = "-cascade" if self.cascade else ""
-        budget = f"eps{a.eps:g}-n{self.n}-s{a.steps}x{a.restarts}"
+        norm = "l2" if a.norm == "l2" else ""
+        budget = f"{norm}eps{a.eps:g}-n{self.n}-s{a.steps}x{a.restarts}"
         return f"{a.attack}-{a.loss}-{self.score}-{t}-{budget}{tail}"
+
+
+# Settings that did not exist when the first results were saved: a job that leaves them at
+# these values is keyed as before, so saved results stay valid. C&W's own settings enter the
+# key of a C&W job only; the other attacks are keyed with the values C&W had then.
+_LATER = {"norm": "linf"}
+_CW_THEN = {"cw_c": 1.0, "cw_lr": 0.01}
+
+
+def _keyed(job: AuditJob) -> dict[str, object]:
+    d = asdict(job)
+    a = d["attack"]
+    for k, v in _LATER.items():
+        if a[k] == v:
+            del a[k]
+    if job.attack.attack != "cw-l2":
+        a.update(_CW_THEN)
+        del a["cw_beta2"]
+    return d
 
 
 LAGRANGE = AdaptiveConfig(attack="lagrangian", steps=200, restarts=5, lambdas=(0.1, 1.0, 10.0))
@@ -95,8 +116,11 @@ def secondary(models: tuple[str, ...] = (RCE, CE)) -> list[AuditJob]:
             for m in models
             if m.endswith("-ce")
         ]
-    cw = AdaptiveConfig(attack="cw-l2", eps=0.0, steps=100, restarts=5, lambdas=(1.0,))
+    cw = AdaptiveConfig(attack="cw-l2", eps=0.0, steps=200, restarts=5, lambdas=(1.0,))
     jobs += [AuditJob(m, cw, n) for m in models]
+    # L2 budgets: the Lagrangian attack with L2 steps, the budgets nearest the L-inf wins'
+    # L2 sizes first.
+    jobs += [AuditJob(m, replace(LAGRANGE, eps=b, norm="l2"), n) for b in L2_ORDER for m in models]
     # Convergence: one restart of 1,000 steps where the headline spends 5 x 200.
     jobs += [
         AuditJob(m, replace(LAGRANGE, eps=e, steps=1000, restarts=1), n)
@@ -156,7 +180,7 @@ def k_density(models: tuple[str, ...] = (RCE, CE)) -> list[AuditJob]:
         )
         for m in models
     ]
-    cw = AdaptiveConfig(attack="cw-l2", eps=0.0, steps=100, restarts=5, lambdas=(1.0,))
+    cw = AdaptiveConfig(attack="cw-l2", eps=0.0, steps=200, restarts=5, lambdas=(1.0,))
     jobs += [AuditJob(m, cw, 100, score="k_density", clean_refusal=0.05) for m in models]
     return jobs
 

@@ -80,7 +80,7 @@ def job_rows(
             job,
             attack_label(job),
             a.eps,
-            "linf",
+            a.norm,
             won,
             t,
             a.steps,
@@ -93,22 +93,24 @@ def job_rows(
 
 def worst_case_rows(
     members: list[tuple[AuditJob, dict[str, np.ndarray]]],
+    also: Sequence[tuple[AuditJob, dict[str, np.ndarray]]] = (),
 ) -> list[dict[str, object]]:
-    """Per image, won when any attack of the group won it, over the largest job's images."""
+    """Per image, won when any attack of the group won it, over the largest job's images;
+    the jobs in `also` (C&W for an L2 budget) add their wins but never set the images."""
     if not members:
         return []
     main_job, main = max(members, key=lambda m: len(m[1]["idx"]))
     won = np.zeros(len(main["idx"]), dtype=bool)
-    for _, saved in members:
+    for _, saved in [*members, *also]:
         m = min(len(won), len(saved["idx"]))
         won[saved["idx"][:m]] |= saved["served_won"][:m]
-    names = sorted({attack_label(j) for j, _ in members})
+    names = sorted({attack_label(j) for j, _ in [*members, *also]})
     return [
         _row(
             main_job,
             "worst-case",
             main_job.attack.eps,
-            "linf",
+            main_job.attack.norm,
             won,
             float(main["threshold"][0]),
             main_job.attack.steps,
@@ -116,6 +118,12 @@ def worst_case_rows(
             over=names,
         )
     ]
+
+
+def within_budget(saved: dict[str, np.ndarray], budget: float) -> dict[str, np.ndarray]:
+    """A C&W job's saved results as a member of an L2 group: won where it won within the
+    budget (C&W searches for the smallest perturbation; L2 PGD is given the budget)."""
+    return {**saved, "served_won": saved["served_won"] & (saved["l2"] <= budget + 1e-6)}
 
 
 def merge_rows(path: Path, rows: list[dict[str, object]]) -> list[dict[str, object]]:

@@ -22,7 +22,10 @@ from training.attack.adaptive import (
     _project_off,
     class_loss,
     pgd_batch,
+    project,
+    random_start,
     score_loss,
+    steepest,
 )
 from training.attack.cw import cw_batch, l2_distance
 from training.attack.score import KernelTensors, served_kind
@@ -70,6 +73,63 @@ def test_linf_attacks_stay_in_the_ball_and_their_wins_are_served_wins(
     np.testing.assert_array_equal(res.won.numpy(), _served_wins(threat, res.adv, images.y))
     if attack != "pgd":  # blind PGD may well lose everything to the test; the others must not
         assert res.won.any()
+
+
+@pytest.mark.parametrize("attack", ["lagrangian", "selective", "pgd"])
+@pytest.mark.parametrize("objective", ["rce", "ce"])
+def test_l2_attacks_stay_in_the_l2_ball_and_their_wins_are_served_wins(
+    model_repo: Path, images: data_mod.TensorData, attack: str, objective: str
+) -> None:
+    threat = _threat(model_repo, objective)
+    cfg = AdaptiveConfig(attack=attack, eps=3.0, steps=20, restarts=2, norm="l2")  # type: ignore[arg-type]
+    res = pgd_batch(threat, images.x, images.y, cfg, _gen())
+    assert (l2_distance(res.adv, images.x) <= cfg.eps + 1e-4).all()
+    assert res.adv.min() >= 0.0 and res.adv.max() <= 1.0
+    np.testing.assert_array_equal(res.won.numpy(), _served_wins(threat, res.adv, images.y))
+    if attack != "pgd":
+        assert res.won.any()
+
+
+def test_l2_step_projection_and_start_by_hand() -> None:
+    g = torch.tensor([[3.0, -4.0], [0.0, 0.5]]).view(2, 1, 1, 2)
+    torch.testing.assert_close(
+        steepest(g, "l2").flatten(1), torch.tensor([[0.6, -0.8], [0.0, 1.0]])
+    )
+    torch.testing.assert_close(steepest(g, "linf").flatten(1), g.sign().flatten(1))
+    x0 = torch.full((2, 1, 1, 2), 0.5)
+    # (0.5 + 0.3, 0.5 - 0.4) is 0.5 from x0: scaled to 0.25; (0.6, 0.5) is inside, kept.
+    cur = torch.tensor([[0.8, 0.1], [0.6, 0.5]]).view(2, 1, 1, 2)
+    got = project(cur, x0, AdaptiveConfig(eps=0.25, norm="l2")).flatten(1)
+    torch.testing.assert_close(got, torch.tensor([[0.65, 0.3], [0.6, 0.5]]))
+    # The box comes after the ball: 0.5 + 0.9 is clipped to 1 even though the ball allows it.
+    got = project(
+        torch.tensor([1.4, 0.5]).view(1, 1, 1, 2), x0[:1], AdaptiveConfig(eps=1.0, norm="l2")
+    )
+    torch.testing.assert_close(got.flatten(1), torch.tensor([[1.0, 0.5]]))
+    start = random_start(torch.Size((500, 1, 4, 4)), AdaptiveConfig(eps=2.0, norm="l2"), _gen())
+    sizes = start.flatten(1).norm(dim=1)
+    assert sizes.max() <= 2.0 + 1e-6 and 0.8 < sizes.mean() < 1.2  # uniform in [0, 2]
+
+
+def test_l2_pgd_without_the_test_matches_torchattacks(
+    model_repo: Path, images: data_mod.TensorData
+) -> None:
+    """With T = 0 the L2 attack is plain L2 PGD: its error rate must match torchattacks'
+    PGDL2 at the same budget, within a few of the 24 images (the losses differ)."""
+    threat = _threat(model_repo, "ce", threshold=0.0)
+    eps, steps = 2.5, 20
+    served = ServedNet(threat.net, threat.objective).eval()
+    cfg = AdaptiveConfig(
+        attack="pgd", eps=eps, steps=steps, restarts=1, step_size=eps / 8, norm="l2"
+    )
+    ours = pgd_batch(threat, images.x, images.y, cfg, _gen()).won.float().mean().item()
+    torch.manual_seed(0)
+    atk = torchattacks.PGDL2(served, eps=eps, alpha=eps / 8, steps=steps, random_start=True)
+    adv = atk(images.x, images.y)
+    with torch.no_grad():
+        ref = (served(adv).argmax(1) != images.y).float().mean().item()
+    assert 0.2 < ref < 1.0, ref  # a budget where the rate says something
+    assert abs(ours - ref) <= 0.15, (ours, ref)
 
 
 def test_success_grows_with_eps_and_reaches_all_images(
@@ -180,7 +240,7 @@ def test_cw_wins_are_served_wins_and_more_search_never_grows_the_distance(
 ) -> None:
     threat = _threat(model_repo, objective)
     x, y = images.x[:16], images.y[:16]
-    cfg = AdaptiveConfig(attack="cw-l2", steps=30, restarts=1, lambdas=(1.0,), cw_lr=0.05)
+    cfg = AdaptiveConfig(attack="cw-l2", steps=30, restarts=1, lambdas=(1.0,))
     one, three = cw_batch(threat, x, y, cfg), cw_batch(threat, x, y, replace(cfg, restarts=3))
     for res in (one, three):
         np.testing.assert_array_equal(res.won.numpy(), _served_wins(threat, res.adv, y))
@@ -195,6 +255,17 @@ def test_config_rejects_bad_values() -> None:
         AdaptiveConfig(attack="fgsm")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="pixel units"):
         AdaptiveConfig(eps=2.0)
+    assert AdaptiveConfig(eps=2.0, norm="l2").eps == 2.0  # an L2 budget may exceed 1
+    with pytest.raises(ValueError, match="norm must be"):
+        AdaptiveConfig(norm="l1")  # type: ignore[arg-type]
+
+
+def test_cw_learning_rate_decays_along_a_cosine_to_one_percent() -> None:
+    from training.attack.cw import cosine_lr
+
+    assert cosine_lr(0.1, 0, 100) == pytest.approx(0.1)
+    assert cosine_lr(0.1, 50, 100) == pytest.approx(0.1 * (0.01 + 0.99 * 0.5))
+    assert cosine_lr(0.1, 100, 100) == pytest.approx(0.001)
 
 
 class _KDensity:
@@ -297,7 +368,7 @@ def test_cw_with_the_k_density_term_wins_served_wins(
 ) -> None:
     kd = _KDensity(model_repo, objective, images)
     x, y = images.x[:16], images.y[:16]
-    cfg = AdaptiveConfig(attack="cw-l2", steps=30, restarts=2, lambdas=(1.0,), cw_lr=0.05)
+    cfg = AdaptiveConfig(attack="cw-l2", steps=30, restarts=2, lambdas=(1.0,))
     res = cw_batch(kd.threat, x, y, cfg)
     np.testing.assert_array_equal(res.won.numpy(), kd.served_wins(res.adv, y))
     assert res.adv.min() >= 0.0 and res.adv.max() <= 1.0

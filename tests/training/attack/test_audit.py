@@ -88,10 +88,10 @@ def test_worst_case_counts_an_image_won_by_any_attack(cfg: audit.AuditConfig) ->
             r
             for r in rows
             if r["attack"] not in ("worst-case", "none", "cw-l2")
-            and all(r[k] == wc[k] for k in ("model", "score", "eps", "clean_refusal"))
+            and all(r[k] == wc[k] for k in ("model", "score", "eps", "norm", "clean_refusal"))
             and r["n"] == wc["n"]
         ]
-        assert same
+        assert same, wc
         assert wc["attack_success"] >= max(r["attack_success"] for r in same)
 
 
