@@ -122,7 +122,8 @@ class AdaptiveConfig:
             raise ValueError(f"loss must be 'margin' or 'ce', got {self.loss!r}")
         if self.norm not in ("linf", "l2"):
             raise ValueError(f"norm must be 'linf' or 'l2', got {self.norm!r}")
-        top = 1.0 if self.norm == "linf" else 28.0  # an L2 budget can exceed one pixel's range
+        # An L2 budget can exceed one pixel's range: up to sqrt(784) = 28 for a 28x28 image.
+        top = 1.0 if self.norm == "linf" else 28.0
         if not 0.0 <= self.eps <= top:
             raise ValueError(f"eps is in pixel units and must be in [0, {top:g}], got {self.eps}")
         if self.steps < 1 or self.restarts < 1 or not self.lambdas:
@@ -177,6 +178,16 @@ def score_loss(
     return (log_target - threat.log_score(logits, cls, features)).clamp(min=0)
 
 
+def _per_image(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, 1, ...) to broadcast over `like`'s image dimensions."""
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+def l2_distance(adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B,) L2 norm of the perturbation in pixel units."""
+    return (adv - x).flatten(1).norm(dim=1)
+
+
 def _project_off(g: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """g minus its component along `other`, per image; (B, ...) -> (B, ...)."""
     gf, of = g.flatten(1), other.flatten(1)
@@ -208,13 +219,8 @@ def descent_direction(
     # Orthogonal: both gradients from one forward pass, each projected off the other.
     g_c = torch.autograd.grad(c_loss.sum(), x, retain_graph=True)[0]
     g_s = torch.autograd.grad(s_loss.sum(), x)[0]
-    r = right.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    r = _per_image(right.to(x.dtype), x)
     return r * _project_off(g_c, g_s) + (1 - r) * _project_off(g_s, g_c)
-
-
-def _per_image(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(B,) -> (B, 1, 1, ...) to broadcast over `like`'s image dimensions."""
-    return v.view(-1, *([1] * (like.dim() - 1)))
 
 
 def steepest(grad: torch.Tensor, norm: Norm) -> torch.Tensor:
@@ -228,10 +234,8 @@ def project(cur: torch.Tensor, x0: torch.Tensor, cfg: AdaptiveConfig) -> torch.T
     """Back onto the eps-ball around x0 in the budget's norm, then into the pixel box."""
     if cfg.norm == "linf":
         return torch.minimum(torch.maximum(cur, x0 - cfg.eps), x0 + cfg.eps).clamp(0.0, 1.0)
-    delta = cur - x0
-    size = delta.flatten(1).norm(dim=1)
-    scale = (cfg.eps / size.clamp(min=1e-12)).clamp(max=1.0)
-    return (x0 + delta * _per_image(scale, delta)).clamp(0.0, 1.0)
+    scale = (cfg.eps / l2_distance(cur, x0).clamp(min=1e-12)).clamp(max=1.0)
+    return (x0 + (cur - x0) * _per_image(scale, cur)).clamp(0.0, 1.0)
 
 
 def random_start(

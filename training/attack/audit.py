@@ -24,8 +24,8 @@ from service.repository import read_kernel_set
 from service.runtime import OnnxModel
 from service.scoring import Scores, score_logits, threshold_for_refuse_rate
 from training import data as data_mod
-from training.attack.adaptive import Result, Threat, pgd_batch
-from training.attack.cw import cw_batch, l2_distance
+from training.attack.adaptive import Result, Threat, l2_distance, pgd_batch
+from training.attack.cw import cw_batch
 from training.attack.io import model_version_dir, test_images
 from training.attack.plan import L2_BUDGETS, PLANS, THRESHOLDS, AuditJob, all_jobs, plan_jobs
 from training.attack.score import KernelTensors, ScoreKind, served_kind, service_name

@@ -17,7 +17,13 @@ import math
 
 import torch
 
-from training.attack.adaptive import AdaptiveConfig, Result, Threat, class_loss, score_loss
+from training.attack.adaptive import (
+    AdaptiveConfig,
+    Result,
+    Threat,
+    class_loss,
+    score_loss,
+)
 
 START_MARGIN = 1e-3  # in tanh space: pixels start at most 5e-4 from their value
 
@@ -73,8 +79,3 @@ def cw_batch(threat: Threat, x: torch.Tensor, y: torch.Tensor, cfg: AdaptiveConf
 def cosine_lr(first: float, k: int, steps: int) -> float:
     """Step k's learning rate: `first` decayed along a half cosine to 1% of it."""
     return first * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * k / steps)))
-
-
-def l2_distance(adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(B,) L2 norm of the perturbation in pixel units."""
-    return (adv - x).flatten(1).norm(dim=1)

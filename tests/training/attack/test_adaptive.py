@@ -21,13 +21,14 @@ from training.attack.adaptive import (
     Threat,
     _project_off,
     class_loss,
+    l2_distance,
     pgd_batch,
     project,
     random_start,
     score_loss,
     steepest,
 )
-from training.attack.cw import cw_batch, l2_distance
+from training.attack.cw import cw_batch
 from training.attack.score import KernelTensors, served_kind
 from training.export import ServedNet
 from training.modelio import load_torch_model
