@@ -63,8 +63,11 @@ def targets(
                 a.req_s > b.req_s,
             )
         )
-    if pairs:
-        a, b = min(pairs, key=lambda p: p[0].req_s / p[1].req_s)
+    # A peer's cell that answered nothing (it failed or timed out under that load) is behind
+    # in its own line above and has no ratio to be the closest one.
+    answered = [(a, b) for a, b in pairs if b.req_s > 0]
+    if answered:
+        a, b = min(answered, key=lambda p: p[0].req_s / p[1].req_s)
         out.append(
             (
                 "ahead of every compared server at every concurrency, every body kind",

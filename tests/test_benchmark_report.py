@@ -83,3 +83,16 @@ def test_alternating_pairs_overrule_the_single_cells() -> None:
             False,
         )
     ]
+
+
+def test_a_peer_cell_that_answered_nothing_is_behind_and_has_no_ratio() -> None:
+    cells = [
+        Cell("notsure", "v2-json", 64, 64, 11.0, 704.0, 3880.0, 4990.0, 0),
+        Cell("pytriton", "v2-json-u8", 64, 64, 0.0, 0.0, 0.0, 0.0, 0),
+        Cell("notsure", "v2-json", 1, 1, 650.0, 650.0, 1.1, 2.0, 0),
+        Cell("pytriton", "v2-json-u8", 1, 1, 250.0, 250.0, 4.0, 6.0, 0),
+    ]
+    got = {name: (measured, ok) for name, measured, ok in targets(cells, RAW)}
+    assert got["64-image v2-json c=64 ahead of pytriton (v2-json-u8)"] == ("11 vs 0 req/s", True)
+    every = got["ahead of every compared server at every concurrency, every body kind"]
+    assert every == ("closest: 650 vs 250 req/s (pytriton v2-json-u8, 1-image, c=1, 2.60x)", True)
