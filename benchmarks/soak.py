@@ -8,7 +8,8 @@ SIGTERM at the end (the exit code is part of the result). Each request carries a
 X-Request-ID (and the same id in the body where the API has one); a response counts as correct
 only when it is a 200 that echoes that id and has one prediction per image sent. "lost" is a
 request that got no HTTP response at all; "duplicated" an id that came back more than once.
-The server's resident memory (VmRSS) is sampled every second from /proc.
+The server's resident memory (VmRSS) is sampled every second from /proc; `rss_kib.growth` is
+the change of its level after warm-up (windowed medians, see `rss_summary`).
 """
 
 from __future__ import annotations
@@ -309,10 +310,31 @@ async def run_soak(cfg: SoakConfig) -> SoakResult:
             "max": round(max(latencies) * 1000, 1),
         }
     if res.rss_samples:
-        kib = [k for _, k in res.rss_samples]
-        warm = next((k for t, k in res.rss_samples if t >= cfg.warmup_s), kib[-1])
-        res.rss_kib = {"start": kib[0], "after_warmup": warm, "end": kib[-1], "max": max(kib)}
+        res.rss_kib = rss_summary(res.rss_samples, cfg.warmup_s)
     return res
+
+
+def rss_summary(
+    samples: list[tuple[float, int]], warmup_s: float, window_s: float = 5.0
+) -> dict[str, int]:
+    """Resident memory over a run from (seconds, KiB) samples: the first, the first after
+    warm-up, the last and the largest sample, and `growth`, the median of the last `window_s`
+    seconds minus the median of the first `window_s` seconds after warm-up. Single samples
+    swing by tens of MiB with the request bodies in flight at that second (64 clients, up to
+    128 images each); the windowed medians follow the level, so a leak or an allocator that
+    keeps growing shows in `growth` and the traffic of one second does not."""
+    kib = [k for _, k in samples]
+    after = [(t, k) for t, k in samples if t >= warmup_s] or samples[-1:]
+    t_warm, t_end = after[0][0], after[-1][0]
+    first = [k for t, k in after if t < t_warm + window_s]
+    last = [k for t, k in after if t > t_end - window_s]
+    return {
+        "start": kib[0],
+        "after_warmup": after[0][1],
+        "end": kib[-1],
+        "max": max(kib),
+        "growth": int(np.median(last) - np.median(first)),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

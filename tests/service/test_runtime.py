@@ -47,6 +47,10 @@ def test_cpu_session_reports_its_provider_and_signature(model_repo: Path) -> Non
     assert m.provider == CPU
     assert m.signature.input_name == "input" and m.signature.output_name == "logits"
     assert list(m.signature.input_shape[1:]) == [1, 28, 28]
+    # Neither memory patterns nor the CPU arena: both keep memory for every batch shape and
+    # overlap the traffic produces (docs/reliability.md, the soak's memory).
+    opts = m.session.get_session_options()
+    assert not opts.enable_mem_pattern and not opts.enable_cpu_mem_arena
 
 
 @pytest.mark.parametrize(
