@@ -137,3 +137,35 @@ def test_a_dead_service_fails_within_the_bounds(model_repo: Path, tmp_path: Path
     with pytest.raises(ServiceError, match="not ready"):
         run(cfg)
     assert time.monotonic() - t0 < 20
+
+
+def test_audit_images_replayed_through_the_live_service_get_the_offline_decisions(
+    live_url: str, model_repo: Path, tmp_path: Path
+) -> None:
+    """`notsure attack --adaptive --plan live`: every saved adversarial image of the jobs at
+    the served T goes to the running service over KServe V2; its decisions must be the ones
+    the audit counted offline. A replayed row replaces its earlier one; others are kept."""
+    from dataclasses import replace
+
+    from training.attack import audit
+
+    cfg = audit.AuditConfig(plan="headline", models=MODELS, models_dir=model_repo,
+                            work_dir=tmp_path / "work", out_json=tmp_path / "adaptive.json",
+                            chunk=4, dry_run=True, url=live_url)  # fmt: skip
+    rows = audit.run(cfg)
+    earlier = {"model": "another-model", "attack": "lagrangian", "eps": 0.1, "n": 5,
+               "offline_wins": 1, "live_wins": 1, "disagree": 0}  # fmt: skip
+    stale = {**earlier, "model": MODELS[0], "eps": 0.3, "live_wins": 0, "disagree": 1}
+    live_json = tmp_path / "live.json"
+    live_json.write_text(json.dumps([earlier, stale]))
+    audit.run(replace(cfg, plan="live"))
+    live = json.loads(live_json.read_text())
+    assert live[0] == earlier and stale not in live
+    replayed = live[1:]
+    headline = {(r["model"], r["eps"]): r for r in rows if r["attack"] == "lagrangian"}
+    assert {(r["model"], r["eps"]) for r in replayed} == set(headline)
+    for r in replayed:
+        assert r["disagree"] == 0 and r["live_wins"] == r["offline_wins"], r
+        h = headline[(r["model"], r["eps"])]
+        assert r["n"] == h["n"] and r["offline_wins"] == round(h["attack_success"] * h["n"])
+    assert sum(r["live_wins"] for r in replayed) > 0  # the comparison covers accepted wins

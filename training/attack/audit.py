@@ -1,9 +1,12 @@
 """`notsure attack --adaptive`: run the audit's jobs resumably and write the result rows.
 
 Each job attacks its images in chunks; every finished chunk is saved under
-`work_dir/<model>/<job>-<key>/` (the winning images, which images were won, the steps spent),
-so a killed run resumes at the first missing chunk. After each chunk the rows of every job are
-rebuilt from the saved chunks and written to the JSON file. Wins are counted as the service
+`work_dir/<model>/<job>-<key>/` (the adversarial images, which images were won, the steps
+spent), so a killed run resumes at the first missing chunk. The same results without the images
+are kept beside the JSON rows, in `results/<model>/<job>-<key>.npz` (a few kB a job, committed
+with the docs): a fresh checkout resumes from them, and the worst case and the cascades read
+them, when the work folder is gone. After each chunk the rows of every job are rebuilt from the
+saved results and written to the JSON file. Wins are counted as the service
 decides them: the saved images go through the ONNX graph and `service.scoring`, not through
 the torch mirror the attack steered by.
 """
@@ -52,6 +55,9 @@ class AuditConfig:
     out_json: Path = Path("docs/robustness/adaptive.json")
     chunk: int = 50
     threads: int = 1
+    # Per-job results without the images (see the module docstring); None: `results/` beside
+    # out_json.
+    results_dir: Path | None = None
     dry_run: bool = False  # tiny synthetic models, few images and steps
     url: str = "http://127.0.0.1:8000"  # the live service, for the "live" plan
 
@@ -125,21 +131,64 @@ def job_dir(cfg: AuditConfig, model: Model, job: AuditJob) -> Path:
     return cfg.work_dir / model.name / f"{job.name}-{job.key(model.manifest.sha256)}"
 
 
+def results_path(cfg: AuditConfig, model: Model, job: AuditJob) -> Path:
+    """The job's results without the images (kept with the docs)."""
+    root = cfg.results_dir or cfg.out_json.parent / "results"
+    return root / model.name / f"{job.name}-{job.key(model.manifest.sha256)}.npz"
+
+
+IMAGES = "adv"  # the one array of a chunk that the kept results leave out
+
+
+def _by_image(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Saved pieces joined in image order; where two hold the same image, the later one."""
+    keys = set.intersection(*(set(p) for p in parts))
+    joined = {k: np.concatenate([p[k] for p in parts]) for k in keys}
+    idx = joined["idx"]
+    # The last occurrence of each image: unique over the reversed order.
+    _, first_rev = np.unique(idx[::-1], return_index=True)
+    keep = len(idx) - 1 - first_rev  # sorted by image index, as np.unique sorts
+    return {k: v[keep] for k, v in joined.items()}
+
+
 def load_chunks(folder: Path) -> dict[str, np.ndarray] | None:
-    """The saved chunks of a job, concatenated in image order, or None if there are none."""
-    files = sorted(folder.glob("chunk-*.npz"))
+    """The saved chunks of a job (images included), in image order, or None if there are none."""
+    files = sorted(f for f in folder.glob("chunk-*.npz") if not f.name.endswith(".tmp.npz"))
     if not files:
         return None
-    parts = [dict(np.load(f, allow_pickle=False)) for f in files if not f.name.endswith(".tmp.npz")]
-    joined = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    order = np.argsort(joined["idx"], kind="stable")
-    return {k: v[order] for k, v in joined.items()}
+    return _by_image([dict(np.load(f, allow_pickle=False)) for f in files])
 
 
-def missing_ranges(folder: Path, n: int, chunk: int) -> list[tuple[int, int]]:
-    """(lo, hi) pieces of at most `chunk` images that no saved chunk covers yet; chunks saved
+def load_job(cfg: AuditConfig, model: Model, job: AuditJob) -> dict[str, np.ndarray] | None:
+    """A job's results without the images: the kept results and this machine's chunks
+    together (a chunk wins where both hold an image), or None if there are neither."""
+    parts = []
+    kept = results_path(cfg, model, job)
+    if kept.exists():
+        parts.append(dict(np.load(kept, allow_pickle=False)))
+    chunks = load_chunks(job_dir(cfg, model, job))
+    if chunks is not None:
+        parts.append({k: v for k, v in chunks.items() if k != IMAGES})
+    return _by_image(parts) if parts else None
+
+
+def keep_results(cfg: AuditConfig, model: Model, job: AuditJob) -> None:
+    """Rewrite the job's kept results from everything saved so far."""
+    saved = load_job(cfg, model, job)
+    if saved is None:
+        return
+    path = results_path(cfg, model, job)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, **saved)
+    tmp.replace(path)
+
+
+def missing_ranges(
+    saved: dict[str, np.ndarray] | None, n: int, chunk: int
+) -> list[tuple[int, int]]:
+    """(lo, hi) pieces of at most `chunk` images that no saved result covers yet; results saved
     with another chunk size are reused as they are."""
-    saved = load_chunks(folder)
     todo = np.ones(n, dtype=bool)
     if saved is not None:
         todo[saved["idx"][saved["idx"] < n]] = False
@@ -166,7 +215,7 @@ def won_before(cfg: AuditConfig, model: Model, job: AuditJob) -> np.ndarray:
     for other in everything:
         if other == job or other.group != job.group or (other.cascade and other not in earlier):
             continue
-        saved = load_chunks(job_dir(cfg, model, other))
+        saved = load_job(cfg, model, other)
         if saved is not None:
             m = min(job.n, len(saved["idx"]))
             won[saved["idx"][:m]] |= saved["served_won"][:m]
@@ -215,7 +264,8 @@ def attack_chunk(
 def run_job(cfg: AuditConfig, model: Model, job: AuditJob) -> None:
     folder = job_dir(cfg, model, job)
     folder.mkdir(parents=True, exist_ok=True)
-    ranges = missing_ranges(folder, job.n, cfg.chunk)
+    keep_results(cfg, model, job)  # chunks saved by a run from before the results were kept
+    ranges = missing_ranges(load_job(cfg, model, job), job.n, cfg.chunk)
     if not ranges:
         return
     skip_all = won_before(cfg, model, job) if job.cascade else np.zeros(job.n, dtype=bool)
@@ -227,6 +277,7 @@ def run_job(cfg: AuditConfig, model: Model, job: AuditJob) -> None:
             tmp = folder / f"chunk-{lo:05d}.tmp.npz"
             np.savez_compressed(tmp, **arrays)
             tmp.replace(folder / f"chunk-{lo:05d}.npz")
+            keep_results(cfg, model, job)
             bar.advance(hi - lo)
             log.info(
                 "%s %s images %d-%d: won %d/%d (torch %d), %.0f s",
@@ -344,14 +395,14 @@ def clean_rows(model: Model, work_dir: Path) -> list[dict[str, object]]:
 
 
 def write_rows(cfg: AuditConfig) -> list[dict[str, object]]:
-    """Rows of every job of every plan with saved chunks (other processes' too), merged into
+    """Rows of every job of every plan with saved results (other processes' too), merged into
     the JSON file."""
     from training.attack.rows import job_rows, merge_rows, within_budget, worst_case_rows
 
     rows: list[dict[str, object]] = []
     groups: dict[tuple[object, ...], list[tuple[AuditJob, dict[str, np.ndarray]]]] = {}
     for job in all_jobs(cfg.models, cfg.dry_run, served_scores()):
-        saved = load_chunks(job_dir(cfg, _MODELS[job.model], job))
+        saved = load_job(cfg, _MODELS[job.model], job)
         if saved is None:
             continue
         groups.setdefault(job.group, []).append((job, saved))

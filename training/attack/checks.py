@@ -157,7 +157,7 @@ def headline_wins(cfg: AuditConfig, name: str, eps: float, n: int) -> np.ndarray
         for j in plan_jobs("headline", (name,), cfg.dry_run, audit.served_scores())
         if j.attack.eps == eps
     )
-    saved = audit.load_chunks(audit.job_dir(cfg, audit._MODELS[name], job))
+    saved = audit.load_job(cfg, audit._MODELS[name], job)
     if saved is None or len(saved["idx"]) < n:
         log.warning(
             "%s: no headline result on %d images at eps %g yet; check skipped", name, n, eps

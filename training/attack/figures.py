@@ -8,7 +8,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from service.manifest import MANIFEST_FILE, Manifest
-from training.attack.audit import _MODELS, AuditConfig, job_dir, load_chunks, served_scores
+from training.attack.audit import _MODELS, AuditConfig, load_job, served_scores
 from training.attack.io import model_version_dir
 from training.attack.plan import plan_jobs
 from training.attack.score import served_kind
@@ -105,7 +105,7 @@ def success_vs_steps(cfg: AuditConfig, path: Path) -> None:
     for ax, name in zip(axes, cfg.models, strict=True):
         model = _MODELS[name]
         for job in plan_jobs("headline", (name,), cfg.dry_run, served_scores()):
-            saved = load_chunks(job_dir(cfg, model, job))
+            saved = load_job(cfg, model, job)
             if saved is None:
                 continue
             won, spent = saved["served_won"], saved["spent"]

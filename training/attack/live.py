@@ -19,8 +19,12 @@ log = logging.getLogger(__name__)
 
 
 def live_check(cfg: AuditConfig, url: str) -> list[dict[str, object]]:
-    """One row per job at the served T with saved images: offline vs live wins."""
-    rows: list[dict[str, object]] = []
+    """One row per job at the served T with saved images: offline vs live wins. The images
+    are this machine's chunks (the kept results leave them out), so a job replays as many
+    images as the work folder holds; rows of jobs with none here are kept from earlier
+    replays."""
+    path = cfg.out_json.with_name("live.json")
+    rows: list[dict[str, object]] = json.loads(path.read_text()) if path.exists() else []
     served = served_scores()
     for job in all_jobs(cfg.models, cfg.dry_run, served):
         if job.clean_refusal is not None or job.cascade:
@@ -38,18 +42,29 @@ def live_check(cfg: AuditConfig, url: str) -> list[dict[str, object]]:
         y = model.data.y.numpy()[saved["idx"]]
         live = (dec.label != NOT_SURE) & (dec.label != y)
         offline = saved["served_won"]
-        rows.append(
-            {
-                "model": job.model,
-                "attack": attack_label(job),
-                "eps": job.attack.eps,
-                "n": len(y),
-                "offline_wins": int(offline.sum()),
-                "live_wins": int(live.sum()),
-                "disagree": int((live != offline).sum()),
-            }
-        )
-        log.info("live %s", rows[-1])
-    path = cfg.out_json.with_name("live.json")
-    path.write_text(json.dumps(rows, indent=1) + "\n")
+        row = {
+            "model": job.model,
+            "score": job.score,
+            "attack": attack_label(job),
+            "norm": job.attack.norm,
+            "eps": job.attack.eps,
+            "steps": job.attack.steps,
+            "restarts": job.attack.restarts,
+            "n": len(y),
+            "offline_wins": int(offline.sum()),
+            "live_wins": int(live.sum()),
+            "disagree": int((live != offline).sum()),
+        }
+        rows = [r for r in rows if not _same_job(r, row)] + [row]
+        log.info("live %s", row)
+        path.write_text(json.dumps(rows, indent=1) + "\n")
     return rows
+
+
+def _same_job(old: dict[str, object], new: dict[str, object]) -> bool:
+    """Whether a saved row replays the same job (rows written before the score, norm, steps
+    and restarts were recorded match on what they have)."""
+    return all(old[k] == new[k] for k in new if k in old and k not in _COUNTS)
+
+
+_COUNTS = ("n", "offline_wins", "live_wins", "disagree")

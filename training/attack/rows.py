@@ -127,13 +127,19 @@ def within_budget(saved: dict[str, np.ndarray], budget: float) -> dict[str, np.n
 
 
 def merge_rows(path: Path, rows: list[dict[str, object]]) -> list[dict[str, object]]:
-    """Replace rows with the same identity, keep the others, write atomically, sorted."""
+    """Replace rows with the same identity, keep the others, write atomically, sorted. A row
+    is not replaced by one over fewer images: that is the same job started again where its
+    saved results were lost, and it shows its own figure once it has caught up."""
     old = json.loads(path.read_text()) if path.exists() else []
 
     def ident(r: dict[str, object]) -> tuple[str, ...]:
         return tuple(str(r.get(k)) for k in (*KEYS, "steps", "restarts", "planned_n", "loss"))
 
-    merged = {ident(r): r for r in old} | {ident(r): r for r in rows}
+    merged = {ident(r): r for r in old}
+    for r in rows:
+        was = merged.get(ident(r))
+        if was is None or int(r["n"]) >= int(was["n"]):  # type: ignore[call-overload]
+            merged[ident(r)] = r
     out = sorted(merged.values(), key=lambda r: tuple(str(r.get(k)) for k in KEYS))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -54,14 +54,51 @@ def test_headline_rows_worst_case_and_resume(cfg: audit.AuditConfig) -> None:
 
 
 def test_resume_after_a_lost_chunk_redoes_only_that_chunk(cfg: audit.AuditConfig) -> None:
+    import shutil
+
     audit.run(cfg)
     before = _chunk_files(cfg)
     lost = sorted(before)[1]
     lost.unlink()
+    audit.run(cfg)  # the kept results still hold that chunk's images: nothing to redo
+    assert _chunk_files(cfg) == {p: t for p, t in before.items() if p != lost}
+    shutil.rmtree(cfg.out_json.parent / "results")  # lost with them: that chunk is redone
     audit.run(cfg)
     after = _chunk_files(cfg)
     assert set(after) == set(before)
     assert [p for p in after if after[p] != before[p]] == [lost]
+
+
+def test_a_fresh_checkout_resumes_from_the_kept_results(cfg: audit.AuditConfig) -> None:
+    """The work folder (images) is not committed; the kept results beside the JSON rows are.
+    Without the work folder nothing is attacked again and the rows stay the same."""
+    import shutil
+
+    rows = audit.run(cfg)
+    kept = sorted((cfg.out_json.parent / "results").rglob("*.npz"))
+    assert kept and all(audit.IMAGES not in np.load(p).files for p in kept)
+    shutil.rmtree(cfg.work_dir)
+    cfg.out_json.unlink()
+    assert audit.run(cfg) == rows
+    assert _chunk_files(cfg) == {}
+    # A kept result and a chunk of the same job combine, image by image.
+    job = plan_jobs("headline", MODELS, dry_run=True)[0]
+    model = audit._MODELS[job.model]
+    joined = audit.load_job(cfg, model, job)
+    assert joined is not None
+    np.testing.assert_array_equal(joined["idx"], np.arange(job.n))
+
+
+def test_a_restarted_job_does_not_replace_a_row_over_more_images(tmp_path: Path) -> None:
+    from training.attack.rows import merge_rows
+
+    path = tmp_path / "rows.json"
+    done = {**_row("m", "j", 0.1, 0.92, n=1000), "planned_n": 1000}
+    merge_rows(path, [done])
+    again = {**done, "n": 200, "attack_success": 0.95, "handled": 0.05}
+    assert merge_rows(path, [again]) == [done]
+    more = {**done, "attack_success": 0.93, "handled": 0.07}
+    assert merge_rows(path, [more]) == [more]
 
 
 def test_saved_wins_are_what_the_service_scoring_decides(cfg: audit.AuditConfig) -> None:
