@@ -38,6 +38,8 @@ def measure_pairs(
     off_env: dict[str, str],
     tmp: Path,
     on_env: dict[str, str] | None = None,
+    on_tree: Path = ROOT,
+    off_tree: Path = ROOT,
 ) -> dict[str, Any]:
     """Alternate wrk runs on a batching and a batching-off server; the pairs and their median."""
     manifest = Manifest.load(ROOT / "models" / model / "1" / MANIFEST_FILE)
@@ -49,9 +51,9 @@ def measure_pairs(
     }
     serve = [sys.executable, "-m", "notsure.cli", "serve"]
     path = f"/v1/models/{model}/predict"
-    on = Server(serve, {**base, **(on_env or {})}, "/v2/health/ready")
+    on = Server(serve, {**base, **(on_env or {})}, "/v2/health/ready", cwd=on_tree)
     try:
-        off = Server(serve, {**base, **off_env}, "/v2/health/ready")
+        off = Server(serve, {**base, **off_env}, "/v2/health/ready", cwd=off_tree)
     except RuntimeError:
         on.stop()
         raise
@@ -107,14 +109,23 @@ def main() -> None:
         help="extra settings of the 'off' server, comma-separated KEY=VALUE",
     )
     ap.add_argument("--on-env", default="", help="extra settings of the 'on' server, likewise")
+    ap.add_argument(
+        "--on-tree",
+        type=Path,
+        default=ROOT,
+        help="checkout whose code the 'on' server runs (default: this one); e.g. a "
+        "`git worktree` of another commit, to compare two versions of the code",
+    )
+    ap.add_argument("--off-tree", type=Path, default=ROOT, help="likewise for the 'off' server")
     ap.add_argument("--out", type=Path, default=None, help="write the pairs as JSON here")
     args = ap.parse_args()
     off_env = dict(kv.split("=", 1) for kv in args.off_env.split(",") if kv)
     on_env = dict(kv.split("=", 1) for kv in args.on_env.split(",") if kv)
     tmp = Path(tempfile.mkdtemp(prefix="notsure-ab-"))
     ab = measure_pairs(
-        args.model, args.pairs, args.duration, args.concurrency, off_env, tmp, on_env
-    )
+        args.model, args.pairs, args.duration, args.concurrency, off_env, tmp, on_env,
+        args.on_tree.resolve(), args.off_tree.resolve(),
+    )  # fmt: skip
     print(summary_line(ab))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -199,7 +199,11 @@ def wait_idle(url: str, timeout: float = 60.0) -> None:
 class Server:
     """A server process on a free port; stopped (SIGTERM, then SIGKILL) on exit."""
 
-    def __init__(self, cmd: list[str], env: dict[str, str], ready_path: str) -> None:
+    def __init__(
+        self, cmd: list[str], env: dict[str, str], ready_path: str, cwd: Path = ROOT
+    ) -> None:
+        """`cwd`: the folder it starts in; for `python -m notsure.cli`, the checkout whose
+        code runs (the current folder comes first on `-m`'s module path)."""
         self.port = free_port()
         # notsure's gRPC port gets a free one too (unless given): two servers at once (batching
         # on and off) would both want 8001.
@@ -209,7 +213,7 @@ class Server:
         self.proc = subprocess.Popen(
             ["nice", "-n", "-15", *self.cmd],
             env=env,
-            cwd=ROOT,
+            cwd=cwd,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,  # its own process group, so stop() reaches forked workers
