@@ -142,9 +142,10 @@ def test_a_dead_service_fails_within_the_bounds(model_repo: Path, tmp_path: Path
 def test_audit_images_replayed_through_the_live_service_get_the_offline_decisions(
     live_url: str, model_repo: Path, tmp_path: Path
 ) -> None:
-    """`notsure attack --adaptive --plan live`: every saved adversarial image of the jobs at
-    the served T goes to the running service over KServe V2; its decisions must be the ones
-    the audit counted offline. A replayed row replaces its earlier one; others are kept."""
+    """`notsure attack --adaptive --plan live`: every saved adversarial image goes to the
+    running service over KServe V2, and the wins read from its answers must be the ones the
+    audit counted offline: its own decision at the served T, its K-density and predicted
+    class at the K-density jobs' T. A replayed row replaces its earlier one; others are kept."""
     from dataclasses import replace
 
     from training.attack import audit
@@ -153,6 +154,8 @@ def test_audit_images_replayed_through_the_live_service_get_the_offline_decision
                             work_dir=tmp_path / "work", out_json=tmp_path / "adaptive.json",
                             chunk=4, dry_run=True, url=live_url)  # fmt: skip
     rows = audit.run(cfg)
+    audit.run(replace(cfg, plan="k-density"))
+    audit.run(replace(cfg, plan="secondary"))  # T for 1%, confidence T, L2 and C&W jobs
     earlier = {"model": "another-model", "attack": "lagrangian", "eps": 0.1, "n": 5,
                "offline_wins": 1, "live_wins": 1, "disagree": 0}  # fmt: skip
     stale = {**earlier, "model": MODELS[0], "eps": 0.3, "live_wins": 0, "disagree": 1}
@@ -162,10 +165,23 @@ def test_audit_images_replayed_through_the_live_service_get_the_offline_decision
     live = json.loads(live_json.read_text())
     assert live[0] == earlier and stale not in live
     replayed = live[1:]
-    headline = {(r["model"], r["eps"]): r for r in rows if r["attack"] == "lagrangian"}
-    assert {(r["model"], r["eps"]) for r in replayed} == set(headline)
     for r in replayed:
         assert r["disagree"] == 0 and r["live_wins"] == r["offline_wins"], r
-        h = headline[(r["model"], r["eps"])]
+    served = [r for r in replayed if r["clean_refusal"] is None]
+    assert all(r["decided_by"] == "service" for r in served)
+
+    def ident(r: dict[str, object]) -> tuple[object, ...]:
+        return r["model"], r["eps"], r["steps"], r["restarts"]
+
+    headline = {ident(r): r for r in rows if r["attack"] == "lagrangian"}
+    replayed_headline = [r for r in served if ident(r) in headline and r["norm"] == "linf"
+                         and r["attack"] == "lagrangian"]  # fmt: skip
+    assert len(replayed_headline) == len(headline) == 2 * 4  # both models, every eps
+    for r in replayed_headline:
+        h = headline[ident(r)]
         assert r["n"] == h["n"] and r["offline_wins"] == round(h["attack_success"] * h["n"])
-    assert sum(r["live_wins"] for r in replayed) > 0  # the comparison covers accepted wins
+    other = [r for r in replayed if r["clean_refusal"] is not None]
+    assert {r["score"] for r in other} == {"j", "confidence", "k_density"}
+    assert all(r["decided_by"] == "service's score at T" for r in other)
+    # Both kinds of comparison cover accepted wins, not only refusals.
+    assert sum(r["live_wins"] for r in served) > 0 and sum(r["live_wins"] for r in other) > 0
