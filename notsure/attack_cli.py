@@ -50,7 +50,13 @@ def attack(
         str | None,
         Opt(help="http or grpc (KServe V2; grpc uses --url's host, port 8001 unless grpc://)"),
     ] = None,
-    eps: Annotated[list[float] | None, Opt(help="pixel-unit budgets: --eps 0.1 0.2 0.3")] = None,
+    eps: Annotated[
+        list[float] | None,
+        Opt(
+            help="pixel-unit budgets: --eps 0.1 0.2 0.3 (with --adaptive: only the plan's "
+            "jobs at these L-inf or L2 budgets)"
+        ),
+    ] = None,
     n: Annotated[int | None, Opt(help="clean test images (the mixed set has 2N)")] = None,
     out: Annotated[Path | None, Opt(help="report folder [runs/attack]")] = None,
     cost: Annotated[list[str] | None, Opt(help="ce and/or rce (paper Section 4.4)")] = None,
@@ -88,7 +94,8 @@ def attack(
     if adaptive:
         _adaptive(_given(plan=plan, models=_split(model), models_dir=models_dir,
                          data_dir=data_dir, work_dir=work_dir, out_json=json_out, chunk=chunk,
-                         threads=threads, dry_run=dry_run, url=url))  # fmt: skip
+                         threads=threads, dry_run=dry_run, url=url,
+                         eps=_eps(eps, ctx.args)))  # fmt: skip
         return
 
     from dataclasses import replace

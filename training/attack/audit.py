@@ -58,6 +58,7 @@ class AuditConfig:
     # Per-job results without the images (see the module docstring); None: `results/` beside
     # out_json.
     results_dir: Path | None = None
+    eps: tuple[float, ...] | None = None  # only the plan's jobs at these budgets (None: all)
     dry_run: bool = False  # tiny synthetic models, few images and steps
     url: str = "http://127.0.0.1:8000"  # the live service, for the "live" plan
 
@@ -261,7 +262,27 @@ def attack_chunk(
     }
 
 
+def headline_coverage(cfg: AuditConfig, model: Model, job: AuditJob) -> int:
+    """How many of the first `job.n` images the group's own (non-cascade) jobs of at least
+    `job.n` images have finished: a cascade attacks only what they left."""
+    covered = 0
+    for other in all_jobs(cfg.models, cfg.dry_run, served_scores()):
+        if other.group != job.group or other.cascade or other.n < job.n:
+            continue
+        saved = load_job(cfg, model, other)
+        if saved is not None:
+            covered = max(covered, int((saved["idx"] < job.n).sum()))
+    return covered
+
+
 def run_job(cfg: AuditConfig, model: Model, job: AuditJob) -> None:
+    if job.cascade and (covered := headline_coverage(cfg, model, job)) < job.n:
+        log.warning(
+            "%s %s skipped: the attacks it follows have finished %d of its %d images; run "
+            "--plan headline first (a cascade attacks only the images they did not win)",
+            model.name, job.name, covered, job.n,
+        )  # fmt: skip
+        return
     folder = job_dir(cfg, model, job)
     folder.mkdir(parents=True, exist_ok=True)
     keep_results(cfg, model, job)  # chunks saved by a run from before the results were kept
@@ -333,7 +354,8 @@ def run(cfg: AuditConfig) -> list[dict[str, object]]:
         write_figures(cfg, rows)
         return rows
     for job in plan_jobs(cfg.plan, cfg.models, cfg.dry_run, served_scores()):
-        run_job(cfg, _MODELS[job.model], job)
+        if cfg.eps is None or any(abs(job.attack.eps - e) < 1e-9 for e in cfg.eps):
+            run_job(cfg, _MODELS[job.model], job)
     return write_rows(cfg)
 
 

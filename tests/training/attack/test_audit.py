@@ -89,6 +89,20 @@ def test_a_fresh_checkout_resumes_from_the_kept_results(cfg: audit.AuditConfig) 
     np.testing.assert_array_equal(joined["idx"], np.arange(job.n))
 
 
+def test_a_cascade_waits_for_the_attacks_it_follows(cfg: audit.AuditConfig) -> None:
+    """A cascade attacks only the images the headline attack did not win: before the headline
+    has finished its images it attacks nothing (it would attack all of them)."""
+    from dataclasses import replace
+
+    worst = replace(cfg, plan="worst-case")
+    audit.run(replace(cfg, eps=(0.3,)))  # the headline at eps 0.3 only
+    audit.run(worst)
+    made = {p.parent.name for p in cfg.work_dir.rglob("chunk-*.npz")}
+    assert made and all("cascade" not in name for name in made if "eps0.1-" in name)
+    assert any("cascade" in name for name in made if "eps0.3-" in name)
+    assert all("eps0.3-" in name for name in made)  # --eps kept the headline to eps 0.3
+
+
 def test_a_restarted_job_does_not_replace_a_row_over_more_images(tmp_path: Path) -> None:
     from training.attack.rows import merge_rows
 
