@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from batching_ab import measure_pairs, summary_line  # noqa: E402
 from loadgen import NOTSURE_APIS, Server, bodies, free_port, run_wrk, wait_idle  # noqa: E402
 from raw_ort import raw_onnxruntime, raw_parallel  # noqa: E402
-from serving_report import Cell, ceiling, markdown, rewrite, targets  # noqa: E402
+from serving_report import SAME_REQUEST, Cell, ceiling, markdown, rewrite, targets  # noqa: E402
 
 from service.manifest import MANIFEST_FILE, MODEL_FILE, Manifest  # noqa: E402
 
@@ -77,6 +77,16 @@ def grpc_load(
         return 0.0, 0.0, 0.0, {"load generator failed": 1, out.stderr[-200:]: 1}
     r = json.loads(out.stdout.strip().splitlines()[-1])
     return r["req_s"], r["p50_ms"], r["p99_ms"], r["errors"]
+
+
+def measured_kinds(protocols: list[str], servers: list[tuple[str, Other]], n: int) -> list[str]:
+    """The body kinds measured at n images per request, each named by notsure's kind that
+    carries the same request: notsure's protocols first, then any a peer alone has."""
+    kinds = list(protocols) if any(name == "notsure" for name, _ in servers) else []
+    for name, spec in servers:
+        if name != "notsure" and n in spec.images:
+            kinds += [k for k in (SAME_REQUEST.get(a, a) for a in spec.apis) if k not in kinds]
+    return kinds
 
 
 def main() -> None:
@@ -204,20 +214,6 @@ def main() -> None:
         cpu_ms = 1000 * cpu / done if done else 0.0
         report(Cell(name, api, n, c, rps, rps * n, p50, p99, errs, base, cpu_ms))
 
-    grpc_port = free_port()
-    srv = Server(serve, {**env, "NOTSURE_GRPC_PORT": str(grpc_port)}, "/v2/health/ready")
-    try:
-        for n in (1, 64):
-            for api in args.protocols:
-                for c in args.concurrency:
-                    wait_idle(srv.url)
-                    target = f"127.0.0.1:{grpc_port}" if api == "grpc" else (
-                        NOTSURE_APIS[api].format(args.model))  # fmt: skip
-                    cell(srv, "notsure", api, n, c, target, base_for(n), args.model,
-                         list(manifest.input_shape), ("input", "FP32"))  # fmt: skip
-    finally:
-        srv.stop()
-
     def lean(threads: str) -> Other:
         return Other(
             [sys.executable, str(OTHERS / "fastapi_app.py")],
@@ -278,29 +274,55 @@ def main() -> None:
             env={**pytriton.env, "GRPC_PORT": str(pytriton_grpc)}, apis=("grpc",)
         ),
     }
-    for name in args.compare:
-        spec = others[name]
-        if not Path(spec.cmd[0]).exists() and not shutil.which(spec.cmd[0]):
-            print(f"{name}: not installed, skipped", flush=True)
-            continue
-        try:
-            other = Server(spec.cmd, spec.env, spec.ready)
-        except RuntimeError as exc:
-            print(f"{name}: failed to start ({exc}), skipped", flush=True)
-            continue
-        try:
-            for n in spec.images:
-                for api in spec.apis:
-                    for c in args.concurrency:
-                        if name == "no-batching":
-                            wait_idle(other.url)
+    # Every server runs from the start; each cell then loads them one after another, the
+    # order reversed from one cell to the next, with the ceiling measured just before: the
+    # machine's speed drifts by tens of percent within minutes, and a peer measured a quarter
+    # of an hour after notsure was compared with another machine. An idle server costs no CPU.
+    grpc_port = free_port()
+    running: list[tuple[str, Server, Other]] = []
+    mine = Other(serve, {**env, "NOTSURE_GRPC_PORT": str(grpc_port)}, "/v2/health/ready",
+                 "", tuple(args.protocols))  # fmt: skip
+    try:
+        running.append(("notsure", Server(mine.cmd, mine.env, mine.ready), mine))
+        for name in args.compare:
+            spec = others[name]
+            if not Path(spec.cmd[0]).exists() and not shutil.which(spec.cmd[0]):
+                print(f"{name}: not installed, skipped", flush=True)
+                continue
+            try:
+                running.append((name, Server(spec.cmd, spec.env, spec.ready), spec))
+            except RuntimeError as exc:
+                print(f"{name}: failed to start ({exc}), skipped", flush=True)
+        flip = False
+        for n in (1, 64):
+            for kind in measured_kinds(args.protocols, [(nm, sp) for nm, _, sp in running], n):
+                for c in args.concurrency:
+                    group = [
+                        (name, server, spec, api)
+                        for name, server, spec in running
+                        if n in spec.images
+                        for api in spec.apis
+                        if (api if name == "notsure" else SAME_REQUEST.get(api, api)) == kind
+                    ]
+                    base = base_for(n)
+                    for name, server, spec, api in reversed(group) if flip else group:
+                        if name in ("notsure", "no-batching"):
+                            wait_idle(server.url)
                         else:
                             time.sleep(1)
-                        target = f"127.0.0.1:{pytriton_grpc}" if api == "grpc" else spec.path
-                        cell(other, name, api, n, c, target, base_for(n), manifest.name,
-                             list(manifest.input_shape[1:]), ("images", "UINT8"))  # fmt: skip
-        finally:
-            other.stop()
+                        if name == "notsure":
+                            target = f"127.0.0.1:{grpc_port}" if api == "grpc" else (
+                                NOTSURE_APIS[api].format(args.model))  # fmt: skip
+                            cell(server, name, api, n, c, target, base, args.model,
+                                 list(manifest.input_shape), ("input", "FP32"))  # fmt: skip
+                        else:
+                            target = f"127.0.0.1:{pytriton_grpc}" if api == "grpc" else spec.path
+                            cell(server, name, api, n, c, target, base, manifest.name,
+                                 list(manifest.input_shape[1:]), ("images", "UINT8"))  # fmt: skip
+                    flip = not flip
+    finally:
+        for _, server, _ in running:
+            server.stop()
 
     ab = None
     if args.ab_pairs:
