@@ -212,6 +212,8 @@ class Batcher(Generic[R]):
 
     def _drop_dead(self, now: float) -> None:
         """Fail queued requests past their deadline and forget cancelled ones."""
+        if all(not p.future.done() and now <= p.deadline for p in self._queue):
+            return  # the usual case: nothing to drop, no new queue
         keep: deque[_Pending[R]] = deque()
         for p in self._queue:
             if p.future.done():

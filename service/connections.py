@@ -25,15 +25,20 @@ _RESPONSES = {
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    """httptools protocol with one read timer per connection: armed when a connection opens or a
-    new request starts (header timeout), re-armed on each body chunk (body timeout), disarmed
-    once the request is read. Subclasses made by `guarded_protocol` set the three limits."""
+    """httptools protocol with one read deadline per connection: set when a connection opens or
+    a new request starts (header timeout), moved on each body chunk (body timeout), cleared
+    once the request is read. Subclasses made by `guarded_protocol` set the three limits.
+
+    Moving a deadline is an assignment: one event-loop timer per connection checks it when it
+    fires and waits again for a deadline that moved later (a timer started and cancelled four
+    times a request cost about 6 us of a 1-image request's few hundred)."""
 
     max_connections = 2048
     header_timeout_s = 10.0
     body_timeout_s = 20.0
 
     _read_timer: asyncio.TimerHandle | None = None
+    _deadline: float | None = None  # loop time; None: not waiting for the client
     _reading_body = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -46,6 +51,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
@@ -69,16 +77,28 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._disarm()
 
     def _arm(self, seconds: float) -> None:
-        self._disarm()
-        self._read_timer = self.loop.call_later(seconds, self._timed_out)
+        deadline = self._deadline = self.loop.time() + seconds
+        timer = self._read_timer
+        if timer is None or timer.when() > deadline:  # none yet, or one that would fire late
+            if timer is not None:
+                timer.cancel()
+            self._read_timer = self.loop.call_at(deadline, self._check_deadline)
 
     def _disarm(self) -> None:
-        if self._read_timer is not None:
-            self._read_timer.cancel()
-            self._read_timer = None
+        self._deadline = None  # the timer, if it fires, finds nothing to do
+
+    def _check_deadline(self) -> None:
+        self._read_timer = None
+        deadline = self._deadline
+        if deadline is None:
+            return
+        if self.loop.time() < deadline:  # moved later since the timer was set
+            self._read_timer = self.loop.call_at(deadline, self._check_deadline)
+            return
+        self._deadline = None
+        self._timed_out()
 
     def _timed_out(self) -> None:
-        self._read_timer = None
         if self.transport.is_closing():
             return
         if self._reading_body and self.flow.read_paused:

@@ -28,6 +28,7 @@ from service.api.handlers import V2_PREFIX, http_status
 from service.call import Call
 from service.errors import InvalidInput, ServeError
 from service.inference import resolve, shed_early
+from service.metrics import observe_one
 from service.state import AppState
 
 log = logging.getLogger(__name__)
@@ -195,7 +196,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         endpoint = f"/{SERVICE}/{method}"
         m = self.state.metrics
         m.requests_of(*labels, endpoint, str(code), "grpc").inc()
-        m.latency_of(*labels, endpoint, "grpc").observe(time.perf_counter() - start)
+        observe_one(m.latency_of(*labels, endpoint, "grpc"), time.perf_counter() - start)
         if code >= 400:
             level = (
                 logging.INFO

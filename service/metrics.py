@@ -6,6 +6,7 @@ rate(notsure_predictions_total).
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -181,15 +182,24 @@ class Children(Generic[M]):
 FEW_OBSERVATIONS = 8
 
 
+def observe_one(hist: Histogram, value: float) -> None:
+    """`hist.observe(value)` on a labelled series, with the bucket found by bisection: observe()
+    scans the bounds one by one (29 of them for the score histogram) and checks its arguments
+    each time, about 3 us a call, six calls a request."""
+    hist._sum.inc(value)  # a NaN makes the sum NaN and lands in no bucket, as with observe()
+    if value == value:
+        hist._buckets[bisect_left(hist._upper_bounds, value)].inc(1)
+
+
 def observe_many(hist: Histogram, values: npt.NDArray[np.floating] | Sequence[float]) -> None:
     """`hist.observe(v)` for each value (one labelled series), one increment per bucket
     instead of one lock round per value: 64 images cost 64 x 2 observes otherwise. A few
-    values go through `observe` itself: there the numpy calls would cost more (30 us for one)."""
-    v = np.asarray(values, dtype=np.float64)
-    if v.size <= FEW_OBSERVATIONS:
-        for x in v.tolist():
-            hist.observe(x)
+    values go one by one: there the numpy calls would cost more (30 us for one)."""
+    if len(values) <= FEW_OBSERVATIONS:
+        for x in values.tolist() if isinstance(values, np.ndarray) else values:
+            observe_one(hist, float(x))
         return
+    v = np.asarray(values, dtype=np.float64)
     hist._sum.inc(float(v.sum()))  # a NaN makes the sum NaN, as with observe()
     # observe() counts a value in the first bucket whose upper bound is >= it, a NaN in none.
     bounds = np.asarray(hist._upper_bounds, dtype=np.float64)
@@ -211,10 +221,10 @@ class BatchMetrics:
 
     def on_dispatch(self, batch_images: int, waits_s: Sequence[float], queued: int) -> None:
         observe_many(self._wait, waits_s)
-        self._size.observe(batch_images)
+        observe_one(self._size, batch_images)
         self._depth.set(queued)
 
     def on_complete(self, seconds: float, failed: bool) -> None:
-        self._infer.observe(seconds)
+        observe_one(self._infer, seconds)
         if failed:
             self._failures.inc()

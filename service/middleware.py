@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.api.deps import CALL_KEY
 from service.call import Call
 from service.errors import PayloadTooLarge
+from service.metrics import observe_one
 from service.state import AppState
 
 log = logging.getLogger("notsure.access")
@@ -104,7 +105,7 @@ class ServiceMiddleware:
         labels = (call.model, call.version if call.model else "")
         m = self.state.metrics
         m.requests_of(*labels, endpoint, str(code), "http").inc()
-        m.latency_of(*labels, endpoint, "http").observe(time.perf_counter() - start)
+        observe_one(m.latency_of(*labels, endpoint, "http"), time.perf_counter() - start)
         if code >= 400 or log.isEnabledFor(logging.DEBUG):
             log.log(
                 _level(code),

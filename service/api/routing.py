@@ -54,7 +54,9 @@ class InferenceRoute(APIRoute):
             return
         request = Request(scope, receive)
         try:
-            state.keys.check(request.headers.get("authorization"), request.headers.get("x-api-key"))
+            if state.keys.enabled:
+                headers = request.headers
+                state.keys.check(headers.get("authorization"), headers.get("x-api-key"))
             response = await self.handler(state, call_of(scope), request, name, version)
             await response(scope, receive, send)
         finally:

@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.metrics import J_BUCKETS, Children, observe_many
+from service.metrics import J_BUCKETS, Children, observe_many, observe_one
 
 
 def _hist() -> tuple[CollectorRegistry, Histogram]:
@@ -57,6 +57,20 @@ def test_observe_many_matches_observe_one_by_one() -> None:
     observe_many(got.labels("m"), [])
     _same(ref_registry, got_registry)
     assert _samples(got_registry)[("h_bucket", "+Inf")] == len(values) - 1  # all but NaN
+
+
+def test_observe_one_matches_observe() -> None:
+    """Bisection finds the bucket observe() finds by scanning: on the bounds, between them,
+    below the first, past the last (+Inf), and none for NaN; from numpy scalars too."""
+    rng = np.random.default_rng(1)
+    values = [*rng.random(50).tolist(), *J_BUCKETS, -1.0, 0.0, 1.5, 1e9, float("inf"),
+              float("nan"), np.float32(0.35), np.float64(0.05)]  # fmt: skip
+    ref_registry, ref = _hist()
+    got_registry, got = _hist()
+    for v in values:
+        ref.labels("m").observe(float(v))
+        observe_one(got.labels("m"), float(v))
+    _same(ref_registry, got_registry)
 
 
 def test_sum_and_count_without_nan() -> None:
