@@ -146,24 +146,32 @@ def write_checks(path: Path, results: list[CheckResult]) -> None:
     )
 
 
-def headline_wins(cfg: AuditConfig, name: str, eps: float, n: int) -> np.ndarray | None:
-    """(n,) which of the first n images the headline attack won against the model's served
-    score at its served T; None (and a warning) while that run has fewer images."""
+def whitebox_wins(cfg: AuditConfig, name: str, eps: float, n: int) -> np.ndarray | None:
+    """(n,) which of the first n images the white-box attacks won against the model's served
+    score at its served T: the worst case over every saved attack of that group (the headline
+    attack, its cascades, the other attacks on fewer images); None (and a warning) while the
+    headline attack has fewer than n images."""
     from training.attack import audit
-    from training.attack.plan import plan_jobs
+    from training.attack.plan import all_jobs, plan_jobs
 
+    served = audit.served_scores()
+    model = audit._MODELS[name]
     job = next(
-        j
-        for j in plan_jobs("headline", (name,), cfg.dry_run, audit.served_scores())
-        if j.attack.eps == eps
+        j for j in plan_jobs("headline", (name,), cfg.dry_run, served) if j.attack.eps == eps
     )
-    saved = audit.load_job(cfg, audit._MODELS[name], job)
+    saved = audit.load_job(cfg, model, job)
     if saved is None or len(saved["idx"]) < n:
         log.warning(
             "%s: no headline result on %d images at eps %g yet; check skipped", name, n, eps
         )
         return None
-    return np.asarray(saved["served_won"][:n])
+    won = np.zeros(n, dtype=bool)
+    for other in all_jobs((name,), cfg.dry_run, served):
+        part = audit.load_job(cfg, model, other) if other.group == job.group else None
+        if part is not None:
+            first = part["idx"] < n
+            won[part["idx"][first]] |= part["served_won"][first]
+    return won
 
 
 def run_checks(
@@ -187,7 +195,7 @@ def run_checks(
         log.info("%s", results[-1])
         write_checks(out, results)
         for eps in (0.1, 0.3):
-            white = headline_wins(cfg, name, eps, square_n)
+            white = whitebox_wins(cfg, name, eps, square_n)
             if white is None:
                 continue
             results.append(square_vs_whitebox(threat, x[:square_n], y[:square_n], eps, queries,

@@ -17,7 +17,7 @@ import torch
 import torchattacks
 
 from service.scoring import accept
-from training.attack.checks import CheckResult, headline_wins, write_checks
+from training.attack.checks import CheckResult, whitebox_wins, write_checks
 from training.export import ServedNet
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ def run_transfer(
     cfg: AuditConfig, sources: tuple[str, ...] = SOURCES, n: int = 200, steps: int = 20
 ) -> list[CheckResult]:
     """Every source's images at every eps against every target in cfg.models, next to the
-    target's white-box wins on the same images (the headline job at that eps)."""
+    target's white-box wins on the same images (the worst case of its attacks at that eps)."""
     from training.attack import audit
 
     if cfg.dry_run:  # the tiny models attack each other
@@ -74,7 +74,7 @@ def run_transfer(
             adv = cached_craft(cfg, source, eps, n, steps)
             for name in cfg.models:
                 target = audit._MODELS[name]
-                white = headline_wins(cfg, name, eps, n)
+                white = whitebox_wins(cfg, name, eps, n)
                 if white is None:
                     continue
                 won = served_wins(target, adv, target.data.y[:n].numpy())

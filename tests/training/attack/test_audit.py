@@ -222,3 +222,28 @@ def test_k_density_plan_rows_are_what_the_service_decides(cfg: audit.AuditConfig
     assert saved["threshold"][0] == t
     y = model.data.y[: len(saved["idx"])].numpy()
     np.testing.assert_array_equal(saved["served_won"], (s.label != y) & (s.k_density >= t))
+
+
+def test_whitebox_wins_are_the_worst_case_over_the_saved_attacks(cfg: audit.AuditConfig) -> None:
+    """What Square and transfer are compared with: per image, won by any white-box attack of
+    the group (headline, cascades), the same union as the worst-case row."""
+    from dataclasses import replace
+
+    from training.attack.checks import whitebox_wins
+
+    audit.run(cfg)
+    rows = audit.run(replace(cfg, plan="worst-case"))
+    for name in MODELS:
+        served = audit.served_scores()[name]
+        for eps in (0.1, 0.3):
+            won = whitebox_wins(cfg, name, eps, 8)
+            assert won is not None
+            wc = next(r for r in rows if r["attack"] == "worst-case" and r["model"] == name
+                      and r["score"] == served and r["eps"] == eps and r["norm"] == "linf"
+                      and r["clean_refusal"] is None)  # fmt: skip
+            assert wc["n"] == 8 and won.sum() == round(wc["attack_success"] * 8)
+            head = next(j for j in plan_jobs("headline", (name,), True, audit.served_scores())
+                        if j.attack.eps == eps)  # fmt: skip
+            saved = audit.load_job(cfg, audit._MODELS[name], head)
+            assert saved is not None and not (saved["served_won"][:8] & ~won).any()
+    assert whitebox_wins(cfg, MODELS[0], 0.1, 9) is None  # more images than the headline has
