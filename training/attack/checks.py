@@ -146,28 +146,41 @@ def write_checks(path: Path, results: list[CheckResult]) -> None:
     )
 
 
-def whitebox_wins(cfg: AuditConfig, name: str, eps: float, n: int) -> np.ndarray | None:
-    """(n,) which of the first n images the white-box attacks won against the model's served
-    score at its served T: the worst case over every saved attack of that group (the headline
-    attack, its cascades, the other attacks on fewer images); None (and a warning) while the
-    headline attack has fewer than n images."""
+def whitebox_wins(
+    cfg: AuditConfig, name: str, eps: float, n: int, score: str | None = None,
+    clean_refusal: float | None = None,
+) -> np.ndarray | None:  # fmt: skip
+    """(n,) which of the first n images the white-box attacks won against `score` (default:
+    the served one) at the T refusing `clean_refusal` of clean images (default: the served
+    T): the worst case over every saved attack of that group (the Lagrangian attack, its
+    cascades, the other attacks on fewer images); None (and a warning) while the group's
+    Lagrangian attack has fewer than n images."""
     from training.attack import audit
-    from training.attack.plan import all_jobs, plan_jobs
+    from training.attack.plan import all_jobs
 
     served = audit.served_scores()
     model = audit._MODELS[name]
-    job = next(
-        j for j in plan_jobs("headline", (name,), cfg.dry_run, served) if j.attack.eps == eps
-    )
-    saved = audit.load_job(cfg, model, job)
-    if saved is None or len(saved["idx"]) < n:
+    score = score or served[name]
+    group = [
+        j
+        for j in all_jobs((name,), cfg.dry_run, served)
+        if (j.score, j.clean_refusal, j.attack.eps, j.attack.norm) == (score, clean_refusal, eps,
+                                                                        "linf")
+    ]  # fmt: skip
+    saved = {j: audit.load_job(cfg, model, j) for j in group}
+    covered = max(
+        (len(v["idx"]) for j, v in saved.items()
+         if v is not None and j.attack.attack == "lagrangian" and not j.cascade),
+        default=0,
+    )  # fmt: skip
+    if covered < n:
         log.warning(
-            "%s: no headline result on %d images at eps %g yet; check skipped", name, n, eps
-        )
+            "%s: no Lagrangian result on %d images at eps %g against %s yet; check skipped",
+            name, n, eps, score,
+        )  # fmt: skip
         return None
     won = np.zeros(n, dtype=bool)
-    for other in all_jobs((name,), cfg.dry_run, served):
-        part = audit.load_job(cfg, model, other) if other.group == job.group else None
+    for part in saved.values():
         if part is not None:
             first = part["idx"] < n
             won[part["idx"][first]] |= part["served_won"][first]
@@ -200,6 +213,18 @@ def run_checks(
                 continue
             results.append(square_vs_whitebox(threat, x[:square_n], y[:square_n], eps, queries,
                                               white, name))  # fmt: skip
+            log.info("%s", results[-1])
+            write_checks(out, results)
+        if model.kernel_set is None:
+            continue
+        # The NeurIPS version's K-density detector, at the T the audit attacks it at.
+        kd = model.threat("k_density", model.threshold("k_density", 0.05))
+        for eps in (0.1, 0.3):
+            white = whitebox_wins(cfg, name, eps, square_n, "k_density", 0.05)
+            if white is None:
+                continue
+            r = square_vs_whitebox(kd, x[:square_n], y[:square_n], eps, queries, white, name)
+            results.append(replace(r, name="square-vs-whitebox-k_density"))
             log.info("%s", results[-1])
             write_checks(out, results)
     return results

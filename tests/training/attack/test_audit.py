@@ -247,3 +247,26 @@ def test_whitebox_wins_are_the_worst_case_over_the_saved_attacks(cfg: audit.Audi
             saved = audit.load_job(cfg, audit._MODELS[name], head)
             assert saved is not None and not (saved["served_won"][:8] & ~won).any()
     assert whitebox_wins(cfg, MODELS[0], 0.1, 9) is None  # more images than the headline has
+
+
+def test_square_checks_the_served_score_and_k_density(cfg: audit.AuditConfig) -> None:
+    """The gradient-free comparison runs against the served score and, for a model with a
+    kernel set, against K-density at its audited T, each next to the white-box worst case."""
+    import json
+    from dataclasses import replace
+
+    from training.attack.checks import run_checks
+
+    audit.run(cfg)
+    audit.run(replace(cfg, plan="k-density"))
+    results = run_checks(cfg, n=8, square_n=8, queries=20)
+    names = {(r.name, r.model, r.eps) for r in results}
+    for m in MODELS:
+        assert {("square-vs-whitebox", m, 0.1), ("square-vs-whitebox-k_density", m, 0.1),
+                ("square-vs-whitebox-k_density", m, 0.3)} <= names  # fmt: skip
+    for r in results:
+        if r.name.startswith("square"):
+            v = r.values
+            assert 0 <= v["square_only"] <= v["square_success"] <= 1 and v["queries"] == 20
+    saved = json.loads(cfg.out_json.with_name("checks.json").read_text())
+    assert {(r["check"], r["model"], r["eps"]) for r in saved} >= names
