@@ -35,8 +35,10 @@ from service.scoring import Kernel
 from training.attack.score import KernelTensors, ScoreKind, log_k_density_at, log_score_at
 from training.losses import Objective, served_logits
 
-AttackName = Literal["lagrangian", "selective", "orthogonal", "pgd", "cw-l2", "apgd"]
-ATTACKS: tuple[AttackName, ...] = ("lagrangian", "selective", "orthogonal", "pgd", "cw-l2", "apgd")
+AttackName = Literal["lagrangian", "selective", "orthogonal", "pgd", "cw-l2", "apgd", "square"]
+ATTACKS: tuple[AttackName, ...] = (
+    "lagrangian", "selective", "orthogonal", "pgd", "cw-l2", "apgd", "square",
+)  # fmt: skip
 ClassLoss = Literal["margin", "ce"]
 Norm = Literal["linf", "l2"]
 

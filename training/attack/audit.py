@@ -241,6 +241,10 @@ def attack_chunk(
             from training.attack.apgd import apgd_batch
 
             part = apgd_batch(threat, x[todo], y[todo], job.attack)
+        elif job.attack.attack == "square":
+            from training.attack.square import square_batch
+
+            part = square_batch(threat, x[todo], y[todo], job.attack)
         else:
             gen = torch.Generator().manual_seed(job.attack.seed * 100003 + lo)
             part = pgd_batch(threat, x[todo], y[todo], job.attack, gen)

@@ -24,32 +24,13 @@ import torchattacks
 
 from training.attack.adaptive import AdaptiveConfig, Threat, class_loss, pgd_batch, score_loss
 from training.attack.score import served_kind
+from training.attack.square import ScoreAwareSquare
 from training.export import ServedNet
 
 if TYPE_CHECKING:
     from training.attack.audit import AuditConfig
 
 log = logging.getLogger(__name__)
-
-
-class ScoreAwareSquare(torchattacks.Square):
-    """Square whose success is the audit's win (wrong label, accepted) and whose loss is the
-    Lagrangian objective; the rest of Square (schedule, square proposals) is unchanged."""
-
-    def __init__(self, threat: Threat, cfg: AdaptiveConfig, lam: float, **kwargs: object) -> None:
-        super().__init__(ServedNet(threat.net, threat.objective).eval(), **kwargs)  # type: ignore[arg-type]
-        self.threat, self.cfg, self.lam = threat, cfg, lam
-
-    def margin_and_loss(
-        self, x: torch.Tensor, y: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, feats = self.threat.forward(x)
-        won = self.threat.wins(logits, y, feats)
-        loss = class_loss(logits, y, self.cfg).double()
-        loss = loss + self.lam * score_loss(self.threat, logits, y, self.cfg, features=feats)
-        # Square stops on an image once its margin is < 0: exactly when it is won.
-        margin = torch.where(won, -torch.ones_like(loss), loss.clamp(min=0) + 1e-3)
-        return margin.float(), loss.float()
 
 
 @dataclass(frozen=True)

@@ -142,6 +142,13 @@ def worst_case_fill(models: tuple[str, ...] = (RCE, CE)) -> list[AuditJob]:
                 AuditJob(m, replace(base, loss="ce"), n, cascade=True),
                 # torchattacks' APGD-CE (ignores the test), 100 steps x 5 restarts.
                 AuditJob(m, replace(base, attack="apgd", steps=100), n, cascade=True),
+                # Square with the audit's objective: 1,000 queries, no gradients.
+                AuditJob(
+                    m,
+                    replace(base, attack="square", steps=1000, restarts=1, lambdas=(1.0,)),
+                    n,
+                    cascade=True,
+                ),
             ]
     return jobs
 
