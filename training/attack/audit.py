@@ -179,10 +179,22 @@ def keep_results(cfg: AuditConfig, model: Model, job: AuditJob) -> None:
     if saved is None:
         return
     path = results_path(cfg, model, job)
+    if path.exists() and _same_arrays(path, saved):
+        return  # unchanged: rewriting would only change the zip's timestamps
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
     np.savez_compressed(tmp, **saved)
     tmp.replace(path)
+
+
+def _same_arrays(path: Path, arrays: dict[str, np.ndarray]) -> bool:
+    try:
+        with np.load(path) as kept:
+            return set(kept.files) == set(arrays) and all(
+                np.array_equal(kept[k], v) for k, v in arrays.items()
+            )
+    except (OSError, ValueError):
+        return False
 
 
 def missing_ranges(

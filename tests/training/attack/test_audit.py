@@ -89,6 +89,19 @@ def test_a_fresh_checkout_resumes_from_the_kept_results(cfg: audit.AuditConfig) 
     np.testing.assert_array_equal(joined["idx"], np.arange(job.n))
 
 
+def test_rebuilding_rows_leaves_unchanged_kept_results_untouched(cfg: audit.AuditConfig) -> None:
+    """The kept results are committed: a run that adds nothing must not rewrite them (a zip
+    written again differs in its timestamps, and every file would show up as changed)."""
+    import time
+
+    audit.run(cfg)
+    kept = sorted((cfg.out_json.parent / "results").rglob("*.npz"))
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in kept}
+    time.sleep(2.1)  # zip timestamps have a resolution of two seconds
+    audit.run(cfg)
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in kept} == before
+
+
 def test_a_cascade_waits_for_the_attacks_it_follows(cfg: audit.AuditConfig) -> None:
     """A cascade attacks only the images the headline attack did not win: before the headline
     has finished its images it attacks nothing (it would attack all of them)."""
