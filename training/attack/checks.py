@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     from training.attack.audit import AuditConfig
 
 log = logging.getLogger(__name__)
+# Attacks that use only the served scores: the gradient-masking check compares them with the
+# white-box attacks, so the white-box side leaves them out.
+SCORE_BASED = frozenset({"square"})
 
 
 @dataclass(frozen=True)
@@ -133,8 +136,9 @@ def whitebox_wins(
 ) -> np.ndarray | None:  # fmt: skip
     """(n,) which of the first n images the white-box attacks won against `score` (default:
     the served one) at the T refusing `clean_refusal` of clean images (default: the served
-    T): the worst case over every saved attack of that group (the Lagrangian attack, its
-    cascades, the other attacks on fewer images); None (and a warning) while the group's
+    T): the worst case over every saved gradient-based attack of that group (the Lagrangian
+    attack, its cascades, the other attacks on fewer images; not the worst case's Square
+    cascade, which is what they are checked against); None (and a warning) while the group's
     Lagrangian attack has fewer than n images."""
     from training.attack import audit
     from training.attack.plan import all_jobs
@@ -147,6 +151,7 @@ def whitebox_wins(
         for j in all_jobs((name,), cfg.dry_run, served)
         if (j.score, j.clean_refusal, j.attack.eps, j.attack.norm) == (score, clean_refusal, eps,
                                                                         "linf")
+        and j.attack.attack not in SCORE_BASED  # what the white-box attacks are compared with
     ]  # fmt: skip
     saved = {j: audit.load_job(cfg, model, j) for j in group}
     covered = max(

@@ -268,6 +268,37 @@ def test_whitebox_wins_are_the_worst_case_over_the_saved_attacks(cfg: audit.Audi
     assert whitebox_wins(cfg, MODELS[0], 0.1, 9) is None  # more images than the headline has
 
 
+def test_whitebox_wins_leave_out_the_square_cascade(
+    cfg: audit.AuditConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Square is what the white-box attacks are checked against: its own cascade's wins must
+    not count on the white-box side (they would hide every image only Square wins)."""
+    from dataclasses import replace
+
+    from training.attack.checks import whitebox_wins
+
+    audit.run(cfg)
+    audit.run(replace(cfg, plan="worst-case"))
+    name = MODELS[0]
+    before = whitebox_wins(cfg, name, 0.3, 8)
+    assert before is not None
+    load = audit.load_job
+
+    def square_wins_everything(c, m, job):  # type: ignore[no-untyped-def]
+        saved = load(c, m, job)
+        if saved is not None and job.attack.attack == "square":
+            saved = {**saved, "served_won": np.ones_like(saved["served_won"])}
+        return saved
+
+    monkeypatch.setattr(audit, "load_job", square_wins_everything)
+    squares = [j for j in plan_jobs("worst-case", (name,), True, audit.served_scores())
+               if j.attack.attack == "square" and j.attack.eps == 0.3]  # fmt: skip
+    assert squares and audit.load_job(cfg, audit._MODELS[name], squares[0]) is not None
+    after = whitebox_wins(cfg, name, 0.3, 8)
+    assert after is not None
+    np.testing.assert_array_equal(after, before)
+
+
 def test_square_checks_the_served_score_and_k_density(cfg: audit.AuditConfig) -> None:
     """The gradient-free comparison runs against the served score and, for a model with a
     kernel set, against K-density at its audited T, each next to the white-box worst case."""
