@@ -235,10 +235,8 @@ def markdown(rows: list[dict[str, object]], served: dict[str, str]) -> str:
                 ]
                 cells.append(
                     _cell(
-                        find(model=m, score="j", attack="lagrangian", eps=eps, clean_refusal=0.01)
+                        find(model=m, score=score, attack="lagrangian", eps=eps, clean_refusal=0.01)
                     )
-                    if score == "j"
-                    else "-"
                 )
                 cells.append(
                     _cell(

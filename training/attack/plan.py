@@ -110,11 +110,13 @@ def secondary(models: tuple[str, ...] = (RCE, CE)) -> list[AuditJob]:
                 AuditJob(m, replace(base, attack="orthogonal"), n),
                 AuditJob(m, replace(base, attack="pgd"), n),
             ]
-        # A CE model guarded by its confidence instead of J.
+        # A CE model guarded by its confidence instead of J (the score it is served on), at
+        # the T for 5% and for 1% clean refusals.
         jobs += [
-            AuditJob(m, replace(LAGRANGE, eps=e), n, score="confidence", clean_refusal=0.05)
+            AuditJob(m, replace(LAGRANGE, eps=e), n, score="confidence", clean_refusal=r)
             for m in models
             if m.endswith("-ce")
+            for r in (0.05, 0.01)
         ]
     cw = AdaptiveConfig(attack="cw-l2", eps=0.0, steps=200, restarts=5, lambdas=(1.0,))
     jobs += [AuditJob(m, cw, n) for m in models]

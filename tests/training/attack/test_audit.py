@@ -181,6 +181,19 @@ def test_jobs_at_the_served_t_attack_the_served_score() -> None:
             assert after == before and after.key("sha") == before.key("sha")
 
 
+def test_a_model_served_on_confidence_is_attacked_at_its_t_for_5_and_1_percent() -> None:
+    """Attack success at the T for 5% and 1% clean refusals, on the score the CE model serves."""
+    jobs = all_jobs(("a-ce",), served={"a-ce": "confidence"})
+    for eps in (0.05, 0.1, 0.2, 0.3):
+        at = {
+            j.clean_refusal
+            for j in jobs
+            if j.score == "confidence" and j.attack.eps == eps and j.attack.attack == "lagrangian"
+            and j.attack.norm == "linf" and j.attack.steps == 200
+        }  # fmt: skip
+        assert {None, 0.05, 0.01} <= at, eps
+
+
 def _row(model: str, score: str, eps: float, success: float, n: int = 10) -> dict[str, object]:
     return {"model": model, "score": score, "attack": "lagrangian", "norm": "linf", "eps": eps,
             "clean_refusal": None, "n": n, "steps": 200, "restarts": 5,
