@@ -145,6 +145,16 @@ class Result:
     adv: torch.Tensor  # (B, C, H, W): the first winning image, else the last iterate
     spent: torch.Tensor  # (B,) gradient steps until the win (or all steps spent)
 
+    @classmethod
+    def judged(cls, threat: Threat, adv: torch.Tensor, y: torch.Tensor, spent: int) -> Result:
+        """The outcome of a third-party attack's finished images: won = the served answer is
+        a wrong label that the test accepts; `spent` (steps or queries) charged to each."""
+        adv = adv.detach()
+        with torch.no_grad():
+            logits, features = threat.forward(adv)
+            won = threat.wins(logits, y, features).cpu()
+        return cls(won, adv, torch.full((len(adv),), spent, dtype=torch.long))
+
 
 def wrong_class(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """(B,) the strongest wrong class, the one an untargeted attack pushes up."""

@@ -21,9 +21,4 @@ def apgd_batch(threat: Threat, x: torch.Tensor, y: torch.Tensor, cfg: AdaptiveCo
     served = ServedNet(threat.net, threat.objective).eval()
     atk = torchattacks.APGD(served, norm="Linf", eps=cfg.eps, steps=cfg.steps,
                             n_restarts=cfg.restarts, seed=cfg.seed, loss="ce")  # fmt: skip
-    adv = atk(x, y).detach()
-    with torch.no_grad():
-        logits, features = threat.forward(adv)
-        won = threat.wins(logits, y, features).cpu()
-    spent = torch.full((len(x),), cfg.steps * cfg.restarts, dtype=torch.long)
-    return Result(won, adv, spent)
+    return Result.judged(threat, atk(x, y), y, cfg.steps * cfg.restarts)

@@ -43,9 +43,4 @@ def square_batch(threat: Threat, x: torch.Tensor, y: torch.Tensor, cfg: Adaptive
     label that the test accepts. `spent` counts queries, not gradient steps."""
     atk = ScoreAwareSquare(threat, cfg, lam=cfg.lambdas[0], eps=cfg.eps, n_queries=cfg.steps,
                            n_restarts=cfg.restarts, seed=cfg.seed)  # fmt: skip
-    adv = atk(x, y).detach()
-    with torch.no_grad():
-        logits, features = threat.forward(adv)
-        won = threat.wins(logits, y, features).cpu()
-    spent = torch.full((len(x),), cfg.steps * cfg.restarts, dtype=torch.long)
-    return Result(won, adv, spent)
+    return Result.judged(threat, atk(x, y), y, cfg.steps * cfg.restarts)
