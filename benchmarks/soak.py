@@ -21,8 +21,8 @@ import contextlib
 import io
 import itertools
 import json
-import os
 import sys
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -346,10 +346,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--warmup", type=float, default=10.0, help="seconds before the RSS baseline")
     p.add_argument("--out", type=Path, help="write the result as JSON here")
+    p.add_argument(
+        "--server-log", type=Path, help="the started server's log (default: a new temp directory)"
+    )
     a = p.parse_args(argv)
     server = None
     if a.url is None:
-        server = ServeProcess(a.repo, Path(f"soak-server-{os.getpid()}.log")).start()
+        log = a.server_log or Path(tempfile.mkdtemp(prefix="notsure-soak-")) / "server.log"
+        print(f"server log: {log}", file=sys.stderr)
+        server = ServeProcess(a.repo, log).start()
     url = a.url or server.url  # type: ignore[union-attr]
     pid = a.pid or (server.pid if server else None)
     cfg = SoakConfig(
