@@ -57,10 +57,19 @@ def dtype_of(datatype: str, field: str) -> np.dtype[Any]:
     return dtype
 
 
+# An empty tensor (a zero-length axis) passes the data-size check whatever its other axes say,
+# but numpy refuses a shape whose non-zero axes overflow its index type: past this product such
+# a shape is refused here, as the client's error. (A non-empty lying shape fails the size check.)
+MAX_SHAPE_PRODUCT = 2**40
+
+
 def element_count(shape: Sequence[int], field: str) -> int:
     if any(d < 0 for d in shape) or len(shape) > 8:
         raise InvalidInput(f"invalid shape {list(shape)}", field=field)
-    return math.prod(shape)
+    count = math.prod(shape)
+    if count == 0 and math.prod(max(d, 1) for d in shape) > MAX_SHAPE_PRODUCT:
+        raise InvalidInput(f"shape {list(shape)} is too large", field=field)
+    return count
 
 
 def from_bytes(

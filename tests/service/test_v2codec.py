@@ -9,6 +9,7 @@ import pytest
 import tritonclient.http as triton
 
 from service import v2codec
+from service.errors import InvalidInput
 
 OUTPUTS = ("label", "j_score", "probabilities")
 
@@ -75,3 +76,16 @@ def test_a_cut_short_response_is_refused() -> None:
     body, hlen = v2codec.encode({}, [("j_score", np.ones(4, np.float32))], {"j_score"})
     with pytest.raises(ValueError, match="cut short"):
         v2codec.decode_response(body[:-1], hlen)
+
+
+@pytest.mark.parametrize("empty", [[], b""])
+def test_an_empty_tensor_with_a_huge_shape_is_the_clients_error(empty: list | bytes) -> None:
+    # Zero elements, but numpy cannot even represent the other dimensions' product.
+    shape = [0, 1197, 12855149, 74925298]
+    with pytest.raises(InvalidInput, match="too large"):
+        if isinstance(empty, bytes):
+            v2codec.from_bytes(empty, "FP32", shape, "inputs[0]")
+        else:
+            v2codec.from_values(empty, "FP32", shape, "inputs[0]", "inputs[0].contents")
+    # A genuinely empty batch of images is still a well-formed tensor.
+    assert v2codec.from_values([], "FP32", [0, 1, 28, 28], "f", "d").shape == (0, 1, 28, 28)
