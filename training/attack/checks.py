@@ -25,6 +25,7 @@ import torchattacks
 from training.attack.adaptive import AdaptiveConfig, Threat, class_loss, pgd_batch, score_loss
 from training.attack.score import served_kind
 from training.attack.square import ScoreAwareSquare
+from training.attack.store import load_job
 from training.export import ServedNet
 
 if TYPE_CHECKING:
@@ -153,7 +154,7 @@ def whitebox_wins(
                                                                         "linf")
         and j.attack.attack not in SCORE_BASED  # what the white-box attacks are compared with
     ]  # fmt: skip
-    saved = {j: audit.load_job(cfg, model, j) for j in group}
+    saved = {j: load_job(cfg, model, j) for j in group}
     covered = max(
         (len(v["idx"]) for j, v in saved.items()
          if v is not None and j.attack.attack == "lagrangian" and not j.cascade),

@@ -8,10 +8,11 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from service.manifest import MANIFEST_FILE, Manifest
-from training.attack.audit import _MODELS, AuditConfig, load_job, served_scores
+from training.attack.audit import _MODELS, AuditConfig, served_scores
 from training.attack.io import model_version_dir
 from training.attack.plan import plan_jobs
 from training.attack.score import served_kind
+from training.attack.store import load_job
 
 
 def served_of(cfg: AuditConfig, models: set[str]) -> dict[str, str]:

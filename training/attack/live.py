@@ -16,18 +16,12 @@ import logging
 
 import numpy as np
 
-from training.attack.audit import (
-    _MODELS,
-    AuditConfig,
-    Model,
-    job_dir,
-    load_chunks,
-    served_scores,
-)
+from training.attack.audit import _MODELS, AuditConfig, Model, served_scores
 from training.attack.plan import AuditJob, all_jobs
 from training.attack.rows import attack_label
 from training.attack.score import service_name
 from training.attack.service_client import NOT_SURE, V2Client
+from training.attack.store import job_dir, load_chunks
 from training.progress import progress_bar
 
 log = logging.getLogger(__name__)

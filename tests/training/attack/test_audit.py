@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from service.scoring import score_logits, threshold_for_refuse_rate
-from training.attack import audit
+from training.attack import audit, store
 from training.attack.plan import all_jobs, plan_jobs
 
 MODELS = ("tiny-rce", "tiny-ce")
@@ -76,7 +76,7 @@ def test_a_fresh_checkout_resumes_from_the_kept_results(cfg: audit.AuditConfig) 
 
     rows = audit.run(cfg)
     kept = sorted((cfg.out_json.parent / "results").rglob("*.npz"))
-    assert kept and all(audit.IMAGES not in np.load(p).files for p in kept)
+    assert kept and all(store.IMAGES not in np.load(p).files for p in kept)
     shutil.rmtree(cfg.work_dir)
     cfg.out_json.unlink()
     assert audit.run(cfg) == rows
@@ -84,7 +84,7 @@ def test_a_fresh_checkout_resumes_from_the_kept_results(cfg: audit.AuditConfig) 
     # A kept result and a chunk of the same job combine, image by image.
     job = plan_jobs("headline", MODELS, dry_run=True)[0]
     model = audit._MODELS[job.model]
-    joined = audit.load_job(cfg, model, job)
+    joined = store.load_job(cfg, model, job)
     assert joined is not None
     np.testing.assert_array_equal(joined["idx"], np.arange(job.n))
 
@@ -132,7 +132,7 @@ def test_saved_wins_are_what_the_service_scoring_decides(cfg: audit.AuditConfig)
     audit.run(cfg)
     job = plan_jobs("headline", MODELS, dry_run=True)[0]
     model = audit._MODELS[job.model]
-    saved = audit.load_chunks(audit.job_dir(cfg, model, job))
+    saved = store.load_chunks(store.job_dir(cfg, model, job))
     assert saved is not None
     logits = model.onnx.run(saved["adv"])
     s = score_logits(logits, model.manifest.kernel.to_kernel())
@@ -221,7 +221,7 @@ def test_cascade_wins_are_what_the_service_decides(cfg: audit.AuditConfig, attac
     attacked = 0
     for job in jobs:
         model = audit._MODELS[job.model]
-        saved = audit.load_chunks(audit.job_dir(cfg, model, job))
+        saved = store.load_chunks(store.job_dir(cfg, model, job))
         assert saved is not None
         x = model.data.x[: len(saved["idx"])].numpy()
         assert (np.abs(saved["adv"] - x) <= job.attack.eps + 1e-6).all()
@@ -243,7 +243,7 @@ def test_k_density_plan_rows_are_what_the_service_decides(cfg: audit.AuditConfig
     job = next(j for j in plan_jobs("k-density", MODELS, dry_run=True) if j.attack.eps == 0.3)
     model = audit._MODELS[job.model]
     assert model.kernel_set is not None
-    saved = audit.load_chunks(audit.job_dir(kd_cfg, model, job))
+    saved = store.load_chunks(store.job_dir(kd_cfg, model, job))
     assert saved is not None
     # The service's decision on the saved images: the graph's features, the verified kernel
     # set, the T refusing 5% of the clean calibration images.
@@ -276,7 +276,7 @@ def test_whitebox_wins_are_the_worst_case_over_the_saved_attacks(cfg: audit.Audi
             assert wc["n"] == 8 and won.sum() == round(wc["attack_success"] * 8)
             head = next(j for j in plan_jobs("headline", (name,), True, audit.served_scores())
                         if j.attack.eps == eps)  # fmt: skip
-            saved = audit.load_job(cfg, audit._MODELS[name], head)
+            saved = store.load_job(cfg, audit._MODELS[name], head)
             assert saved is not None and not (saved["served_won"][:8] & ~won).any()
     assert whitebox_wins(cfg, MODELS[0], 0.1, 9) is None  # more images than the headline has
 
@@ -288,6 +288,7 @@ def test_whitebox_wins_leave_out_the_square_cascade(
     not count on the white-box side (they would hide every image only Square wins)."""
     from dataclasses import replace
 
+    from training.attack import checks
     from training.attack.checks import whitebox_wins
 
     audit.run(cfg)
@@ -295,7 +296,7 @@ def test_whitebox_wins_leave_out_the_square_cascade(
     name = MODELS[0]
     before = whitebox_wins(cfg, name, 0.3, 8)
     assert before is not None
-    load = audit.load_job
+    load = store.load_job
 
     def square_wins_everything(c, m, job):  # type: ignore[no-untyped-def]
         saved = load(c, m, job)
@@ -303,10 +304,10 @@ def test_whitebox_wins_leave_out_the_square_cascade(
             saved = {**saved, "served_won": np.ones_like(saved["served_won"])}
         return saved
 
-    monkeypatch.setattr(audit, "load_job", square_wins_everything)
+    monkeypatch.setattr(checks, "load_job", square_wins_everything)
     squares = [j for j in plan_jobs("worst-case", (name,), True, audit.served_scores())
                if j.attack.attack == "square" and j.attack.eps == 0.3]  # fmt: skip
-    assert squares and audit.load_job(cfg, audit._MODELS[name], squares[0]) is not None
+    assert squares and checks.load_job(cfg, audit._MODELS[name], squares[0]) is not None
     after = whitebox_wins(cfg, name, 0.3, 8)
     assert after is not None
     np.testing.assert_array_equal(after, before)
