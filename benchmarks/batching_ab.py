@@ -3,8 +3,9 @@
 One run of `serving.py` measures each configuration once, a minute apart; on a shared 2-core
 machine that alone moves the ratio by tens of percent. Here both servers are started once
 (an idle server costs no CPU) and loaded in turn, on, off, on, off, ... at the same
-concurrency with the same 1-image native JSON body; each pair gives a ratio, and the median
-over the pairs is the figure to quote.
+concurrency with the same body (by default 1-image integer JSON; `--body` and `--images` pick
+another); each pair gives a ratio, and the median over the pairs is the figure to quote. The
+rates are requests a second; multiply by --images for images a second.
 
     python benchmarks/batching_ab.py --pairs 6 --duration 6 --concurrency 32
 
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from loadgen import Server, bodies, run_wrk, wait_idle  # noqa: E402
+from loadgen import NOTSURE_APIS, Server, bodies, run_wrk, wait_idle  # noqa: E402
 
 from service.manifest import MANIFEST_FILE, Manifest  # noqa: E402
 
@@ -40,17 +41,19 @@ def measure_pairs(
     on_env: dict[str, str] | None = None,
     on_tree: Path = ROOT,
     off_tree: Path = ROOT,
+    body_kind: str = "native",
+    images: int = 1,
 ) -> dict[str, Any]:
     """Alternate wrk runs on a batching and a batching-off server; the pairs and their median."""
     manifest = Manifest.load(ROOT / "models" / model / "1" / MANIFEST_FILE)
-    body = bodies(manifest, 1, tmp)["native"]
+    body = bodies(manifest, images, tmp)[body_kind]
     base = {
         "NOTSURE_MODELS": model,
         "NOTSURE_LOG_LEVEL": "warning",
         "NOTSURE_MAX_QUEUE_IMAGES": "16384",
     }
     serve = [sys.executable, "-m", "notsure.cli", "serve"]
-    path = f"/v1/models/{model}/predict"
+    path = NOTSURE_APIS[body_kind].format(model)
     on = Server(serve, {**base, **(on_env or {})}, "/v2/health/ready", cwd=on_tree)
     try:
         off = Server(serve, {**base, **off_env}, "/v2/health/ready", cwd=off_tree)
@@ -79,6 +82,8 @@ def measure_pairs(
     ratios = [r["ratio"] for r in rows]
     return {
         "concurrency": concurrency,
+        "body": body_kind,
+        "images": images,
         "off_env": off_env,
         "median_ratio": statistics.median(ratios),
         "min_ratio": min(ratios),
@@ -103,6 +108,8 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=6)
     ap.add_argument("--duration", type=float, default=6.0, help="seconds per wrk run")
     ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--body", choices=sorted(NOTSURE_APIS), default="native", help="body kind")
+    ap.add_argument("--images", type=int, default=1, help="images per request")
     ap.add_argument(
         "--off-env",
         default="NOTSURE_BATCHING=false",
@@ -124,7 +131,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="notsure-ab-"))
     ab = measure_pairs(
         args.model, args.pairs, args.duration, args.concurrency, off_env, tmp, on_env,
-        args.on_tree.resolve(), args.off_tree.resolve(),
+        args.on_tree.resolve(), args.off_tree.resolve(), args.body, args.images,
     )  # fmt: skip
     print(summary_line(ab))
     if args.out:
