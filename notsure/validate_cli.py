@@ -34,8 +34,8 @@ def ood(
     shift: Annotated[
         list[str] | None,
         Opt(
-            help="synthetic shifts of the ID test set: noise, inverted, blur, rotated, or none "
-            "[default: all]"
+            help="synthetic shifts of the ID test set: noise, inverted, blur, rotated, blank, "
+            "or none [default: all]"
         ),
     ] = None,
     url: Annotated[str | None, Opt(help="base URL of the running service")] = None,

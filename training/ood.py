@@ -34,12 +34,13 @@ log = logging.getLogger(__name__)
 F32 = npt.NDArray[np.float32]
 # The other data set that is out of distribution for a model trained on the key.
 COUNTERPART = {"mnist": "fashion-mnist", "fashion-mnist": "mnist"}
-SHIFTS = ("noise", "inverted", "blur", "rotated")
+SHIFTS = ("noise", "inverted", "blur", "rotated", "blank")
 SHIFT_TEXT = {
     "noise": "uniform noise U(0, 1) per pixel",
     "inverted": "ID test images inverted (1 - x)",
     "blur": "ID test images, Gaussian blur sigma 2 px",
     "rotated": "ID test images rotated 90 degrees",
+    "blank": "blank frames: each image one grey level, evenly spaced from 0 (black) to 1 (white)",
 }
 
 
@@ -82,6 +83,9 @@ def shifted(kind: str, x: F32, rng: np.random.Generator) -> F32:
         return np.asarray(gaussian_filter(x, sigma=(0, 0, 2, 2)), dtype=np.float32)
     if kind == "rotated":
         return np.ascontiguousarray(np.rot90(x, k=1, axes=(2, 3)), dtype=np.float32)
+    if kind == "blank":  # an empty scan, a covered lens, a black or white frame
+        levels = np.linspace(0.0, 1.0, num=x.shape[0], dtype=np.float32)
+        return np.ascontiguousarray(np.broadcast_to(levels[:, None, None, None], x.shape))
     raise ValueError(f"unknown shift {kind!r}; choose from {', '.join(SHIFTS)}")
 
 

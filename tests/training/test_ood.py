@@ -30,6 +30,10 @@ def test_shifts_are_what_they_say() -> None:
     assert blurred.shape == x.shape and blurred.std() < x.std()
     noise = shifted("noise", x, rng)
     assert noise.shape == x.shape and noise.min() >= 0.0 and noise.max() <= 1.0
+    blank = shifted("blank", x, rng)  # one grey level per image: 0, 1/3, 2/3, 1
+    assert blank.shape == x.shape and blank.dtype == np.float32
+    for i, level in enumerate([0.0, 1 / 3, 2 / 3, 1.0]):
+        np.testing.assert_allclose(blank[i], np.full(x.shape[1:], level), atol=1e-7)
 
 
 def mann_whitney(a: np.ndarray, b: np.ndarray) -> float:
