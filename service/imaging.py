@@ -11,6 +11,9 @@ import binascii
 import io
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -44,37 +47,28 @@ def _b64decode(text: str, field: str) -> bytes:
         ) from exc
 
 
-def decode_image(data: bytes, shape: Shape, field: str, *, resize: bool, max_pixels: int) -> F32:
-    """PNG/JPEG bytes -> (C, H, W) float32 in [0, 1] for a model of input shape (C, H, W)."""
-    c, h, w = shape
+@dataclass(frozen=True, slots=True)
+class EncodedImage:
+    """A PNG/JPEG whose header has been read and checked (pixel limit, format, size, mode);
+    its pixels are not decoded yet (`decode`)."""
+
+    img: Image.Image
+    field: str  # where the request carried it, for the errors of the decode
+
+    @property
+    def pixels(self) -> int:
+        """Width x height, as the header declares."""
+        return int(self.img.width * self.img.height)
+
+
+@contextmanager
+def _pillow_errors(field: str, shape: Shape) -> Iterator[None]:
+    """Pillow's failures while opening or decoding an image, as InvalidInput for `field`."""
+    _, h, w = shape
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img: Image.Image = Image.open(io.BytesIO(data))
-            # Image.open reads the header only: refuse huge images before decoding pixels.
-            if img.width * img.height > max_pixels:
-                raise InvalidInput(
-                    f"image is {img.width}x{img.height} pixels, over the limit of {max_pixels}",
-                    field=field,
-                    fix=f"send a {w}x{h} image",
-                )
-            if img.format not in ("PNG", "JPEG"):
-                raise InvalidInput(
-                    f"unsupported image format {img.format}", field=field, fix="send PNG or JPEG"
-                )
-            if img.size != (w, h) and not resize:  # refused from the header, never decoded
-                raise InvalidInput(
-                    f"image is {img.width}x{img.height}, the model expects {w}x{h}",
-                    field=field,
-                    fix=f'send {w}x{h} images, or set "resize": true to resize them',
-                )
-            if img.mode not in _8BIT_MODES:
-                raise InvalidInput(
-                    f"image mode {img.mode} is not supported",
-                    field=field,
-                    fix="send an 8-bit grayscale or RGB image",
-                )
-            img = img.convert("L" if c == 1 else "RGB")
+            yield
     except InvalidInput:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -90,6 +84,47 @@ def decode_image(data: bytes, shape: Shape, field: str, *, resize: bool, max_pix
             field=field,
             fix="send a complete PNG or JPEG file, base64-encoded",
         ) from exc
+
+
+def open_image(
+    data: bytes, shape: Shape, field: str, *, resize: bool, max_pixels: int
+) -> EncodedImage:
+    """PNG/JPEG bytes, opened and checked from the header for a model of input shape (C, H, W):
+    a huge, foreign or wrongly sized image is refused before any pixel is decoded."""
+    _, h, w = shape
+    with _pillow_errors(field, shape):
+        img: Image.Image = Image.open(io.BytesIO(data))  # reads the header only
+        if img.width * img.height > max_pixels:
+            raise InvalidInput(
+                f"image is {img.width}x{img.height} pixels, over the limit of {max_pixels}",
+                field=field,
+                fix=f"send a {w}x{h} image",
+            )
+        if img.format not in ("PNG", "JPEG"):
+            raise InvalidInput(
+                f"unsupported image format {img.format}", field=field, fix="send PNG or JPEG"
+            )
+        if img.size != (w, h) and not resize:  # refused from the header, never decoded
+            raise InvalidInput(
+                f"image is {img.width}x{img.height}, the model expects {w}x{h}",
+                field=field,
+                fix=f'send {w}x{h} images, or set "resize": true to resize them',
+            )
+        if img.mode not in _8BIT_MODES:
+            raise InvalidInput(
+                f"image mode {img.mode} is not supported",
+                field=field,
+                fix="send an 8-bit grayscale or RGB image",
+            )
+    return EncodedImage(img, field)
+
+
+def decode(image: EncodedImage, shape: Shape) -> F32:
+    """An opened image's pixels -> (C, H, W) float32 in [0, 1], resized when it was allowed
+    to differ in size."""
+    c, h, w = shape
+    with _pillow_errors(image.field, shape):
+        img = image.img.convert("L" if c == 1 else "RGB")
     if img.size != (w, h):
         img = img.resize((w, h), Image.Resampling.BILINEAR)
     arr = np.asarray(img, dtype=np.float32) / np.float32(255.0)
@@ -151,48 +186,24 @@ def check_batch(arr: npt.NDArray[Any], shape: Shape, field: str) -> F32:
     return out
 
 
-def instance_to_tensor(
+def open_instance(
     instance: object, shape: Shape, field: str, *, resize: bool, max_pixels: int
-) -> F32:
-    """One native-API instance (base64 string, {'b64': ...} or a pixel list) -> (C, H, W)."""
+) -> EncodedImage | F32:
+    """One native-API instance: a base64 image (a string or {'b64': ...}) opened and checked
+    from its header, or a pixel list as (C, H, W) float32."""
     if isinstance(instance, str):
-        return decode_image(
+        return open_image(
             _b64decode(instance, field), shape, field, resize=resize, max_pixels=max_pixels
         )
     b64 = getattr(instance, "b64", None)
     if isinstance(b64, str):
-        return decode_image(
-            _b64decode(b64, f"{field}.b64"),
-            shape,
-            f"{field}.b64",
-            resize=resize,
-            max_pixels=max_pixels,
+        where = f"{field}.b64"
+        return open_image(
+            _b64decode(b64, where), shape, where, resize=resize, max_pixels=max_pixels
         )
     if isinstance(instance, list):
         return pixels_to_tensor(instance, shape, field)
     raise InvalidInput("unsupported instance type", field=field, fix=describe(shape))
-
-
-def declared_pixels(instance: object) -> int:
-    """Width x height that an encoded instance (base64 string or {'b64': ...}) declares in its
-    header, without decoding its pixels; 0 for pixel arrays and for anything unreadable (the
-    decode proper then says what is wrong with it)."""
-    text = instance if isinstance(instance, str) else getattr(instance, "b64", None)
-    if not isinstance(text, str):
-        return 0
-    try:
-        return header_pixels(_b64decode(text, ""))
-    except InvalidInput:  # not base64: refused by the decode proper
-        return 0
-
-
-def header_pixels(data: bytes) -> int:
-    """Width x height from an image file's header (0 when Pillow cannot read one)."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return int(img.width * img.height)
-    except Exception:  # not an image, or Pillow's bomb guard: refused by the decode proper
-        return 0
 
 
 def batch_bytes(shape: Shape, n: int) -> int:

@@ -236,7 +236,7 @@ def test_unexpected_errors_hide_their_internals(
     def boom(*args: object, **kwargs: object) -> None:
         raise RuntimeError(f"secret detail at {model_repo / RCE / MODEL_FILE}")
 
-    monkeypatch.setattr(native, "instance_to_tensor", boom)
+    monkeypatch.setattr(native, "open_instance", boom)
     settings = Settings(model_repository=model_repo)
     with TestClient(create_app(settings), raise_server_exceptions=False) as c:
         r = c.post(f"/v1/models/{RCE}/predict", json=X, headers={"X-Request-ID": "oops-1"})

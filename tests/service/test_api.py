@@ -544,19 +544,43 @@ def test_sheds_and_timeouts_log_as_warnings_not_errors() -> None:
     ]
 
 
-def test_declared_pixels_come_from_the_header() -> None:
+def test_images_are_opened_from_the_header_and_decoded_later(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Opening reads the header (the size that decides where the decode runs) and decodes no
+    pixel; the decode gives the pixels of the image sent."""
     from types import SimpleNamespace
 
-    from service.imaging import declared_pixels, header_pixels
+    from PIL import ImageFile
 
-    raw = base64.b64decode(png_b64(np.zeros((20, 30))))  # 30 wide, 20 high
-    b64 = base64.b64encode(raw).decode()
-    assert header_pixels(raw) == 600
-    assert declared_pixels(b64) == 600
-    assert declared_pixels("data:image/png;base64," + b64) == 600
-    assert declared_pixels(SimpleNamespace(b64=b64)) == 600
-    assert declared_pixels([[0.0] * 28] * 28) == 0  # pixel arrays are not decoded
-    assert declared_pixels("not base64!") == 0 and header_pixels(b"not an image") == 0
+    from service.imaging import EncodedImage, decode, open_instance
+
+    loads: list[tuple[int, int]] = []
+    real_load = ImageFile.ImageFile.load
+
+    def spy(self: ImageFile.ImageFile) -> object:
+        loads.append(self.size)
+        return real_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
+    pixels = np.arange(600, dtype=np.float64).reshape(20, 30) % 256 / 255  # 30 wide, 20 high
+    b64 = png_b64(pixels)
+    shape, opts = (1, 28, 28), {"resize": True, "max_pixels": 10**6}
+    for inst, field in [
+        (b64, "instances[0]"),
+        ("data:image/png;base64," + b64, "instances[0]"),
+        (SimpleNamespace(b64=b64), "instances[0].b64"),
+    ]:
+        opened = open_instance(inst, shape, "instances[0]", **opts)
+        assert isinstance(opened, EncodedImage)
+        assert (opened.pixels, opened.field) == (600, field)
+    assert loads == []  # no pixel decoded yet
+    got = decode(open_instance(b64, (1, 20, 30), "x", resize=False, max_pixels=600), (1, 20, 30))
+    np.testing.assert_allclose(got[0], np.round(pixels * 255) / 255, atol=1e-6)
+    assert loads and set(loads) == {(30, 20)}  # decoded now (convert calls load again)
+    # Pixel arrays need no decode: they come back as the tensor.
+    arr = open_instance([[0.5] * 28] * 28, shape, "instances[0]", **opts)
+    assert isinstance(arr, np.ndarray) and arr.shape == shape and float(arr.max()) == 0.5
 
 
 def test_v2_infer_returns_the_models_own_score(client: TestClient, model_repo: Path) -> None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
-from typing import Annotated, Any, TypeVar
+from collections.abc import Sequence
+from typing import Annotated, Any
 
 import numpy as np
 import orjson
@@ -18,12 +18,7 @@ from service.api.routing import add_inference_route
 from service.call import Call
 from service.errors import InvalidInput, PayloadTooLarge, invalid_input_from
 from service.fastjson import validate_json
-from service.imaging import (
-    declared_pixels,
-    decode_image,
-    header_pixels,
-    instance_to_tensor,
-)
+from service.imaging import EncodedImage, Shape, decode, open_image, open_instance
 from service.inference import Outcome, infer, resolve, shed_early
 from service.repository import LoadedModel
 from service.schemas import (
@@ -36,8 +31,6 @@ from service.schemas import (
 )
 from service.state import AppState
 from service.thresholds import threshold_in_force
-
-T = TypeVar("T")
 
 router = APIRouter(
     prefix="/v1", tags=["native"], dependencies=[Depends(require_key)], responses=API_ERRORS
@@ -89,15 +82,17 @@ def _response(mv: LoadedModel, outcome: Outcome, request_id: str | None, reveal:
 
 
 async def _stack(
-    items: Sequence[T], convert: Callable[[int, T], np.ndarray], pixels: int, inline_max: int
+    items: Sequence[EncodedImage | np.ndarray], shape: Shape, inline_max: int
 ) -> np.ndarray:
-    """The items as one (B, C, H, W) array. Decoding PNG/JPEG costs milliseconds per megapixel:
-    when the images declare more than `inline_max` pixels in all, it runs in a worker thread so
-    that the event loop keeps answering others. Small images (the usual 28x28) and pixel arrays
-    stay on the loop, where they cost less than the hand-off to a thread."""
+    """The images (opened, pixels not yet decoded) and pixel arrays as one (B, C, H, W) array.
+    Decoding PNG/JPEG costs milliseconds per megapixel: when the images declare more than
+    `inline_max` pixels in all, it runs in a worker thread so that the event loop keeps
+    answering others. Small images (the usual 28x28) and pixel arrays stay on the loop, where
+    they cost less than the hand-off to a thread."""
+    pixels = sum(item.pixels for item in items if isinstance(item, EncodedImage))
 
     def run() -> np.ndarray:
-        return np.stack([convert(i, item) for i, item in enumerate(items)])
+        return np.stack([decode(i, shape) if isinstance(i, EncodedImage) else i for i in items])
 
     return await asyncio.to_thread(run) if pixels > inline_max else run()
 
@@ -117,15 +112,12 @@ async def handle_predict(
             fix=f"split the request into batches of {settings.max_instances}",
         )
     threshold = threshold_in_force(settings, mv.score, mv.threshold, body.threshold)
-    shape, resize = mv.manifest.input_shape, body.resize
-    x = await _stack(
-        body.instances,
-        lambda i, inst: instance_to_tensor(
-            inst, shape, f"instances[{i}]", resize=resize, max_pixels=settings.max_image_pixels
-        ),
-        sum(map(declared_pixels, body.instances)),
-        settings.decode_inline_max_pixels,
-    )
+    shape, resize, limit = mv.manifest.input_shape, body.resize, settings.max_image_pixels
+    items = [
+        open_instance(inst, shape, f"instances[{i}]", resize=resize, max_pixels=limit)
+        for i, inst in enumerate(body.instances)
+    ]
+    x = await _stack(items, shape, settings.decode_inline_max_pixels)
     request_id = body.id
     # The parsed instances (a Python object per pixel: megabytes for a large request) need not
     # wait in the queue with the request; the array holds the images from here on.
@@ -172,23 +164,23 @@ async def handle_files(
             f"{len(files)} files, the limit is {settings.max_instances}", field="files"
         )
     threshold = threshold_in_force(settings, mv.score, mv.threshold, query.threshold)
-    blobs = []
+    shape, images = mv.manifest.input_shape, []
     for i, f in enumerate(files):
         if not isinstance(f, StarletteUpload):
             raise InvalidInput("not a file", field=f"files[{i}]", fix="send a PNG or JPEG file")
         data = await f.read()
         if not data:
             raise InvalidInput("empty file", field=f"files[{i}]", fix="send a PNG or JPEG file")
-        blobs.append(data)
-    shape = mv.manifest.input_shape
-    x = await _stack(
-        blobs,
-        lambda i, data: decode_image(
-            data, shape, f"files[{i}]", resize=query.resize, max_pixels=settings.max_image_pixels
-        ),
-        sum(map(header_pixels, blobs)),
-        settings.decode_inline_max_pixels,
-    )
+        images.append(
+            open_image(
+                data,
+                shape,
+                f"files[{i}]",
+                resize=query.resize,
+                max_pixels=settings.max_image_pixels,
+            )
+        )
+    x = await _stack(images, shape, settings.decode_inline_max_pixels)
     outcome = await infer(state, call, mv, x, threshold)
     return _response(mv, outcome, None, settings.reveal_not_sure_labels)
 
