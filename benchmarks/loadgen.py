@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -194,6 +195,23 @@ def wait_idle(url: str, timeout: float = 60.0) -> None:
         if inflight <= 0:
             return
         time.sleep(0.5)
+
+
+def wait_quiet(
+    servers: Sequence[Server], share: float = 0.1, window: float = 0.3, timeout: float = 60.0
+) -> float:
+    """Wait until the servers together use under `share` of one core over `window` seconds:
+    a server left with abandoned requests (wrk drops its connections when a cell ends, and a
+    server without a queue bound keeps working through what it had read: 64 requests of 64
+    images are seconds of CPU) would otherwise run on into the next cell and the ceiling
+    measured before it. Returns the seconds waited."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        before = sum(s.cpu_seconds() for s in servers)
+        time.sleep(window)
+        if sum(s.cpu_seconds() for s in servers) - before < share * window:
+            break
+    return time.monotonic() - start
 
 
 class Server:

@@ -41,7 +41,15 @@ COMPARE = (
 sys.path.insert(0, str(ROOT))
 
 from batching_ab import measure_pairs, summary_line  # noqa: E402
-from loadgen import NOTSURE_APIS, Server, bodies, free_port, run_wrk, wait_idle  # noqa: E402
+from loadgen import (  # noqa: E402
+    NOTSURE_APIS,
+    Server,
+    bodies,
+    free_port,
+    run_wrk,
+    wait_idle,
+    wait_quiet,
+)
 from raw_ort import raw_onnxruntime, raw_parallel  # noqa: E402
 from serving_report import SAME_REQUEST, Cell, ceiling, markdown, rewrite, targets  # noqa: E402
 
@@ -311,12 +319,13 @@ def main() -> None:
                         for api in spec.apis
                         if (api if name == "notsure" else SAME_REQUEST.get(api, api)) == kind
                     ]
+                    servers = [server for _, server, _ in running]
+                    wait_quiet(servers)  # nothing left over from the last cell
                     base = base_for(n)
                     for name, server, spec, api in reversed(group) if flip else group:
                         if name in ("notsure", "no-batching"):
                             wait_idle(server.url)
-                        else:
-                            time.sleep(1)
+                        wait_quiet(servers)
                         if name == "notsure":
                             target = f"127.0.0.1:{grpc_port}" if api == "grpc" else (
                                 NOTSURE_APIS[api].format(args.model))  # fmt: skip
