@@ -101,3 +101,20 @@ def live_server(model_repo: Path) -> Iterator[LiveServer]:
 
     with LiveServer(Settings(model_repository=model_repo)) as server:
         yield server
+
+
+@pytest.fixture
+def image_loads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """The sizes of the images Pillow decodes during the test (its `ImageFile.load`, spied):
+    empty while only headers have been read."""
+    from PIL import ImageFile
+
+    loads: list[tuple[int, int]] = []
+    real_load = ImageFile.ImageFile.load
+
+    def spy(self: ImageFile.ImageFile) -> object:
+        loads.append(self.size)
+        return real_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
+    return loads

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image, ImageFile
+from PIL import Image
 
 from service.config import Settings
 from service.main import create_app
@@ -133,16 +133,9 @@ def test_8bit_modes_are_converted_to_the_same_gray_image(client: TestClient, mod
 
 
 def test_pixel_limit_is_checked_before_decoding(
-    model_repo: Path, monkeypatch: pytest.MonkeyPatch
+    model_repo: Path, image_loads: list[tuple[int, int]]
 ) -> None:
-    loads: list[tuple[int, int]] = []
-    real_load = ImageFile.ImageFile.load
-
-    def spy(self: ImageFile.ImageFile) -> object:
-        loads.append(self.size)
-        return real_load(self)
-
-    monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
+    loads = image_loads
     settings = Settings(model_repository=model_repo, max_image_pixels=64 * 64)
     big = base64.b64encode(_png(Image.new("L", (65, 65)))).decode()  # one row over the limit
     with TestClient(create_app(settings)) as c:

@@ -545,24 +545,15 @@ def test_sheds_and_timeouts_log_as_warnings_not_errors() -> None:
 
 
 def test_images_are_opened_from_the_header_and_decoded_later(
-    monkeypatch: pytest.MonkeyPatch,
+    image_loads: list[tuple[int, int]],
 ) -> None:
     """Opening reads the header (the size that decides where the decode runs) and decodes no
     pixel; the decode gives the pixels of the image sent."""
     from types import SimpleNamespace
 
-    from PIL import ImageFile
-
     from service.imaging import EncodedImage, decode, open_instance
 
-    loads: list[tuple[int, int]] = []
-    real_load = ImageFile.ImageFile.load
-
-    def spy(self: ImageFile.ImageFile) -> object:
-        loads.append(self.size)
-        return real_load(self)
-
-    monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
+    loads = image_loads
     pixels = np.arange(600, dtype=np.float64).reshape(20, 30) % 256 / 255  # 30 wide, 20 high
     b64 = png_b64(pixels)
     shape, opts = (1, 28, 28), {"resize": True, "max_pixels": 10**6}
