@@ -18,6 +18,7 @@ from service.config import Settings
 from service.connections import guarded_protocol
 from service.main import create_app
 from service.state import AppState
+from service.workers import run_workers
 
 if TYPE_CHECKING:
     from service.grpc_server import GrpcServer
@@ -132,6 +133,4 @@ def run(settings: Settings) -> None:
     if settings.workers == 1:
         serve(settings)
         return
-    from service.workers import run_workers
-
-    sys.exit(run_workers(settings))
+    sys.exit(run_workers(settings, serve))

@@ -23,12 +23,15 @@ import signal
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
 from service.config import Settings, export_metrics_dir
 
 log = logging.getLogger(__name__)
+# What a worker runs: a whole server on the given sockets (`service.server.serve`).
+Serve = Callable[[Settings, list[socket.socket]], None]
 
 
 def shared_socket(host: str, port: int) -> socket.socket:
@@ -41,24 +44,23 @@ def shared_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _worker(settings: Settings) -> None:
+def _worker(settings: Settings, serve: Serve) -> None:
     """One worker process: a whole server on the shared ports."""
     # Its own process group: a Ctrl-C in a terminal reaches the supervisor only, which passes it
     # on once (uvicorn takes a second SIGINT as "exit now, do not drain").
     os.setpgid(0, 0)
-    from service.server import serve
-
     serve(settings, [shared_socket(settings.host, settings.port)])
 
 
-def run_workers(settings: Settings) -> int:
-    """Run `settings.workers` server processes until they exit; the exit status."""
+def run_workers(settings: Settings, serve: Serve) -> int:
+    """Run `settings.workers` processes of `serve` until they exit; the exit status. (`serve`
+    must be a module-level function: the workers are spawned and import it anew.)"""
     metrics_dir = Path(tempfile.mkdtemp(prefix="notsure-metrics-"))
     export_metrics_dir(metrics_dir)  # inherited by the workers
     each = settings.model_copy(update={"metrics_dir": metrics_dir})
     ctx = multiprocessing.get_context("spawn")
     procs = [
-        ctx.Process(target=_worker, args=(each,), name=f"notsure-worker-{i}")
+        ctx.Process(target=_worker, args=(each, serve), name=f"notsure-worker-{i}")
         for i in range(settings.workers)
     ]
     asked = False  # to stop, by a signal
