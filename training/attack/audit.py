@@ -14,25 +14,18 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from service.kdensity import KernelSet
-from service.manifest import MODEL_FILE, Manifest
-from service.repository import read_kernel_set
-from service.runtime import OnnxModel
-from service.scoring import Scores, score_logits, threshold_for_refuse_rate
-from training import data as data_mod
-from training.attack.adaptive import Result, Threat, l2_distance, pgd_batch
+from training.attack.adaptive import Result, l2_distance, pgd_batch
 from training.attack.cw import cw_batch
-from training.attack.io import model_version_dir, test_images
 from training.attack.plan import L2_BUDGETS, PLANS, THRESHOLDS, AuditJob, all_jobs, plan_jobs
-from training.attack.score import KernelTensors, ScoreKind, served_kind, service_name
+from training.attack.score import served_kind, service_name
 from training.attack.store import job_dir, keep_results, load_job, missing_ranges
-from training.modelio import load_torch_model
+from training.attack.subject import MODELS, AuditConfig, Model, load_model, served_scores
 from training.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -42,90 +35,6 @@ EXTRA = (
     "live",
     "figures",
 )  # plans that attack nothing new: they check the saved results
-CALIBRATION = slice(5000, 10000)  # clean test images for other thresholds; attacks use < 5000
-
-
-@dataclass(frozen=True)
-class AuditConfig:
-    plan: str = "headline"
-    models: tuple[str, ...] = ("mnist-resnet32-rce", "mnist-resnet32-ce")
-    models_dir: Path = Path("models")
-    data_dir: Path = Path("data")
-    work_dir: Path = Path("runs/audit")
-    out_json: Path = Path("docs/robustness/adaptive.json")
-    chunk: int = 50
-    threads: int = 1
-    # Per-job results without the images (see the module docstring); None: `results/` beside
-    # out_json.
-    results_dir: Path | None = None
-    eps: tuple[float, ...] | None = None  # only the plan's jobs at these budgets (None: all)
-    dry_run: bool = False  # tiny synthetic models, few images and steps
-    url: str = "http://127.0.0.1:8000"  # the live service, for the "live" plan
-
-
-@dataclass
-class Model:
-    """One model as the attacker and the server see it."""
-
-    name: str
-    manifest: Manifest
-    net: torch.nn.Module
-    onnx: OnnxModel
-    data: data_mod.TensorData
-    kernel_set: KernelSet | None = None  # K-density's training features, when the model has one
-    thresholds: dict[tuple[str, float | None], float] = field(default_factory=dict)
-
-    def threshold(self, score: str, clean_refusal: float | None) -> float:
-        """The manifest's T for the score the model is served on, else the T refusing that
-        share of clean calibration images (5% when none is given)."""
-        if clean_refusal is None and score == served_kind(self.manifest.score):
-            return self.manifest.threshold
-        key = (score, clean_refusal if clean_refusal is not None else 0.05)
-        if key not in self.thresholds:
-            scores = self.scores(self.calibration, key[0])
-            self.thresholds[key] = threshold_for_refuse_rate(scores, key[1])
-        return self.thresholds[key]
-
-    @property
-    def calibration(self) -> np.ndarray:
-        return (
-            self.data.x[CALIBRATION].numpy()
-            if len(self.data) > CALIBRATION.start
-            else self.data.x.numpy()
-        )
-
-    def scores(self, x: np.ndarray, score: str) -> np.ndarray:
-        """(N,) the served score of each image, from the ONNX graph."""
-        return self.served(x).named(service_name(score))  # type: ignore[arg-type]
-
-    def served(self, x: np.ndarray) -> Scores:
-        """`service.scoring` on the ONNX graph's outputs, K-density included when the model
-        has a kernel set."""
-        parts = [
-            self.onnx.run_with_features(np.ascontiguousarray(x[i : i + 500], np.float32))
-            for i in range(0, len(x), 500)
-        ]
-        logits = np.concatenate([p[0] for p in parts])
-        feats = None if self.kernel_set is None else np.concatenate([p[1] for p in parts])  # type: ignore[misc]
-        kernel = self.manifest.kernel.to_kernel()
-        return score_logits(logits, kernel, features=feats, kernel_set=self.kernel_set)
-
-    def threat(self, score: str, threshold: float) -> Threat:
-        """What the attacker knows about this model, attacking `score` at `threshold`."""
-        kset = None if self.kernel_set is None else KernelTensors.of(self.kernel_set)
-        kernel = self.manifest.kernel.to_kernel()
-        return Threat(self.net, self.manifest.objective, kernel, threshold, score, kset)  # type: ignore[arg-type]
-
-
-def load_model(cfg: AuditConfig, name: str) -> Model:
-    folder = model_version_dir(cfg.models_dir, name)
-    net, manifest = load_torch_model(folder, "cpu")
-    for p in net.parameters():
-        p.requires_grad_(False)  # gradients w.r.t. the input only
-    onnx = OnnxModel(folder / MODEL_FILE, device="cpu", intra_op_threads=cfg.threads)
-    n_data = 10000 if not cfg.dry_run else 64
-    data = test_images(manifest, cfg.data_dir, n_data)
-    return Model(name, manifest, net, onnx, data, read_kernel_set(manifest, folder))
 
 
 def won_before(cfg: AuditConfig, model: Model, job: AuditJob) -> np.ndarray:
@@ -256,7 +165,7 @@ def run(cfg: AuditConfig) -> list[dict[str, object]]:
     if cfg.plan not in (*PLANS, *EXTRA):
         raise ValueError(f"unknown plan {cfg.plan!r}; use one of {', '.join((*PLANS, *EXTRA))}")
     for name in cfg.models:
-        _MODELS.setdefault(name, load_model(cfg, name))
+        MODELS.setdefault(name, load_model(cfg, name))
     if cfg.plan == "checks":
         from training.attack.checks import run_checks
 
@@ -280,16 +189,8 @@ def run(cfg: AuditConfig) -> list[dict[str, object]]:
         return rows
     for job in plan_jobs(cfg.plan, cfg.models, cfg.dry_run, served_scores()):
         if cfg.eps is None or any(abs(job.attack.eps - e) < 1e-9 for e in cfg.eps):
-            run_job(cfg, _MODELS[job.model], job)
+            run_job(cfg, MODELS[job.model], job)
     return write_rows(cfg)
-
-
-_MODELS: dict[str, Model] = {}  # loaded once per process
-
-
-def served_scores() -> dict[str, ScoreKind]:
-    """The score each loaded model is served on, as the attacks name it."""
-    return {name: served_kind(m.manifest.score) for name, m in _MODELS.items()}
 
 
 CLEAN = slice(0, 5000)  # clean accuracy and coverage: the images not used for thresholds
@@ -349,7 +250,7 @@ def write_rows(cfg: AuditConfig) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     groups: dict[tuple[object, ...], list[tuple[AuditJob, dict[str, np.ndarray]]]] = {}
     for job in all_jobs(cfg.models, cfg.dry_run, served_scores()):
-        saved = load_job(cfg, _MODELS[job.model], job)
+        saved = load_job(cfg, MODELS[job.model], job)
         if saved is None:
             continue
         groups.setdefault(job.group, []).append((job, saved))
@@ -363,6 +264,6 @@ def write_rows(cfg: AuditConfig) -> list[dict[str, object]]:
             also = [(j, within_budget(saved, eps)) for j, saved in cw]
         if eps > 0:
             rows += worst_case_rows(members, also)
-    for model in _MODELS.values():
+    for model in MODELS.values():
         rows += clean_rows(model, cfg.work_dir)
     return merge_rows(cfg.out_json, rows)

@@ -15,21 +15,20 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torchattacks
 
+from training.attack import subject
 from training.attack.adaptive import AdaptiveConfig, Threat, class_loss, pgd_batch, score_loss
+from training.attack.plan import all_jobs
 from training.attack.score import served_kind
 from training.attack.square import ScoreAwareSquare
 from training.attack.store import load_job
+from training.attack.subject import AuditConfig
 from training.export import ServedNet
-
-if TYPE_CHECKING:
-    from training.attack.audit import AuditConfig
 
 log = logging.getLogger(__name__)
 # Attacks that use only the served scores: the gradient-masking check compares them with the
@@ -141,11 +140,9 @@ def whitebox_wins(
     attack, its cascades, the other attacks on fewer images; not the worst case's Square
     cascade, which is what they are checked against); None (and a warning) while the group's
     Lagrangian attack has fewer than n images."""
-    from training.attack import audit
-    from training.attack.plan import all_jobs
 
-    served = audit.served_scores()
-    model = audit._MODELS[name]
+    served = subject.served_scores()
+    model = subject.MODELS[name]
     score = score or served[name]
     group = [
         j
@@ -178,12 +175,11 @@ def run_checks(
     cfg: AuditConfig, n: int = 100, square_n: int = 50, queries: int = 1000
 ) -> list[CheckResult]:
     """Both checks on every model, at eps 0.1 and 0.3."""
-    from training.attack import audit
 
     results: list[CheckResult] = []
     out = cfg.out_json.with_name("checks.json")
     for name in cfg.models:
-        model = audit._MODELS[name]
+        model = subject.MODELS[name]
         threat = Threat(model.net, model.manifest.objective, model.manifest.kernel.to_kernel(),
                         model.manifest.threshold, served_kind(model.manifest.score))  # fmt: skip
         x, y = model.data.x[:n], model.data.y[:n]

@@ -8,11 +8,11 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from service.manifest import MANIFEST_FILE, Manifest
-from training.attack.audit import _MODELS, AuditConfig, served_scores
 from training.attack.io import model_version_dir
 from training.attack.plan import plan_jobs
 from training.attack.score import served_kind
 from training.attack.store import load_job
+from training.attack.subject import MODELS, AuditConfig, served_scores
 
 
 def served_of(cfg: AuditConfig, models: set[str]) -> dict[str, str]:
@@ -104,7 +104,7 @@ def success_vs_steps(cfg: AuditConfig, path: Path) -> None:
     fig = Figure(figsize=(5.5 * len(cfg.models), 4))
     axes = np.atleast_1d(fig.subplots(1, len(cfg.models)))
     for ax, name in zip(axes, cfg.models, strict=True):
-        model = _MODELS[name]
+        model = MODELS[name]
         for job in plan_jobs("headline", (name,), cfg.dry_run, served_scores()):
             saved = load_job(cfg, model, job)
             if saved is None:

@@ -16,12 +16,12 @@ import logging
 
 import numpy as np
 
-from training.attack.audit import _MODELS, AuditConfig, Model, served_scores
 from training.attack.plan import AuditJob, all_jobs
 from training.attack.rows import attack_label
 from training.attack.score import service_name
 from training.attack.service_client import NOT_SURE, V2Client
 from training.attack.store import job_dir, load_chunks
+from training.attack.subject import MODELS, AuditConfig, Model, served_scores
 from training.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def live_check(cfg: AuditConfig, url: str) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = json.loads(path.read_text()) if path.exists() else []
     served = served_scores()
     for job in all_jobs(cfg.models, cfg.dry_run, served):
-        model = _MODELS[job.model]
+        model = MODELS[job.model]
         saved = load_chunks(job_dir(cfg, model, job))
         if saved is None:
             continue

@@ -14,7 +14,7 @@ import numpy as np
 from training.attack.plan import AuditJob
 
 if TYPE_CHECKING:
-    from training.attack.audit import AuditConfig, Model
+    from training.attack.subject import AuditConfig, Model
 
 
 def job_dir(cfg: AuditConfig, model: Model, job: AuditJob) -> Path:

@@ -10,18 +10,16 @@ target serves a wrong label and accepts it at its served T.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torchattacks
 
 from service.scoring import accept
+from training.attack import subject
 from training.attack.checks import CheckResult, whitebox_wins, write_checks
+from training.attack.subject import AuditConfig, Model
 from training.export import ServedNet
-
-if TYPE_CHECKING:
-    from training.attack.audit import AuditConfig, Model
 
 log = logging.getLogger(__name__)
 
@@ -62,18 +60,17 @@ def run_transfer(
 ) -> list[CheckResult]:
     """Every source's images at every eps against every target in cfg.models, next to the
     target's white-box wins on the same images (the worst case of its attacks at that eps)."""
-    from training.attack import audit
 
     if cfg.dry_run:  # the tiny models attack each other
         sources, n, steps = cfg.models, 8, 3
     results: list[CheckResult] = []
     out = cfg.out_json.with_name("checks.json")
     for src in sources:
-        source = audit._MODELS.setdefault(src, audit.load_model(cfg, src))
+        source = subject.MODELS.setdefault(src, subject.load_model(cfg, src))
         for eps in EPS:
             adv = cached_craft(cfg, source, eps, n, steps)
             for name in cfg.models:
-                target = audit._MODELS[name]
+                target = subject.MODELS[name]
                 white = whitebox_wins(cfg, name, eps, n)
                 if white is None:
                     continue

@@ -83,7 +83,7 @@ def test_a_fresh_checkout_resumes_from_the_kept_results(cfg: audit.AuditConfig) 
     assert _chunk_files(cfg) == {}
     # A kept result and a chunk of the same job combine, image by image.
     job = plan_jobs("headline", MODELS, dry_run=True)[0]
-    model = audit._MODELS[job.model]
+    model = audit.MODELS[job.model]
     joined = store.load_job(cfg, model, job)
     assert joined is not None
     np.testing.assert_array_equal(joined["idx"], np.arange(job.n))
@@ -131,7 +131,7 @@ def test_a_restarted_job_does_not_replace_a_row_over_more_images(tmp_path: Path)
 def test_saved_wins_are_what_the_service_scoring_decides(cfg: audit.AuditConfig) -> None:
     audit.run(cfg)
     job = plan_jobs("headline", MODELS, dry_run=True)[0]
-    model = audit._MODELS[job.model]
+    model = audit.MODELS[job.model]
     saved = store.load_chunks(store.job_dir(cfg, model, job))
     assert saved is not None
     logits = model.onnx.run(saved["adv"])
@@ -220,7 +220,7 @@ def test_cascade_wins_are_what_the_service_decides(cfg: audit.AuditConfig, attac
     assert jobs
     attacked = 0
     for job in jobs:
-        model = audit._MODELS[job.model]
+        model = audit.MODELS[job.model]
         saved = store.load_chunks(store.job_dir(cfg, model, job))
         assert saved is not None
         x = model.data.x[: len(saved["idx"])].numpy()
@@ -241,7 +241,7 @@ def test_k_density_plan_rows_are_what_the_service_decides(cfg: audit.AuditConfig
     assert {r["attack"] for r in kd_rows} >= {"none", "lagrangian", "worst-case", "cw-l2"}
     assert {r["model"] for r in kd_rows} == set(MODELS)
     job = next(j for j in plan_jobs("k-density", MODELS, dry_run=True) if j.attack.eps == 0.3)
-    model = audit._MODELS[job.model]
+    model = audit.MODELS[job.model]
     assert model.kernel_set is not None
     saved = store.load_chunks(store.job_dir(kd_cfg, model, job))
     assert saved is not None
@@ -276,7 +276,7 @@ def test_whitebox_wins_are_the_worst_case_over_the_saved_attacks(cfg: audit.Audi
             assert wc["n"] == 8 and won.sum() == round(wc["attack_success"] * 8)
             head = next(j for j in plan_jobs("headline", (name,), True, audit.served_scores())
                         if j.attack.eps == eps)  # fmt: skip
-            saved = store.load_job(cfg, audit._MODELS[name], head)
+            saved = store.load_job(cfg, audit.MODELS[name], head)
             assert saved is not None and not (saved["served_won"][:8] & ~won).any()
     assert whitebox_wins(cfg, MODELS[0], 0.1, 9) is None  # more images than the headline has
 
@@ -307,7 +307,7 @@ def test_whitebox_wins_leave_out_the_square_cascade(
     monkeypatch.setattr(checks, "load_job", square_wins_everything)
     squares = [j for j in plan_jobs("worst-case", (name,), True, audit.served_scores())
                if j.attack.attack == "square" and j.attack.eps == 0.3]  # fmt: skip
-    assert squares and checks.load_job(cfg, audit._MODELS[name], squares[0]) is not None
+    assert squares and checks.load_job(cfg, audit.MODELS[name], squares[0]) is not None
     after = whitebox_wins(cfg, name, 0.3, 8)
     assert after is not None
     np.testing.assert_array_equal(after, before)

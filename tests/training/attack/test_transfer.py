@@ -35,8 +35,8 @@ def test_transfer_rows_count_the_targets_served_wins(cfg: audit.AuditConfig) -> 
     }
     for r in transfer:
         source, target = (
-            audit._MODELS[r["check"].removeprefix("transfer-from-")],
-            audit._MODELS[r["model"]],
+            audit.MODELS[r["check"].removeprefix("transfer-from-")],
+            audit.MODELS[r["model"]],
         )
         adv = cached_craft(cfg, source, r["eps"], r["n"], 3)
         x = source.data.x[: r["n"]].numpy()
