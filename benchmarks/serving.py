@@ -308,6 +308,7 @@ def main() -> None:
                 running.append((name, Server(spec.cmd, spec.env, spec.ready), spec))
             except RuntimeError as exc:
                 print(f"{name}: failed to start ({exc}), skipped", flush=True)
+        servers = [server for _, server, _ in running]
         flip = False
         for n in (1, 64):
             for kind in measured_kinds(args.protocols, [(nm, sp) for nm, _, sp in running], n):
@@ -319,7 +320,6 @@ def main() -> None:
                         for api in spec.apis
                         if (api if name == "notsure" else SAME_REQUEST.get(api, api)) == kind
                     ]
-                    servers = [server for _, server, _ in running]
                     wait_quiet(servers)  # nothing left over from the last cell
                     base = base_for(n)
                     for name, server, spec, api in reversed(group) if flip else group:

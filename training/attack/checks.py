@@ -21,13 +21,12 @@ import torch
 import torch.nn.functional as F
 import torchattacks
 
-from training.attack import subject
 from training.attack.adaptive import AdaptiveConfig, Threat, class_loss, pgd_batch, score_loss
 from training.attack.plan import all_jobs
 from training.attack.score import served_kind
 from training.attack.square import ScoreAwareSquare
 from training.attack.store import load_job
-from training.attack.subject import AuditConfig
+from training.attack.subject import MODELS, AuditConfig, served_scores
 from training.export import ServedNet
 
 log = logging.getLogger(__name__)
@@ -141,8 +140,8 @@ def whitebox_wins(
     cascade, which is what they are checked against); None (and a warning) while the group's
     Lagrangian attack has fewer than n images."""
 
-    served = subject.served_scores()
-    model = subject.MODELS[name]
+    served = served_scores()
+    model = MODELS[name]
     score = score or served[name]
     group = [
         j
@@ -179,7 +178,7 @@ def run_checks(
     results: list[CheckResult] = []
     out = cfg.out_json.with_name("checks.json")
     for name in cfg.models:
-        model = subject.MODELS[name]
+        model = MODELS[name]
         threat = Threat(model.net, model.manifest.objective, model.manifest.kernel.to_kernel(),
                         model.manifest.threshold, served_kind(model.manifest.score))  # fmt: skip
         x, y = model.data.x[:n], model.data.y[:n]

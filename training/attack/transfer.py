@@ -16,9 +16,8 @@ import torch
 import torchattacks
 
 from service.scoring import accept
-from training.attack import subject
 from training.attack.checks import CheckResult, whitebox_wins, write_checks
-from training.attack.subject import AuditConfig, Model
+from training.attack.subject import MODELS, AuditConfig, Model, load_model
 from training.export import ServedNet
 
 log = logging.getLogger(__name__)
@@ -66,11 +65,11 @@ def run_transfer(
     results: list[CheckResult] = []
     out = cfg.out_json.with_name("checks.json")
     for src in sources:
-        source = subject.MODELS.setdefault(src, subject.load_model(cfg, src))
+        source = MODELS.setdefault(src, load_model(cfg, src))
         for eps in EPS:
             adv = cached_craft(cfg, source, eps, n, steps)
             for name in cfg.models:
-                target = subject.MODELS[name]
+                target = MODELS[name]
                 white = whitebox_wins(cfg, name, eps, n)
                 if white is None:
                     continue
