@@ -6,11 +6,13 @@ Written by `notsure calibrate` next to `model.onnx`; read and checked by the ser
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from service.scoring import UNIT_SCORES, Kernel, ScoreName, default_score
@@ -62,6 +64,55 @@ class Guarantee(BaseModel):
     bound: float | None = None  # selective_risk: the certified upper bound on the risk
 
 
+# Quantiles kept of the held-out scores: q = 0, 0.005, ..., 1, so the refuse rate at any T is
+# known to within half a percent, and drift checks have 200 equal-mass reference bins.
+REFERENCE_QUANTILES = 201
+
+
+class ScoreReference(BaseModel):
+    """The held-out clean scores T was chosen on, kept as quantiles: the clean refuse rate that
+    any other T would cost, and the reference that recent scores are compared with for drift."""
+
+    model_config = ConfigDict(frozen=True)
+
+    score: ScoreName
+    n: int = Field(ge=1)  # held-out images the quantiles summarise
+    # Score at q = i / (len - 1), non-decreasing: quantiles[0] the lowest, [-1] the highest.
+    quantiles: list[float] = Field(min_length=2)
+    refuse_rate: float = Field(ge=0, le=1)  # share of the n held-out scores below T, exactly
+
+    @field_validator("quantiles")
+    @classmethod
+    def _sorted(cls, v: list[float]) -> list[float]:
+        if any(not math.isfinite(q) for q in v) or any(b < a for a, b in itertools.pairwise(v)):
+            raise ValueError("quantiles must be finite and non-decreasing")
+        return v
+
+    @classmethod
+    def from_scores(cls, score: ScoreName, values: Any, threshold: float) -> ScoreReference:
+        """Summarise held-out clean scores (any 1-D array) and the refuse rate T has on them."""
+        v = np.asarray(values, dtype=np.float64).ravel()
+        if v.size == 0:
+            raise ValueError("no held-out scores to summarise")
+        q = np.quantile(v, np.linspace(0.0, 1.0, REFERENCE_QUANTILES))
+        return cls(score=score, n=int(v.size), quantiles=[float(x) for x in q],
+                   refuse_rate=float((v < threshold).mean()))  # fmt: skip
+
+    def refuse_rate_at(self, t: float) -> float:
+        """The share of the held-out clean scores below t, linear between the kept quantiles."""
+        q = np.asarray(self.quantiles)
+        if t <= q[0]:
+            return 0.0
+        if t > q[-1]:
+            return 1.0
+        # Between quantiles i and i+1, whose scores are q[i] < t <= q[i+1]: ties (a run of
+        # equal quantiles, e.g. many J-scores of exactly 0) count as below t only when < t.
+        i = int(np.searchsorted(q, t, side="left")) - 1
+        lo, hi = q[i], q[i + 1]
+        frac = 0.0 if hi <= lo else (t - lo) / (hi - lo)
+        return float((i + frac) / (len(q) - 1))
+
+
 class TrainingInfo(BaseModel):
     """How the weights were produced."""
 
@@ -102,6 +153,8 @@ class Manifest(BaseModel):
     # T of every score the model can compute, chosen by the same rule (the served one included):
     # what `notsure validate ood` compares, and what an operator can switch to.
     score_thresholds: dict[ScoreName, float] = Field(default_factory=dict)
+    # Each score's held-out clean distribution its T was chosen on (empty in older manifests).
+    score_references: dict[ScoreName, ScoreReference] = Field(default_factory=dict)
     k_density: KDensityParams | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
     training: TrainingInfo | None = None
@@ -112,6 +165,11 @@ class Manifest(BaseModel):
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def reference(self) -> ScoreReference | None:
+        """The held-out distribution of the served score, when the manifest keeps it."""
+        return self.score_references.get(self.score)
 
     @field_validator("input_shape")
     @classmethod
@@ -140,6 +198,9 @@ class Manifest(BaseModel):
             raise ValueError("score k_density needs the k_density kernel set parameters")
         for name, t in {self.score: self.threshold, **self.score_thresholds}.items():
             check_threshold(name, t)
+        for name, ref in self.score_references.items():
+            if ref.score != name:
+                raise ValueError(f"score_references[{name!r}] describes {ref.score}")
         return self
 
     @classmethod

@@ -29,6 +29,7 @@ from service.manifest import (
     KDensityParams,
     KernelParams,
     Manifest,
+    ScoreReference,
     TrainingInfo,
     sha256_file,
 )
@@ -219,6 +220,12 @@ def calibrate(cfg: CalibrateConfig) -> Manifest:
         threshold_rule=rule,
         guarantee=guarantee,
         score_thresholds=thresholds,
+        score_references={
+            name: ScoreReference.from_scores(name, val.named(name), t)
+            for name, t in thresholds.items()
+        }
+        if len(splits.val)
+        else {},
         k_density=kd[1] if kd else None,
         metrics=metrics,
         training=TrainingInfo(

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from notsure.cli import app
@@ -48,6 +49,13 @@ def test_train_export_calibrate_dry_run(tmp_path: Path) -> None:
     assert m.sha256 == sha256_file(models / "dry-ce" / "1" / MODEL_FILE)
     assert np.isclose(m.kernel.mu, np.log(9))
     assert 0.05 <= m.metrics["test_refuse_rate"] <= 0.2  # ~10% of clean images refused
+    # The held-out distribution T was chosen on is kept for every score T was computed for.
+    assert set(m.score_references) == set(m.score_thresholds)
+    assert m.reference is not None and m.reference.score == m.score
+    assert m.reference.refuse_rate == pytest.approx(0.1, abs=0.02)
+    assert m.reference.refuse_rate_at(m.threshold) == pytest.approx(
+        m.reference.refuse_rate, abs=0.01
+    )
 
 
 def test_resume_continues_from_the_checkpoint(tmp_path: Path) -> None:
