@@ -39,100 +39,165 @@ def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> 
 @app.command()
 def train(
     dataset: Annotated[
-        str, typer.Option(help="mnist, fashion-mnist, cifar10 or synthetic")
-    ] = "mnist",
-    arch: Annotated[str, typer.Option(help="resnet32/56/110, cnn or mlp")] = "resnet32",
-    objective: Annotated[str, typer.Option(help="rce or ce")] = "rce",
-    data_dir: Annotated[Path, typer.Option(help="folder in torchvision's layout")] = Path("data"),
-    out: Annotated[Path, typer.Option(help="run folder (checkpoint, log, weights)")] = Path(
-        "runs/train"
-    ),
+        str | None, typer.Option(help="mnist, fashion-mnist, cifar10 or synthetic [default: mnist]")
+    ] = None,
+    arch: Annotated[
+        str | None,
+        typer.Option(
+            help="resnet32/56/110; cnn (the TRADES SmallCNN shape: conv 32-32-64-64, dense "
+            "200-200); mlp [default: resnet32]"
+        ),
+    ] = None,
+    objective: Annotated[str | None, typer.Option(help="rce or ce [default: rce]")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="folder in torchvision's layout [default: data]")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="run folder (checkpoint, log, weights) [default: runs/train]"),
+    ] = None,
     steps: Annotated[
-        int, typer.Option(help="optimiser steps (paper: 20k MNIST, 80k CIFAR-10)")
-    ] = 20_000,
-    batch_size: int = 128,
+        int | None,
+        typer.Option(help="optimiser steps (paper: 20k MNIST, 80k CIFAR-10) [default: 20000]"),
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="[default: 128]")] = None,
     optimizer: Annotated[
-        str, typer.Option(help="sgd (paper, ResNets) or adam (appendix CNN)")
-    ] = "sgd",
-    lr: float = 0.1,
-    momentum: float = 0.9,
-    weight_decay: float = 2e-4,
-    val_size: Annotated[int, typer.Option(help="training images held out to choose T")] = 5000,
-    eval_every: int = 1000,
-    checkpoint_every: int = 500,
-    seed: int = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
-    threads: Annotated[int, typer.Option(help="torch CPU threads (0: default)")] = 0,
-    resume: Annotated[bool, typer.Option(help="continue from the run folder's checkpoint")] = True,
+        str | None, typer.Option(help="sgd (paper, ResNets) or adam [default: sgd]")
+    ] = None,
+    lr: Annotated[float | None, typer.Option(help="peak learning rate [default: 0.1]")] = None,
+    lr_schedule: Annotated[
+        str | None,
+        typer.Option(
+            help="step (lr/10 at 50% and 75% of the steps, the paper), cyclic (linear up to "
+            "lr at 40% of the steps, then down to 0: fast FGSM as published) or cosine "
+            "[default: step]"
+        ),
+    ] = None,
+    lr_drops: Annotated[
+        str | None,
+        typer.Option(
+            help="step schedule: comma-separated fractions of the steps where lr /= 10 "
+            "[default: 0.5,0.75]"
+        ),
+    ] = None,
+    momentum: Annotated[float | None, typer.Option(help="[default: 0.9]")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="[default: 2e-4]")] = None,
+    val_size: Annotated[
+        int | None, typer.Option(help="training images held out to choose T [default: 5000]")
+    ] = None,
+    eval_every: Annotated[
+        int | None, typer.Option(help="steps between accuracy checks [default: 1000]")
+    ] = None,
+    checkpoint_every: Annotated[
+        int | None, typer.Option(help="steps between checkpoints [default: 500]")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="[default: 0]")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda [default: auto]")] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="torch CPU threads (0: torch's default) [default: 0]")
+    ] = None,
+    resume: Annotated[
+        bool | None,
+        typer.Option(
+            "--resume/--no-resume", help="continue from the run folder's checkpoint [default: on]"
+        ),
+    ] = None,
     dry_run: Annotated[bool, typer.Option(help="tiny synthetic data, a few steps")] = False,
     adversarial: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="none; pgd (PGD-AT, Madry et al.); fgsm-rs (fast FGSM with a random start, "
-            "Wong et al.; about 2x a normal step)"
+            help="none; pgd (PGD-AT, Madry et al.); trades (TRADES, Zhang et al.); fgsm-rs "
+            "(fast FGSM with a random start, Wong et al.; about 2x a normal step) [default: none]"
         ),
-    ] = "none",
-    adv_eps: Annotated[float, typer.Option(help="L-inf radius, pixels in [0, 1]")] = 0.3,
-    adv_steps: Annotated[int, typer.Option(help="PGD iterations of the inner attack")] = 10,
+    ] = None,
+    adv_eps: Annotated[
+        float | None, typer.Option(help="L-inf radius, pixels in [0, 1] [default: 0.3]")
+    ] = None,
+    adv_steps: Annotated[
+        int | None, typer.Option(help="iterations of the inner attack [default: 10]")
+    ] = None,
     adv_step_size: Annotated[
-        float, typer.Option(help="0: 2.5*eps/steps for pgd, 1.25*eps for fgsm-rs")
-    ] = 0.0,
+        float | None,
+        typer.Option(help="0: 2.5*eps/steps for pgd and trades, 1.25*eps for fgsm-rs [default: 0]"),
+    ] = None,
+    adv_beta: Annotated[
+        float | None, typer.Option(help="trades: weight of the KL term [default: 6]")
+    ] = None,
     adv_ramp_steps: Annotated[
-        int, typer.Option(help="grow eps linearly from 0 over this many steps")
-    ] = 0,
+        int | None, typer.Option(help="grow eps linearly from 0 over this many steps [default: 0]")
+    ] = None,
     adv_guard: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="on a collapse of held-out PGD accuracy (catastrophic overfitting): backoff "
-            "(last good weights, half the FGSM step), stop (last good weights, end), or off"
+            "(last good weights, half the FGSM step), stop (last good weights, end: early "
+            "stopping as published for fast FGSM), or off (only measure) [default: backoff]"
         ),
-    ] = "backoff",
+    ] = None,
     adv_guard_every: Annotated[
-        int, typer.Option(help="steps between PGD checks on held-out images (0: each epoch)")
-    ] = 0,
+        int | None,
+        typer.Option(
+            help="steps between PGD checks on held-out images (0: each epoch) [default: 0]"
+        ),
+    ] = None,
+    keep: Annotated[
+        str | None,
+        typer.Option(
+            help="adversarial runs: keep the last weights or those of the best held-out PGD "
+            "check (robust overfitting) [default: last]"
+        ),
+    ] = None,
 ) -> None:
     """Train a network with CE or RCE (Eq. 4) on real data, optionally adversarially."""
-    from training.adversarial import AdversarialConfig
+    from dataclasses import replace
+
+    from training.adversarial import ADVERSARIAL_KINDS, AdversarialConfig
     from training.train import TrainConfig
     from training.train import train as run
 
-    if adversarial not in ("none", "pgd", "fgsm-rs"):
-        raise typer.BadParameter("use none, pgd or fgsm-rs", param_hint="--adversarial")
-    if adv_guard not in ("backoff", "stop", "off"):
-        raise typer.BadParameter("use backoff, stop or off", param_hint="--adv-guard")
-    adv = AdversarialConfig(
-        kind=adversarial,  # type: ignore[arg-type]
-        eps=adv_eps,
-        steps=adv_steps,
-        step_size=adv_step_size,
-        ramp_steps=adv_ramp_steps,
-        guard=adv_guard,  # type: ignore[arg-type]
-        guard_every=10 if dry_run and adversarial != "none" else adv_guard_every,
-        guard_images=64 if dry_run else AdversarialConfig.guard_images,
-    )
+    choices = {
+        "--adversarial": (adversarial, ADVERSARIAL_KINDS),
+        "--adv-guard": (adv_guard, ("backoff", "stop", "off")),
+        "--lr-schedule": (lr_schedule, ("step", "cyclic", "cosine")),
+        "--keep": (keep, ("last", "best")),
+        "--objective": (objective, ("rce", "ce")),
+        "--optimizer": (optimizer, ("sgd", "adam")),
+    }
+    for hint, (value, allowed) in choices.items():
+        if value is not None and value not in allowed:
+            raise typer.BadParameter(f"use {', '.join(allowed)}", param_hint=hint)
 
-    cfg = TrainConfig(
-        dataset="synthetic" if dry_run else dataset,
-        data_dir=data_dir,
-        arch=arch,
-        objective=objective,  # type: ignore[arg-type]
-        steps=20 if dry_run else steps,
-        batch_size=32 if dry_run else batch_size,
-        optimizer=optimizer,  # type: ignore[arg-type]
-        lr=lr,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        val_size=val_size,
-        eval_every=10 if dry_run else eval_every,
-        checkpoint_every=checkpoint_every,
-        out_dir=out,
-        seed=seed,
-        device=device,
-        threads=threads,
-        resume=resume,
-        dry_run=dry_run,
-        adversarial=adv,
+    def given(**kw: object) -> dict[str, object]:
+        return {k: v for k, v in kw.items() if v is not None}
+
+    adv = replace(
+        AdversarialConfig(),
+        **given(
+            kind=adversarial,
+            eps=adv_eps,
+            steps=adv_steps,
+            step_size=adv_step_size,
+            beta=adv_beta,
+            ramp_steps=adv_ramp_steps,
+            guard=adv_guard,
+            guard_every=adv_guard_every,
+        ),
     )
+    options = given(dataset=dataset, arch=arch, objective=objective, data_dir=data_dir,
+                    out_dir=out, steps=steps, batch_size=batch_size, optimizer=optimizer, lr=lr,
+                    lr_schedule=lr_schedule, momentum=momentum, weight_decay=weight_decay,
+                    val_size=val_size, eval_every=eval_every, checkpoint_every=checkpoint_every,
+                    seed=seed, device=device, threads=threads, resume=resume,
+                    keep=keep)  # fmt: skip
+    options["adversarial"] = adv
+    if lr_drops is not None:
+        try:
+            options["lr_drops"] = tuple(float(f) for f in lr_drops.split(",") if f.strip())
+        except ValueError:
+            raise typer.BadParameter(
+                "fractions such as 0.5,0.75", param_hint="--lr-drops"
+            ) from None
+    cfg = TrainConfig.tiny(**options) if dry_run else replace(TrainConfig(), **options)  # type: ignore[arg-type]
     result = run(cfg)
     typer.echo(
         f"test accuracy {result.test_accuracy:.4f} after {result.steps} steps "

@@ -1,5 +1,12 @@
-"""Adversarial training: PGD-AT (Madry et al. 2018) and fast FGSM with a random start (Wong, Rice
-& Kolter 2020), for CE and RCE nets, with a guard against catastrophic overfitting.
+"""Adversarial training: PGD-AT (Madry et al. 2018), TRADES (Zhang et al. 2019) and fast FGSM with
+a random start (Wong, Rice & Kolter 2020), for CE and RCE nets, with a guard against
+catastrophic overfitting.
+
+TRADES trains on the natural loss of the clean batch plus beta times the KL divergence between
+the served softmax of the clean and of the adversarial image; its inner attack maximises that
+KL divergence (from a start 0.001 * N(0, 1) around the image, with the net in eval mode, as the
+authors' `trades.py` does). For RCE nets the natural loss is RCE (Eq. 4) and the KL divergence
+is between the served softmax(-Z) vectors.
 
 The inner attack maximises the loss of what the model serves: cross-entropy of the served
 softmax (softmax(Z) for CE nets, softmax(-Z) for RCE nets) against the true label, inside an
@@ -23,11 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.losses import Objective, served_logits
+from training.losses import Objective, objective_loss, served_logits
 
 log = logging.getLogger(__name__)
 
-AdversarialKind = Literal["none", "pgd", "fgsm-rs"]
+AdversarialKind = Literal["none", "pgd", "trades", "fgsm-rs"]
+ADVERSARIAL_KINDS: tuple[str, ...] = ("none", "pgd", "trades", "fgsm-rs")
 GuardAction = Literal["backoff", "stop", "off"]
 
 
@@ -35,8 +43,10 @@ GuardAction = Literal["backoff", "stop", "off"]
 class AdversarialConfig:
     kind: AdversarialKind = "none"
     eps: float = 0.3  # L-inf radius in pixel units ([0, 1] images); 0.3 is MNIST's standard
-    steps: int = 10  # PGD iterations K (fgsm-rs: one step)
-    step_size: float = 0.0  # 0: 2.5 * eps / K for PGD (Madry et al.), 1.25 * eps for fgsm-rs
+    steps: int = 10  # PGD iterations K of the inner attack (fgsm-rs: one step)
+    # 0: 2.5 * eps / K for pgd and trades (Madry et al.), 1.25 * eps for fgsm-rs
+    step_size: float = 0.0
+    beta: float = 6.0  # trades: weight of the KL term (the authors' MNIST model: 1/lambda = 6)
     ramp_steps: int = 0  # eps grows linearly from 0 to eps over this many optimiser steps
     guard: GuardAction = "backoff"
     guard_every: int = 0  # optimiser steps between checks; 0: once an epoch
@@ -63,10 +73,11 @@ class AdversarialConfig:
         """One line for manifests and logs, e.g. 'fgsm-rs eps 0.3 step 0.375'."""
         if not self.enabled:
             return ""
-        steps = f" steps {self.steps}" if self.kind == "pgd" else ""
+        steps = f" steps {self.steps}" if self.kind in ("pgd", "trades") else ""
+        beta = f" beta {self.beta:g}" if self.kind == "trades" else ""
         ramp = f" ramp {self.ramp_steps}" if self.ramp_steps else ""
         return (
-            f"{self.kind} eps {self.eps:g}{steps} step {self.default_step_size():.4g}{ramp}, "
+            f"{self.kind} eps {self.eps:g}{steps} step {self.default_step_size():.4g}{beta}{ramp}, "
             f"guard {self.guard} (PGD-{self.guard_steps} on {self.guard_images} held-out)"
         )
 
@@ -109,6 +120,40 @@ def linf_pgd(
     return (x + delta).detach()
 
 
+def trades_kl(served_adv: torch.Tensor, served_clean: torch.Tensor) -> torch.Tensor:
+    """KL(p_clean || p_adv) of the served softmaxes, summed over the batch: (B, L), (B, L) -> ()."""
+    return F.kl_div(
+        F.log_softmax(served_adv, dim=1), F.softmax(served_clean, dim=1), reduction="sum"
+    )
+
+
+def trades_attack(
+    net: nn.Module,
+    x: torch.Tensor,
+    objective: Objective,
+    eps: float,
+    steps: int,
+    step_size: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """TRADES' inner maximisation of the KL term: (B, C, H, W) -> same shape, within eps of x.
+
+    Runs the net as the caller set it (TRADES: eval mode); the clean softmax is a constant."""
+    x = x.detach()
+    with torch.no_grad():
+        served_clean = served_logits(objective, net(x))
+    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    x_adv = (x + 0.001 * noise).clamp(0, 1)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        loss = trades_kl(served_logits(objective, net(x_adv)), served_clean)
+        (grad,) = torch.autograd.grad(loss, x_adv)
+        with torch.no_grad():
+            x_adv = x_adv + step_size * grad.sign()
+            x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+    return x_adv.detach()
+
+
 def robust_accuracy(
     net: nn.Module,
     x: torch.Tensor,
@@ -146,13 +191,39 @@ class Adversary:
         self._good: dict[str, Any] | None = None  # net + optimiser state at the last good check
         self._gen = torch.Generator().manual_seed(seed + 7919)
 
+    def _step_at(self, eps: float) -> float:
+        """The attack's step at this eps: scaled down with eps while it ramps up."""
+        return self.step_size * eps / self.cfg.eps if self.cfg.eps > 0 else 0.0
+
+    def loss(
+        self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training loss of this batch and the logits of its adversarial images (B, L).
+
+        PGD-AT and fast FGSM: the objective's loss on the adversarial batch. TRADES: the
+        objective's loss on the clean batch + beta * KL(clean || adversarial) / B."""
+        if self.cfg.kind != "trades":
+            logits = net(self.perturb(net, x, y, step))
+            return objective_loss(self.objective, logits, y), logits
+        eps = self.cfg.eps_at(step)
+        was_training = net.training
+        net.eval()  # the authors attack in eval mode (no dropout noise in the KL gradient)
+        x_adv = trades_attack(net, x, self.objective, eps, self.cfg.steps,
+                              self._step_at(eps), self._gen)  # fmt: skip
+        net.train(was_training)
+        both = net(torch.cat([x, x_adv]))  # one pass: (2B, L)
+        clean, adv = both[: len(x)], both[len(x) :]
+        served_clean = served_logits(self.objective, clean)
+        kl = trades_kl(served_logits(self.objective, adv), served_clean) / len(x)
+        return objective_loss(self.objective, clean, y) + self.cfg.beta * kl, adv
+
     def perturb(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
-        """The batch the optimiser trains on this step (adversarial, in the net's train mode)."""
+        """The batch PGD-AT or fast FGSM trains on this step (in the net's train mode)."""
         eps = self.cfg.eps_at(step)
         if self.cfg.kind == "fgsm-rs":
-            return linf_pgd(net, x, y, self.objective, eps, 1, self.step_size * eps / self.cfg.eps,
+            return linf_pgd(net, x, y, self.objective, eps, 1, self._step_at(eps),
                             True, self._gen)  # fmt: skip
-        step_size = self.step_size * eps / self.cfg.eps
+        step_size = self._step_at(eps)
         return linf_pgd(net, x, y, self.objective, eps, self.cfg.steps, step_size, True, self._gen)
 
     def check(

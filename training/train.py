@@ -1,5 +1,10 @@
 """`notsure train`: CE or RCE training with the paper's schedule, checkpoints and a JSON log;
-optionally adversarial (PGD or fast FGSM, see training/adversarial.py)."""
+optionally adversarial (PGD-AT, TRADES or fast FGSM, see training/adversarial.py).
+
+Adversarial runs check robustness on held-out images once an epoch (PGD on the served loss)
+and can keep the weights of the best check rather than the last (`keep="best"`): robust
+accuracy peaks and then falls while training accuracy still rises (robust overfitting, Rice,
+Wong & Kolter 2020)."""
 
 from __future__ import annotations
 
@@ -7,12 +12,12 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from training import data as data_mod
@@ -27,6 +32,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "train_log.jsonl"
 CONFIG_FILE = "train_config.json"
 RESULT_FILE = "result.json"
+BEST_FILE = "best.safetensors"  # weights of the best held-out robustness check so far
 
 
 @dataclass(frozen=True)
@@ -41,7 +47,11 @@ class TrainConfig:
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 2e-4
-    lr_drops: tuple[float, ...] = (0.5, 0.75)  # fractions of the steps where lr /= 10
+    # step: lr /= 10 at each fraction in lr_drops of the steps (the paper); cyclic: linear from
+    # 0 up to lr at lr_peak of the steps, then down to 0 (Wong et al.'s fast FGSM); cosine.
+    lr_schedule: Literal["step", "cyclic", "cosine"] = "step"
+    lr_drops: tuple[float, ...] = (0.5, 0.75)
+    lr_peak: float = 0.4
     val_size: int = 5000
     eval_every: int = 1000
     checkpoint_every: int = 500
@@ -52,6 +62,19 @@ class TrainConfig:
     resume: bool = True
     dry_run: bool = False
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+    # Adversarial runs: the weights written at the end are the last ones, or those of the
+    # held-out check with the best robust accuracy.
+    keep: Literal["last", "best"] = "last"
+
+    @classmethod
+    def tiny(cls, **given: object) -> TrainConfig:
+        """A few steps on synthetic data: what `--dry-run` and the tests run end to end."""
+        cfg = replace(cls(), **given)  # type: ignore[arg-type]
+        adv = cfg.adversarial
+        if adv.enabled:
+            adv = replace(adv, guard_every=10, guard_images=64)
+        return replace(cfg, dataset="synthetic", steps=20, batch_size=32, eval_every=10,
+                       dry_run=True, adversarial=adv)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -78,7 +101,14 @@ def pick_device(requested: str) -> torch.device:
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Step schedule: lr divided by 10 at each fraction in cfg.lr_drops of the total steps."""
+    """The learning rate of optimiser step `step` (0-based) under cfg.lr_schedule."""
+    if cfg.lr_schedule == "cyclic":
+        peak = max(cfg.lr_peak * cfg.steps, 1.0)
+        if step < peak:
+            return cfg.lr * (step + 1) / peak
+        return cfg.lr * max(cfg.steps - step, 0) / max(cfg.steps - peak, 1.0)
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * step / cfg.steps))
     drops = sum(step >= math.floor(f * cfg.steps) for f in cfg.lr_drops)
     return cfg.lr * (0.1**drops)
 
@@ -167,6 +197,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     guard_every = adv.guard_every or max(n_train // cfg.batch_size, 1)
     clean_acc = float("nan")
 
+    def save_weights(path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous().cpu() for k, v in net.state_dict().items()}, str(tmp))
+        tmp.replace(path)
+
     def save_checkpoint() -> None:
         state = {
             "model": net.state_dict(),
@@ -198,9 +233,10 @@ def train(cfg: TrainConfig) -> TrainResult:
             if adversary is not None:
                 if step % 10 == 0:  # clean batch accuracy for the bar, without touching BN stats
                     clean_acc = batch_accuracy(net, xb, yb, cfg.objective)
-                xb = adversary.perturb(net, xb, yb, step)  # (B, C, H, W), within eps of x
-            logits = net(xb)
-            loss = objective_loss(cfg.objective, logits, yb)
+                loss, logits = adversary.loss(net, xb, yb, step)  # logits of adversarial images
+            else:
+                logits = net(xb)
+                loss = objective_loss(cfg.objective, logits, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -224,10 +260,20 @@ def train(cfg: TrainConfig) -> TrainResult:
                           "elapsed_s": now - t0}  # fmt: skip
             if adversary is not None and (step % guard_every == 0 or step == cfg.steps):
                 record = record or {"step": step, "loss": loss_value, "lr": lr}
-                record["guard_pgd_accuracy"] = adversary.check(
-                    net, opt, splits.val.x.to(device), splits.val.y.to(device), step
+                val_x, val_y = splits.val.x.to(device), splits.val.y.to(device)
+                best_before = adversary.best
+                record["epoch"] = step * cfg.batch_size / n_train
+                record["guard_pgd_accuracy"] = adversary.check(net, opt, val_x, val_y, step)
+                record["guard_clean_accuracy"] = batch_accuracy(
+                    net, val_x[: adv.guard_images], val_y[: adv.guard_images], cfg.objective
                 )
                 record["adv_batch_accuracy"] = stats["adv_acc"]
+                if adversary.best > best_before:
+                    save_weights(cfg.out_dir / BEST_FILE)
+                    record["best"] = 1.0
+                log.info("epoch %.2f: held-out PGD-%d accuracy %.4f, clean %.4f (best %.4f)",
+                         record["epoch"], adv.guard_steps, record["guard_pgd_accuracy"],
+                         record["guard_clean_accuracy"], adversary.best)  # fmt: skip
                 net.train()
             if evaluate_now:
                 record["val_accuracy"] = evaluate(net, splits.val, cfg.objective, device)
@@ -245,10 +291,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     save_checkpoint()
     log_file.close()
     wall = time.perf_counter() - t0
-    save_file(
-        {k: v.contiguous().cpu() for k, v in net.state_dict().items()},
-        str(cfg.out_dir / "weights.safetensors"),
-    )
+    if cfg.keep == "best" and (cfg.out_dir / BEST_FILE).exists():
+        net.load_state_dict(load_file(str(cfg.out_dir / BEST_FILE), device=str(device)))
+        log.info("keeping the weights of the best held-out check (PGD accuracy %.4f)",
+                 adversary.best if adversary is not None else float("nan"))  # fmt: skip
+    save_weights(cfg.out_dir / "weights.safetensors")
     result = TrainResult(
         out_dir=cfg.out_dir,
         steps=step,

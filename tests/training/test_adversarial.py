@@ -21,10 +21,12 @@ from training.adversarial import (
     linf_pgd,
     robust_accuracy,
     served_loss,
+    trades_attack,
+    trades_kl,
 )
 from training.data import synthetic
 from training.nets import build_net
-from training.train import TrainConfig, train
+from training.train import TrainConfig, lr_at, train
 
 torchattacks = pytest.importorskip("torchattacks")
 
@@ -166,7 +168,7 @@ BASE = TrainConfig(
 )
 
 
-@pytest.mark.parametrize("kind", ["pgd", "fgsm-rs"])
+@pytest.mark.parametrize("kind", ["pgd", "trades", "fgsm-rs"])
 def test_adversarial_training_makes_the_net_more_robust(tmp_path: Path, kind: str) -> None:
     """Same data, steps and seed: adversarial training beats standard training under PGD."""
     from training.export import load_run
@@ -211,4 +213,99 @@ def test_cli_rejects_an_unknown_training_attack(tmp_path: Path) -> None:
     r = CliRunner().invoke(app, ["train", "--dry-run", "--adversarial", "cw", "--out",
                                  str(tmp_path)])  # fmt: skip
     assert r.exit_code != 0
-    assert "none, pgd or fgsm-rs" in r.output
+    assert "none, pgd, trades, fgsm-rs" in r.output
+
+
+@pytest.mark.parametrize("objective", ["ce", "rce"])
+def test_trades_attack_stays_in_the_ball_and_raises_the_kl_term(
+    trained: tuple[nn.Module, torch.Tensor, torch.Tensor], objective: str
+) -> None:
+    net, x, _ = trained
+    eps = 0.1
+    gen = torch.Generator().manual_seed(0)
+    adv = trades_attack(net, x, objective, eps, steps=10, step_size=0.025, generator=gen)  # type: ignore[arg-type]
+    assert float((adv - x).abs().max()) <= eps + 1e-6
+    assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
+    with torch.no_grad():
+        served = net(x) if objective == "ce" else -net(x)
+        served_adv = net(adv) if objective == "ce" else -net(adv)
+        noise = (x + eps * (2 * torch.rand(x.shape, generator=gen) - 1)).clamp(0, 1)
+        served_noise = net(noise) if objective == "ce" else -net(noise)
+    # The attack's KL divergence from the clean prediction beats random points of the same ball
+    # by a wide margin (it starts next to x, where the KL term is ~0).
+    assert float(trades_kl(served_adv, served)) > 5 * float(trades_kl(served_noise, served))
+
+
+def test_trades_kl_matches_the_definition() -> None:
+    a, b = torch.tensor([[0.0, 1.0, 2.0]]), torch.tensor([[2.0, 1.0, 0.0]])
+    p, q = torch.softmax(b, 1), torch.softmax(a, 1)  # KL(p_clean || p_adv), clean = b
+    expected = float((p * (p / q).log()).sum())
+    assert float(trades_kl(a, b)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_trades_loss_is_natural_loss_plus_beta_kl(
+    trained: tuple[nn.Module, torch.Tensor, torch.Tensor],
+) -> None:
+    net, x, y = trained
+    adversary = Adversary(AdversarialConfig(kind="trades", eps=0.0, beta=6.0), "ce", seed=0)
+    # eps 0: the adversarial images are the clean ones, the KL term is 0, the loss is plain CE.
+    loss, logits = adversary.loss(net, x, y, step=0)
+    with torch.no_grad():
+        plain = float(nn.functional.cross_entropy(net(x), y))
+    assert float(loss.detach()) == pytest.approx(plain, rel=1e-5)
+    assert logits.shape == (len(x), 10)
+
+
+def test_learning_rate_schedules() -> None:
+    cyc = TrainConfig(lr=0.01, steps=100, lr_schedule="cyclic", lr_peak=0.4)
+    assert lr_at(cyc, 0) == pytest.approx(0.01 / 40)
+    assert lr_at(cyc, 39) == pytest.approx(0.01)  # the peak at 40% of the steps
+    assert lr_at(cyc, 70) == pytest.approx(0.01 * 30 / 60)
+    assert lr_at(cyc, 100) == 0.0
+    cos = TrainConfig(lr=0.1, steps=100, lr_schedule="cosine")
+    assert lr_at(cos, 0) == pytest.approx(0.1)
+    assert lr_at(cos, 50) == pytest.approx(0.05)
+    step = TrainConfig(lr=0.1, steps=100)
+    assert [lr_at(step, s) for s in (49, 50, 75)] == pytest.approx([0.1, 0.01, 0.001])
+
+
+def test_keep_best_writes_the_weights_of_the_best_check(tmp_path: Path) -> None:
+    """The final weights are the best held-out check's, not the last step's."""
+    from safetensors.torch import load_file
+
+    adv = AdversarialConfig(kind="pgd", eps=0.2, steps=3, guard="off", guard_every=10,
+                            guard_images=64)  # fmt: skip
+    cfg = replace(BASE, steps=40, lr_drops=(), eval_every=40, adversarial=adv, keep="best")
+    result = train(replace(cfg, out_dir=tmp_path / "run"))
+    checks = [c["guard_pgd_accuracy"] for c in result.guard_checks]
+    assert len(checks) == 4
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").open()]
+    flagged = [r for r in log if r.get("best")]
+    assert flagged and flagged[-1]["guard_pgd_accuracy"] == max(checks)
+    assert all(
+        "guard_clean_accuracy" in r and "epoch" in r for r in log if "guard_pgd_accuracy" in r
+    )
+    kept, best = (
+        load_file(str(tmp_path / "run" / "weights.safetensors")),
+        load_file(str(tmp_path / "run" / "best.safetensors")),
+    )
+    assert all(torch.equal(kept[k], best[k]) for k in kept)
+
+
+def test_cli_trades_dry_run_records_the_recipe(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    argv = ["train", "--dry-run", "--arch", "mlp", "--out", str(run), "--threads", "1",
+            "--adversarial", "trades", "--adv-eps", "0.1", "--adv-beta", "3", "--keep", "best",
+            "--lr-schedule", "cyclic", "--lr", "0.01", "--optimizer", "adam",
+            "--lr-drops", "0.6,0.85"]  # fmt: skip
+    r = CliRunner().invoke(app, argv)
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((run / "result.json").read_text())["config"]
+    assert cfg["adversarial"]["kind"] == "trades" and cfg["adversarial"]["beta"] == 3.0
+    assert cfg["keep"] == "best" and cfg["lr_schedule"] == "cyclic" and cfg["steps"] == 20
+    assert cfg["lr_drops"] == [0.6, 0.85]
+    assert (
+        AdversarialConfig(**cfg["adversarial"])
+        .describe()
+        .startswith("trades eps 0.1 steps 10 step 0.025 beta 3")
+    )
