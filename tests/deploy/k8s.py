@@ -34,6 +34,10 @@ CRD_FILES = {
         "serving.kserve.io/v1beta1",
         "InferenceService",
     ): "serving.kserve.io_inferenceservices.yaml.gz",
+    (
+        "serving.kserve.io/v1alpha1",
+        "ClusterServingRuntime",
+    ): "serving.kserve.io_clusterservingruntimes.yaml.gz",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "monitoring.coreos.com_servicemonitors.yaml",
     ("monitoring.coreos.com/v1", "PrometheusRule"): "monitoring.coreos.com_prometheusrules.yaml",
 }
@@ -128,15 +132,18 @@ def schema_problems(doc: Doc, where: str) -> list[str]:
 
 
 def containers(docs: Iterable[Doc]) -> Iterator[tuple[str, Doc, Doc]]:
-    """(where, pod spec, container) for every Deployment and InferenceService predictor."""
+    """(where, pod spec, container) for every Deployment, InferenceService predictor with its
+    own containers, and ServingRuntime."""
     for d in docs:
         if d["kind"] == "Deployment":
             pod = d["spec"]["template"]["spec"]
         elif d["kind"] == "InferenceService":
             pod = d["spec"]["predictor"]
+        elif d["kind"] == "ClusterServingRuntime":
+            pod = d["spec"]
         else:
             continue
-        for c in pod["containers"]:
+        for c in pod.get("containers", []):
             yield f"{d['kind']}/{d['metadata']['name']}/{c['name']}", pod, c
 
 

@@ -122,7 +122,8 @@ def test_the_overlays_change_what_they_say(built: dict[str, list[Doc]]) -> None:
 def test_pods_are_locked_down(built: dict[str, list[Doc]]) -> None:
     """Non-root, read-only root filesystem, no privilege escalation: the only writable path is
     the /tmp emptyDir (where TMPDIR points)."""
-    docs = [d for docs in built.values() for d in docs] + load_all(KSERVE / "inferenceservice.yaml")
+    docs = [d for docs in built.values() for d in docs] + kserve_docs()
+    assert {"ClusterServingRuntime", "InferenceService"} <= {d["kind"] for d in docs}
     for _, pod, c in containers(docs):
         sc = {**pod.get("securityContext", {}), **c["securityContext"]}
         assert sc["runAsNonRoot"] and sc["runAsUser"] == 10001, sc
@@ -186,8 +187,39 @@ def test_a_stale_prometheusrule_is_detected(tmp_path: Path) -> None:
 # --- agreement with the service ------------------------------------------------------------------
 
 
+def kserve_docs() -> list[Doc]:
+    return [d for f in sorted(KSERVE.glob("*.yaml")) for d in load_all(f)]
+
+
 def all_docs(built: dict[str, list[Doc]]) -> list[tuple[str, list[Doc]]]:
-    return [*built.items(), ("kserve", load_all(KSERVE / "inferenceservice.yaml"))]
+    return [*built.items(), ("kserve", kserve_docs())]
+
+
+def test_the_storage_inferenceservice_runs_on_the_notsure_runtime() -> None:
+    """The runtime-based InferenceService selects the ClusterServingRuntime by model format and
+    name, asks for a protocol the runtime declares, and the runtime serves what the storage
+    initializer mounts; the custom-container one declares the V2 protocol the way KServe reads
+    it for custom predictors (the PROTOCOL variable)."""
+    (runtime,) = load_all(KSERVE / "servingruntime.yaml")
+    (isvc,) = load_all(KSERVE / "inferenceservice-storage.yaml")
+    model = isvc["spec"]["predictor"]["model"]
+    formats = {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
+    assert model["modelFormat"]["name"] in formats
+    assert model["runtime"] == runtime["metadata"]["name"]
+    assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]
+    assert set(runtime["spec"]["protocolVersions"]) == {"v2", "grpc-v2"}
+    (c,) = runtime["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["NOTSURE_MODEL_REPOSITORY"] == "/mnt/models"  # KServe's model mount path
+    for doc in (isvc, *load_all(KSERVE / "inferenceservice.yaml")):
+        # KServe v0.15+ reads "Standard" (the deprecated "RawDeployment" still maps to it).
+        assert doc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
+    (custom,) = load_all(KSERVE / "inferenceservice.yaml")
+    (cc,) = custom["spec"]["predictor"]["containers"]
+    assert {"name": "PROTOCOL", "value": "v2"} in cc["env"]
+    broken = copy.deepcopy(runtime)
+    broken["spec"]["supportedModelFormats"][0]["autoselect"] = True  # a typo KServe would drop
+    assert any("autoselect" in p for p in schema_problems(broken, "runtime"))
 
 
 def test_probes_ports_and_settings_match_the_service(
