@@ -29,7 +29,7 @@ from service.manifest import MANIFEST_FILE, MODEL_FILE, Manifest  # noqa: E402
 from service.runtime import OnnxModel  # noqa: E402
 from service.scoring import Scores, score_logits  # noqa: E402
 from tests.conftest import LiveServer  # noqa: E402
-from tests.reliability.conftest import RCE, model_version, slow_down  # noqa: E402
+from tests.reliability.conftest import RCE, loaded_model, slow_down  # noqa: E402
 from tests.reliability.test_overload import metric  # noqa: E402
 from training.data import synthetic  # noqa: E402
 
@@ -98,7 +98,7 @@ def test_same_answers_as_over_http_and_as_the_onnx_file(
     result = client.infer(RCE, [infer_input(x)], request_id="g1")
     response = result.get_response()
     manifest, want = offline(model_repo, x)
-    assert response.id == "g1" and response.model_version == "1"
+    assert response.id == "g1" and response.loaded_model == "1"
     assert response.parameters["threshold"].double_param == pytest.approx(manifest.threshold)
     assert response.parameters["score"].string_param == manifest.score == "j_score"
     labels = result.as_numpy("label")
@@ -123,7 +123,7 @@ def test_same_answers_as_over_http_and_as_the_onnx_file(
 
 def test_typed_contents_and_requested_outputs(stub: Any, model_repo: Path) -> None:
     x = synthetic(3, seed=4).x.numpy()
-    req = pb.ModelInferRequest(model_name=RCE, model_version="1")
+    req = pb.ModelInferRequest(model_name=RCE, loaded_model="1")
     tensor = req.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
     tensor.contents.fp32_contents.extend(x.reshape(-1).tolist())
     req.outputs.add(name="j_score")
@@ -227,7 +227,7 @@ def test_keys_from_metadata(model_repo: Path) -> None:
 def test_deadline_from_the_client(
     server: LiveServer, client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    slow_down(monkeypatch, model_version(server), 1.5)
+    slow_down(monkeypatch, loaded_model(server), 1.5)
     x = np.zeros((1, 1, 28, 28), np.float32)
     labels = {"protocol": "grpc", "code": "504", "model": RCE}
     n0 = metric(httpx.get(f"{server.url}/metrics").text, "notsure_requests_total", **labels)
@@ -253,7 +253,7 @@ def test_queue_full_is_resource_exhausted(
                         max_batch_size=8, max_queue_images=8)  # fmt: skip
     x = np.zeros((8, 1, 28, 28), np.float32)
     with LiveServer(settings) as s:
-        slow_down(monkeypatch, model_version(s), 1.0)
+        slow_down(monkeypatch, loaded_model(s), 1.0)
         codes: list[str] = []
 
         def call() -> None:
