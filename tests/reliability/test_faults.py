@@ -71,7 +71,7 @@ BREAKAGES: dict[str, tuple[Callable[[Path], None], str]] = {
 
 
 @pytest.mark.parametrize("name", sorted(BREAKAGES))
-def test_broken_loaded_model_is_reported_and_the_rest_serves(
+def test_broken_model_version_is_reported_and_the_rest_serves(
     writable_repo: Path, name: str
 ) -> None:
     breakage, needle = BREAKAGES[name]

@@ -98,7 +98,7 @@ def test_same_answers_as_over_http_and_as_the_onnx_file(
     result = client.infer(RCE, [infer_input(x)], request_id="g1")
     response = result.get_response()
     manifest, want = offline(model_repo, x)
-    assert response.id == "g1" and response.loaded_model == "1"
+    assert response.id == "g1" and response.model_version == "1"
     assert response.parameters["threshold"].double_param == pytest.approx(manifest.threshold)
     assert response.parameters["score"].string_param == manifest.score == "j_score"
     labels = result.as_numpy("label")
@@ -123,7 +123,7 @@ def test_same_answers_as_over_http_and_as_the_onnx_file(
 
 def test_typed_contents_and_requested_outputs(stub: Any, model_repo: Path) -> None:
     x = synthetic(3, seed=4).x.numpy()
-    req = pb.ModelInferRequest(model_name=RCE, loaded_model="1")
+    req = pb.ModelInferRequest(model_name=RCE, model_version="1")
     tensor = req.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
     tensor.contents.fp32_contents.extend(x.reshape(-1).tolist())
     req.outputs.add(name="j_score")
