@@ -396,7 +396,7 @@ def write_results(
         "python": platform.python_version(),
         "duration_s": args.duration,
         "model": args.model,
-        "command": " ".join(sys.argv),
+        "command": " ".join(["python -m benchmarks.serving", *sys.argv[1:]]),
     }
     (args.out / "results.json").write_text(
         json.dumps(
