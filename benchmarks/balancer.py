@@ -17,9 +17,9 @@ from typing import Any
 import httpx
 import yaml
 
+from benchmarks import ROOT
 from benchmarks.serve_process import ServeProcess, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 
 HAPROXY_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"

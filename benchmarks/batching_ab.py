@@ -7,7 +7,7 @@ concurrency with the same body (by default 1-image integer JSON; `--body` and `-
 another); each pair gives a ratio, and the median over the pairs is the figure to quote. The
 rates are requests a second; multiply by --images for images a second.
 
-    python benchmarks/batching_ab.py --pairs 6 --duration 6 --concurrency 32
+    python -m benchmarks.batching_ab --pairs 6 --duration 6 --concurrency 32
 
 Only 127.0.0.1 is targeted; every wrk run is bounded by --duration.
 """
@@ -22,13 +22,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from loadgen import NOTSURE_APIS, Server, bodies, run_wrk, wait_idle  # noqa: E402
-
-from service.manifest import MANIFEST_FILE, Manifest  # noqa: E402
+from benchmarks import ROOT
+from benchmarks.loadgen import NOTSURE_APIS, Server, bodies, run_wrk, wait_idle
+from service.manifest import MANIFEST_FILE, Manifest
 
 
 def measure_pairs(

@@ -1,7 +1,7 @@
 """Multi-replica soak: 3 `notsure serve` replicas behind haproxy, Prometheus scraping each; mixed
 traffic through the balancer while one replica is sent SIGTERM and later restarted on its port.
 
-    python benchmarks/fleet_soak.py --repo models --duration 120 --concurrency 16 --out fleet.json
+    python -m benchmarks.fleet_soak --repo models --duration 120 --concurrency 16 --out fleet.json
 
 Every request carries a unique X-Request-ID; a response counts as correct only when it is a 200
 that echoes that id with one prediction per image (benchmarks/soak.py's check). "lost" is a
@@ -29,8 +29,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
-from benchmarks.balancer import ROOT, Fleet
+from benchmarks import ROOT
+from benchmarks.balancer import Fleet
 from benchmarks.soak import SERVER_CALLS, Call, build_calls, check
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "notsure.json"

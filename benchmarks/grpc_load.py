@@ -3,7 +3,7 @@ request as soon as the last one is answered, for `duration` seconds. wrk speaks 
 gRPC cells are loaded by this client instead (grpc.aio, one prebuilt request, in its own
 process); its own CPU cost is part of what the cell measures, on this 2-core machine too.
 
-    python benchmarks/grpc_load.py --target 127.0.0.1:8001 --model mnist-resnet32-rce \\
+    python -m benchmarks.grpc_load --target 127.0.0.1:8001 --model mnist-resnet32-rce \\
         --images 64 --concurrency 32 --duration 8
 
 Prints one JSON line: req_s, p50_ms, p99_ms, errors (status name -> count).

@@ -15,11 +15,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from benchmarks import ROOT
 from benchmarks.serve_process import free_port
 from service import v2codec
 from service.manifest import Manifest
-
-ROOT = Path(__file__).resolve().parents[1]
 
 LUA = """
 local f = io.open("{body}", "rb")

@@ -1,6 +1,6 @@
 """Overload benchmark: normal load, then far more than the queue holds, then normal load again.
 
-    python -m benchmarks.overload --repo models --out overload.json   (from the repository root)
+    python -m benchmarks.overload --repo models --out overload.json
 
 Starts `notsure serve` (one inference thread, a small queue) on 127.0.0.1 and measures, per
 phase, the answers by status and their latency, how fast readiness probes are answered while the

@@ -1,6 +1,6 @@
 """Where a request's CPU goes: py-spy samples `notsure serve` under a bounded local load.
 
-    python benchmarks/profile_server.py --body float-json --concurrency 8 --seconds 15
+    python -m benchmarks.profile_server --body float-json --concurrency 8 --seconds 15
 
 starts the server on 127.0.0.1, sends one body kind from a keep-alive async client for the
 warm-up plus `--seconds`, and during that window records the server with py-spy in `--gil`
@@ -30,11 +30,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
+from benchmarks import ROOT
 from benchmarks.serve_process import ServeProcess
 from service import v2codec
 
-ROOT = Path(__file__).resolve().parents[1]
 BODIES = ("float-json", "int-json", "png-json", "files", "v2-json", "v2-binary")
 # (component, what a frame's "function (file:line)" text contains), innermost match wins.
 COMPONENTS: list[tuple[str, tuple[str, ...]]] = [

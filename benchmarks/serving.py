@@ -6,8 +6,8 @@ onnxruntime at the same batch sizes, and optionally the same server with batchin
 other servers (LitServe, BentoML, a lean async FastAPI endpoint, Triton through PyTriton)
 serving the same model behind the same client.
 
-    python benchmarks/serving.py --duration 10 --out docs/benchmarks
-    python benchmarks/serving.py --quick          # 3 s per cell, fewer cells
+    python -m benchmarks.serving --duration 10 --out docs/benchmarks
+    python -m benchmarks.serving --quick          # 3 s per cell, fewer cells
 
 Only 127.0.0.1 is targeted; every run is bounded by --duration.
 """
@@ -23,11 +23,33 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks import ROOT
+from benchmarks.batching_ab import measure_pairs, summary_line
+from benchmarks.loadgen import (
+    NOTSURE_APIS,
+    Server,
+    bodies,
+    free_port,
+    run_wrk,
+    wait_idle,
+    wait_quiet,
+)
+from benchmarks.raw_ort import raw_onnxruntime, raw_parallel
+from benchmarks.serving_report import (
+    SAME_REQUEST,
+    Cell,
+    ceiling,
+    markdown,
+    rewrite,
+    targets,
+)
+from service.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
+
 OTHERS = ROOT / "benchmarks" / "others"  # the comparison servers
 COMPARE = (
     "no-batching",
@@ -38,23 +60,6 @@ COMPARE = (
     "pytriton",
     "pytriton-grpc",
 )
-sys.path.insert(0, str(ROOT))
-
-from batching_ab import measure_pairs, summary_line  # noqa: E402
-from loadgen import (  # noqa: E402
-    NOTSURE_APIS,
-    Server,
-    bodies,
-    free_port,
-    run_wrk,
-    wait_idle,
-    wait_quiet,
-)
-from raw_ort import raw_onnxruntime, raw_parallel  # noqa: E402
-from serving_report import SAME_REQUEST, Cell, ceiling, markdown, rewrite, targets  # noqa: E402
-
-from service.manifest import MANIFEST_FILE, MODEL_FILE, Manifest  # noqa: E402
-
 # notsure's cells: its HTTP body kinds (wrk) and V2 over gRPC.
 PROTOCOLS = (*NOTSURE_APIS, "grpc")
 
@@ -74,9 +79,9 @@ def grpc_load(
     target: str, model: str, images: int, concurrency: int, duration_s: float, shape: list[int],
     input_name: str = "input", datatype: str = "FP32",
 ) -> tuple[float, float, float, dict[str, int]]:  # fmt: skip
-    """req/s, p50 and p99 ms, errors of one gRPC cell, from benchmarks/grpc_load.py run in its
+    """req/s, p50 and p99 ms, errors of one gRPC cell, from benchmarks.grpc_load run in its
     own process (the load generator must not share the driver's interpreter)."""
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "grpc_load.py"), "--target", target,
+    cmd = [sys.executable, "-m", "benchmarks.grpc_load", "--target", target,
            "--model", model, "--images", str(images), "--concurrency", str(concurrency),
            "--duration", str(duration_s), "--input", input_name, "--datatype", datatype,
            "--shape", *map(str, shape)]  # fmt: skip
@@ -97,7 +102,8 @@ def measured_kinds(protocols: list[str], servers: list[tuple[str, Other]], n: in
     return kinds
 
 
-def main() -> None:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, with --quick's shorter cells applied."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="mnist-resnet32-rce")
     ap.add_argument("--duration", type=float, default=8.0, help="seconds per cell")
@@ -132,31 +138,17 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="3 s cells, concurrency 1 and 32")
     ap.add_argument("--out", type=Path, default=None, help="folder for results.json/.md")
     ap.add_argument("--rewrite", action="store_true", help="only rebuild results.md from --out")
-    args = ap.parse_args()
-    if args.rewrite:
-        rewrite(args.out)
-        return
+    args = ap.parse_args(argv)
     if args.quick:
         args.duration, args.concurrency = 3.0, [1, 32]
         args.ab_pairs = min(args.ab_pairs, 2)
-    needs_wrk = set(NOTSURE_APIS) & set(args.protocols) or set(args.compare) - {"pytriton-grpc"}
-    if needs_wrk and shutil.which("wrk") is None:
-        sys.exit("wrk is needed for HTTP cells: apt-get install wrk (or --protocols grpc)")
-    vdir = ROOT / "models" / args.model / "1"
-    manifest = Manifest.load(vdir / MANIFEST_FILE)
-    cells: list[Cell] = []
+    return args
+
+
+def measure_raw(args: argparse.Namespace, vdir: Path, manifest: Manifest) -> dict[str, Any]:
+    """Raw in-process onnxruntime at batch 1 and 64: one session at 1 and 2 intra-op threads,
+    and one run per core in parallel (the ceiling a server is held against)."""
     raw: dict[str, dict[str, float]] = {}
-    tmp = Path(tempfile.mkdtemp(prefix="notsure-bench-"))
-
-    def report(c: Cell) -> None:
-        cells.append(c)
-        print(
-            f"{c.server:20s} {c.api:12s} {c.images:3d} img  c={c.concurrency:3d}  "
-            f"{c.req_s:8.1f} req/s {c.img_s:8.0f} img/s  p50 {c.p50_ms:7.2f} ms  "
-            f"p99 {c.p99_ms:7.2f} ms  cpu {c.cpu_ms:5.2f} ms/req  errors {c.errors}",
-            flush=True,
-        )
-
     for batch in () if args.skip_raw else (1, 64):
         for intra in (1, 2):
             ips, ms = raw_onnxruntime(
@@ -180,84 +172,58 @@ def main() -> None:
             f"raw onnxruntime batch {batch:2d} {os.cpu_count()} parallel runs: {ips:8.0f} img/s",
             flush=True,
         )
-
     if raw:
         print(ceiling(raw), flush=True)
-    reqs = {n: bodies(manifest, n, tmp) for n in (1, 64)}
-    serve = [sys.executable, "-m", "notsure.cli", "serve"]
-    # A queue deep enough for 64 clients x 64 images: the benchmark measures throughput, not
-    # load shedding (tests/reliability covers that).
-    env = {
-        "NOTSURE_MODELS": args.model,
+    return raw
+
+
+SERVE = [sys.executable, "-m", "notsure.cli", "serve"]
+
+
+def notsure_env(model: str) -> dict[str, str]:
+    """notsure's settings in every cell. A queue deep enough for 64 clients x 64 images: the
+    benchmark measures throughput, not load shedding (tests/reliability covers that)."""
+    return {
+        "NOTSURE_MODELS": model,
         "NOTSURE_LOG_LEVEL": "warning",
         "NOTSURE_MAX_QUEUE_IMAGES": "16384",
     }
 
-    def base_for(n: int) -> float:
-        """The ceiling just before a cell: the machine's free CPU drifts, so the raw baseline
-        is measured in the same minute as the cell it is compared with."""
-        if args.skip_raw:
-            return 0.0
-        return raw_parallel(vdir / MODEL_FILE, manifest.input_shape, n, 1.5, os.cpu_count() or 1)
 
-    def cell(server: Server, name: str, api: str, n: int, c: int, target: str, base: float,
-             model: str, shape: list[int], grpc_input: tuple[str, str]) -> None:  # fmt: skip
-        """One measured cell, with the server's CPU time per request, after `--warmup`
-        seconds of the same load that are not measured (a server's first requests after a
-        start or a change of body kind pay one-off costs: a 5 s cell at c=1 that started cold
-        once had a p99 of 1.15 s)."""
-
-        def load(seconds: float) -> tuple[float, float, float, int]:
-            if api == "grpc":
-                return grpc_load(target, model, n, c, seconds, shape, *grpc_input)
-            return run_wrk(server.url + target, reqs[n][api], c, seconds, tmp)
-
-        if args.warmup > 0:
-            warm_rps = load(args.warmup)[0]
-            # The load generator abandons the requests in flight when the warm-up ends; the
-            # server still answers them. Left alone they ran into the measured seconds (64
-            # clients x 64 images are 1.3 s of work: a quarter of a 5 s cell, counted as CPU
-            # and time but not as answers). Wait until they are done: notsure says so on
-            # /metrics; for a peer, the time its own warm-up rate needs for c requests.
-            time.sleep(0.2 + min(c / warm_rps, 15.0) if warm_rps > 0 else 1.0)
-            if name in ("notsure", "no-batching"):
-                wait_idle(server.url)
-        cpu0 = server.cpu_seconds()
-        rps, p50, p99, errs = load(args.duration)
-        cpu = server.cpu_seconds() - cpu0
-        done = rps * args.duration
-        cpu_ms = 1000 * cpu / done if done else 0.0
-        report(Cell(name, api, n, c, rps, rps * n, p50, p99, errs, base, cpu_ms))
+def comparison_servers(
+    model: str, vdir: Path, manifest: Manifest, pytriton_grpc: int
+) -> dict[str, Other]:
+    """Every server `--compare` may name, serving the model of `vdir`. The peers that run from
+    their own environments find `benchmarks.others` through PYTHONPATH."""
 
     def lean(threads: str) -> Other:
         return Other(
-            [sys.executable, str(OTHERS / "fastapi_app.py")],
+            [sys.executable, "-m", "benchmarks.others.fastapi_app"],
             {"MODEL_DIR": str(vdir), "SCORER_THREADS": threads},
             "/health",
             "/predict",
             ("native", "native-float"),
         )
 
-    pytriton_grpc = free_port()
     pytriton = Other(
         [os.environ.get("PYTRITON_PYTHON", "/tmp/pytritonvenv/bin/python"),
-         str(OTHERS / "pytriton_app.py")],
-        {"MODEL_DIR": str(vdir), "NOTSURE_ROOT": str(ROOT)},
+         "-m", "benchmarks.others.pytriton_app"],
+        {"MODEL_DIR": str(vdir), "PYTHONPATH": str(ROOT)},
         # Triton is ready (/v2/health/ready) before PyTriton has loaded the model into it.
         f"/v2/models/{manifest.name}/ready",
         f"/v2/models/{manifest.name}/infer",
         ("v2-json-u8", "v2-binary-u8"),
     )  # fmt: skip
-    others = {
+    return {
         "no-batching": Other(
-            serve,
-            {**env, "NOTSURE_BATCHING": "false"},
+            SERVE,
+            {**notsure_env(model), "NOTSURE_BATCHING": "false"},
             "/v2/health/ready",
-            f"/v1/models/{args.model}/predict",
+            f"/v1/models/{model}/predict",
             images=(1,),
         ),
         "litserve": Other(
-            [sys.executable, str(OTHERS / "litserve_app.py")],
+            [sys.executable, "-m", "benchmarks.others.litserve_app"],
             {"MODEL_DIR": str(vdir)},
             "/health",
             "/predict",
@@ -274,7 +240,7 @@ def main() -> None:
                 "--working-dir",
                 str(OTHERS),
             ],
-            {"MODEL_DIR": str(vdir), "NOTSURE_ROOT": str(ROOT)},
+            {"MODEL_DIR": str(vdir), "PYTHONPATH": str(ROOT)},
             "/readyz",
             "/predict",
         ),
@@ -289,25 +255,103 @@ def main() -> None:
             env={**pytriton.env, "GRPC_PORT": str(pytriton_grpc)}, apis=("grpc",)
         ),
     }
-    # Every server runs from the start; each cell then loads them one after another, the
-    # order reversed from one cell to the next, with the ceiling measured just before: the
-    # machine's speed drifts by tens of percent within minutes, and a peer measured a quarter
-    # of an hour after notsure was compared with another machine. An idle server costs no CPU.
-    grpc_port = free_port()
-    running: list[tuple[str, Server, Other]] = []
-    mine = Other(serve, {**env, "NOTSURE_GRPC_PORT": str(grpc_port)}, "/v2/health/ready",
-                 "", tuple(args.protocols))  # fmt: skip
-    try:
-        running.append(("notsure", Server(mine.cmd, mine.env, mine.ready), mine))
-        for name in args.compare:
-            spec = others[name]
-            if not Path(spec.cmd[0]).exists() and not shutil.which(spec.cmd[0]):
-                print(f"{name}: not installed, skipped", flush=True)
-                continue
-            try:
-                running.append((name, Server(spec.cmd, spec.env, spec.ready), spec))
-            except RuntimeError as exc:
-                print(f"{name}: failed to start ({exc}), skipped", flush=True)
+
+
+def start_servers(
+    mine: Other, compare: list[str], others: dict[str, Other]
+) -> list[tuple[str, Server, Other]]:
+    """notsure and each compared server that is installed and starts, all at once (an idle
+    server costs no CPU); a peer that is missing or fails to start is skipped, and said so."""
+    running = [("notsure", Server(mine.cmd, mine.env, mine.ready), mine)]
+    for name in compare:
+        spec = others[name]
+        if not Path(spec.cmd[0]).exists() and not shutil.which(spec.cmd[0]):
+            print(f"{name}: not installed, skipped", flush=True)
+            continue
+        try:
+            running.append((name, Server(spec.cmd, spec.env, spec.ready), spec))
+        except RuntimeError as exc:
+            print(f"{name}: failed to start ({exc}), skipped", flush=True)
+    return running
+
+
+@dataclass
+class Bench:
+    """One run's inputs and the cells measured so far."""
+
+    args: argparse.Namespace
+    vdir: Path
+    manifest: Manifest
+    tmp: Path
+    reqs: dict[int, dict[str, tuple[Path, str, str]]]  # images per request -> body kind -> body
+    grpc_port: int  # notsure's
+    pytriton_grpc: int
+    cells: list[Cell] = field(default_factory=list)
+
+    def report(self, c: Cell) -> None:
+        self.cells.append(c)
+        print(
+            f"{c.server:20s} {c.api:12s} {c.images:3d} img  c={c.concurrency:3d}  "
+            f"{c.req_s:8.1f} req/s {c.img_s:8.0f} img/s  p50 {c.p50_ms:7.2f} ms  "
+            f"p99 {c.p99_ms:7.2f} ms  cpu {c.cpu_ms:5.2f} ms/req  errors {c.errors}",
+            flush=True,
+        )
+
+    def base_for(self, n: int) -> float:
+        """The ceiling just before a cell: the machine's free CPU drifts, so the raw baseline
+        is measured in the same minute as the cell it is compared with."""
+        if self.args.skip_raw:
+            return 0.0
+        shape = self.manifest.input_shape
+        return raw_parallel(self.vdir / MODEL_FILE, shape, n, 1.5, os.cpu_count() or 1)
+
+    def cell(
+        self,
+        server: Server,
+        name: str,
+        api: str,
+        n: int,
+        c: int,
+        target: str,
+        base: float,
+        model: str,
+        shape: list[int],
+        grpc_input: tuple[str, str],
+    ) -> None:
+        """One measured cell, with the server's CPU time per request, after `--warmup`
+        seconds of the same load that are not measured (a server's first requests after a
+        start or a change of body kind pay one-off costs: a 5 s cell at c=1 that started cold
+        once had a p99 of 1.15 s)."""
+        args = self.args
+
+        def load(seconds: float) -> tuple[float, float, float, Any]:
+            if api == "grpc":
+                return grpc_load(target, model, n, c, seconds, shape, *grpc_input)
+            return run_wrk(server.url + target, self.reqs[n][api], c, seconds, self.tmp)
+
+        if args.warmup > 0:
+            warm_rps = load(args.warmup)[0]
+            # The load generator abandons the requests in flight when the warm-up ends; the
+            # server still answers them. Left alone they ran into the measured seconds (64
+            # clients x 64 images are 1.3 s of work: a quarter of a 5 s cell, counted as CPU
+            # and time but not as answers). Wait until they are done: notsure says so on
+            # /metrics; for a peer, the time its own warm-up rate needs for c requests.
+            time.sleep(0.2 + min(c / warm_rps, 15.0) if warm_rps > 0 else 1.0)
+            if name in ("notsure", "no-batching"):
+                wait_idle(server.url)
+        cpu0 = server.cpu_seconds()
+        rps, p50, p99, errs = load(args.duration)
+        cpu = server.cpu_seconds() - cpu0
+        done = rps * args.duration
+        cpu_ms = 1000 * cpu / done if done else 0.0
+        self.report(Cell(name, api, n, c, rps, rps * n, p50, p99, errs, base, cpu_ms))
+
+    def run_cells(self, running: list[tuple[str, Server, Other]]) -> None:
+        """Each cell loads the servers one after another, the order reversed from one cell to
+        the next, with the ceiling measured just before: the machine's speed drifts by tens of
+        percent within minutes, and a peer measured a quarter of an hour after notsure was
+        compared with another machine."""
+        args, shape = self.args, list(self.manifest.input_shape)
         servers = [server for _, server, _ in running]
         flip = False
         for n in (1, 64):
@@ -321,21 +365,77 @@ def main() -> None:
                         if (api if name == "notsure" else SAME_REQUEST.get(api, api)) == kind
                     ]
                     wait_quiet(servers)  # nothing left over from the last cell
-                    base = base_for(n)
+                    base = self.base_for(n)
                     for name, server, spec, api in reversed(group) if flip else group:
                         if name in ("notsure", "no-batching"):
                             wait_idle(server.url)
                         wait_quiet(servers)
                         if name == "notsure":
-                            target = f"127.0.0.1:{grpc_port}" if api == "grpc" else (
+                            target = f"127.0.0.1:{self.grpc_port}" if api == "grpc" else (
                                 NOTSURE_APIS[api].format(args.model))  # fmt: skip
-                            cell(server, name, api, n, c, target, base, args.model,
-                                 list(manifest.input_shape), ("input", "FP32"))  # fmt: skip
+                            self.cell(server, name, api, n, c, target, base, args.model,
+                                      shape, ("input", "FP32"))  # fmt: skip
                         else:
-                            target = f"127.0.0.1:{pytriton_grpc}" if api == "grpc" else spec.path
-                            cell(server, name, api, n, c, target, base, manifest.name,
-                                 list(manifest.input_shape[1:]), ("images", "UINT8"))  # fmt: skip
+                            target = (
+                                f"127.0.0.1:{self.pytriton_grpc}" if api == "grpc" else spec.path
+                            )
+                            self.cell(server, name, api, n, c, target, base, self.manifest.name,
+                                      shape[1:], ("images", "UINT8"))  # fmt: skip
                     flip = not flip
+
+
+def write_results(
+    args: argparse.Namespace, raw: dict[str, Any], cells: list[Cell], ab: dict[str, Any] | None
+) -> None:
+    """results.json (and results.md, when there are raw rows to compare with) in --out,
+    with the machine and the command that measured them."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "python": platform.python_version(),
+        "duration_s": args.duration,
+        "model": args.model,
+        "command": " ".join(["python -m benchmarks.serving", *sys.argv[1:]]),
+    }
+    (args.out / "results.json").write_text(
+        json.dumps(
+            {
+                "meta": meta,
+                "raw_onnxruntime": raw,
+                "cells": [asdict(c) for c in cells],
+                "batching_ab": ab,
+            },
+            indent=2,
+        )
+    )
+    if raw:  # the report and the targets compare against the raw onnxruntime rows
+        (args.out / "results.md").write_text(markdown(cells, raw, meta, ab))
+    print(f"wrote {args.out / 'results.json'}" + (" and results.md" if raw else ""))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Raw onnxruntime rows, the servers' cells, batching on vs off in pairs, the report."""
+    args = parse_args(argv)
+    if args.rewrite:
+        rewrite(args.out)
+        return
+    needs_wrk = set(NOTSURE_APIS) & set(args.protocols) or set(args.compare) - {"pytriton-grpc"}
+    if needs_wrk and shutil.which("wrk") is None:
+        sys.exit("wrk is needed for HTTP cells: apt-get install wrk (or --protocols grpc)")
+    vdir = ROOT / "models" / args.model / "1"
+    manifest = Manifest.load(vdir / MANIFEST_FILE)
+    raw = measure_raw(args, vdir, manifest)
+    tmp = Path(tempfile.mkdtemp(prefix="notsure-bench-"))
+    bench = Bench(args, vdir, manifest, tmp, {n: bodies(manifest, n, tmp) for n in (1, 64)},
+                  grpc_port=free_port(), pytriton_grpc=free_port())  # fmt: skip
+    others = comparison_servers(args.model, vdir, manifest, bench.pytriton_grpc)
+    mine = Other(SERVE, {**notsure_env(args.model), "NOTSURE_GRPC_PORT": str(bench.grpc_port)},
+                 "/v2/health/ready", "", tuple(args.protocols))  # fmt: skip
+    running: list[tuple[str, Server, Other]] = []
+    try:
+        running = start_servers(mine, args.compare, others)
+        bench.run_cells(running)
     finally:
         for _, server, _ in running:
             server.stop()
@@ -348,34 +448,12 @@ def main() -> None:
             args.model, args.ab_pairs, args.duration, 32, {"NOTSURE_BATCHING": "false"}, tmp
         )
         print(summary_line(ab), flush=True)
-
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        meta = {
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-            "python": platform.python_version(),
-            "duration_s": args.duration,
-            "model": args.model,
-            "command": " ".join(sys.argv),
-        }
-        (args.out / "results.json").write_text(
-            json.dumps(
-                {
-                    "meta": meta,
-                    "raw_onnxruntime": raw,
-                    "cells": [asdict(c) for c in cells],
-                    "batching_ab": ab,
-                },
-                indent=2,
-            )
-        )
-        if raw:  # the report and the targets compare against the raw onnxruntime rows
-            (args.out / "results.md").write_text(markdown(cells, raw, meta, ab))
-        print(f"wrote {args.out / 'results.json'}" + (" and results.md" if raw else ""))
+        write_results(args, raw, bench.cells, ab)
     if not raw:
         print("no raw onnxruntime rows (--skip-raw): no report table, targets not checked")
         return
-    for name, measured, ok in targets(cells, raw, ab):
+    for name, measured, ok in targets(bench.cells, raw, ab):
         print(f"{'MET ' if ok else 'MISS'} {name}: {measured}")
 
 

@@ -153,8 +153,10 @@ def markdown(
     meta: dict[str, str],
     ab: dict[str, Any] | None = None,
 ) -> str:
+    # Results written before runs were dated have no "date".
+    run = f"Run {meta['date']}. " if "date" in meta else ""
     lines = [
-        f"Machine: {meta['machine']}; Python {meta['python']}; {meta['duration_s']} s per "
+        f"{run}Machine: {meta['machine']}; Python {meta['python']}; {meta['duration_s']} s per "
         f"cell; command `{meta['command']}`.",
         "",
         "| raw onnxruntime (in-process) | img/s | ms/run |",

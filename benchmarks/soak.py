@@ -1,7 +1,7 @@
 """Soak test for `notsure serve`: mixed concurrent traffic for a fixed time, every response checked.
 
-    python benchmarks/soak.py --repo models --duration 300 --concurrency 64 --out soak.json
-    python benchmarks/soak.py --url http://127.0.0.1:8000 --pid 1234 --duration 30
+    python -m benchmarks.soak --repo models --duration 300 --concurrency 64 --out soak.json
+    python -m benchmarks.soak --url http://127.0.0.1:8000 --pid 1234 --duration 30
 
 Without --url it starts its own `notsure serve` on a free 127.0.0.1 port and stops it with
 SIGTERM at the end (the exit code is part of the result). Each request carries a unique
@@ -35,7 +35,6 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
 from benchmarks.serve_process import ServeProcess, free_port, rss_kib
 from service import v2codec
 

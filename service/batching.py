@@ -5,11 +5,12 @@ asyncio queue and runs batches in a thread pool (onnxruntime releases the GIL), 
 loop keeps accepting requests while a batch runs.
 
 Unlike a fixed-delay batcher, it only waits for more requests when some are known to be on the
-way (parsed but not yet queued), so a lone request on an idle server runs at once. Such a lone
-batch may also run "wide" (`run_alone`: on every core) while holding every slot, since nothing
-else would use the cores; under load, batches run in parallel on one slot's share each.
+way (parsed but not yet queued), so a request on an idle server runs at once. A batch that has
+the machine to itself, a *lone batch*, may also run on every core (`run_lone`) while holding
+every slot, since nothing else would use the cores; under load, batches run in parallel on one
+slot's share each.
 "Idle" means quiet for a while (`QUIET_S`), not merely that the queue happens to be empty at
-this instant: under load the queue empties between batches all the time, and each wide batch
+this instant: under load the queue empties between batches all the time, and each lone batch
 then leaves onnxruntime's pool threads spinning on the cores the next batches need. On a quiet
 server a small batch (`inline_max_images`) may run on the event loop itself: a millisecond of
 inference costs less there than the hand-off to a worker thread and back (about 0.2 ms of
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 R = TypeVar("R")
 F32 = npt.NDArray[np.float32]
 
-# A batch runs wide only when no two requests have been in the server at once for this long.
+# A batch is a lone batch only when no two requests have been in the server at once for this long.
 # Sequential requests (one client waiting for each answer) leave gaps of a millisecond or so
 # and never overlap; under concurrent load they overlap every few milliseconds.
 QUIET_S = 0.05
@@ -64,7 +65,7 @@ def plan(
     Args:
         sizes: images per queued request, oldest first.
         oldest_wait_s: how long the oldest request has waited.
-        max_batch: images per batch at most (a larger single request runs alone).
+        max_batch: images per batch at most (a larger single request is a batch of its own).
         max_delay_s: longest a request may wait for others to fill the batch.
         arriving: requests being parsed right now that will be queued soon.
     """
@@ -115,8 +116,9 @@ class Batcher(Generic[R]):
 
     `run(x, sizes)` gets the concatenated images and the per-request counts and must return one
     result per request; any exception (or a wrong count) fails every request of that batch.
-    `run_alone`, when given, runs a batch that starts with every slot free on a quiet server
-    (nothing else queued, arriving or running for `QUIET_S`); it holds every slot until it ends.
+    `run_lone`, when given, runs a lone batch: one that starts with every slot free on a quiet
+    server (nothing else queued, arriving or running for `QUIET_S`); it holds every slot until it
+    ends.
     On a quiet server a batch of up to `inline_max_images` (default 0: none) runs on the event
     loop's thread.
     """
@@ -133,10 +135,10 @@ class Batcher(Generic[R]):
         retry_after_s: int = 1,
         observer: BatchObserver | None = None,
         arrivals: ArrivalTracker | None = None,
-        run_alone: RunFn[R] | None = None,
+        run_lone: RunFn[R] | None = None,
         inline_max_images: int = 0,
     ) -> None:
-        self._run, self._run_alone, self._executor = run, run_alone, executor
+        self._run, self._run_lone, self._executor = run, run_lone, executor
         self.inline_max_images = inline_max_images
         self.max_batch, self.max_delay_s = max_batch, max_delay_s
         self.max_queue_images, self.retry_after_s = max_queue_images, retry_after_s
@@ -234,8 +236,8 @@ class Batcher(Generic[R]):
         if len(items) > 1 or self._queue or self._arrivals.count:
             self._busy_at = now
         quiet = self._free_slots == self._slots and now - self._busy_at >= QUIET_S
-        alone = quiet and self._run_alone is not None
-        held = self._slots if alone else 1
+        lone = quiet and self._run_lone is not None
+        held = self._slots if lone else 1
         self._free_slots -= held
         sizes = [p.size for p in items]
         self._queued_images -= sum(sizes)
@@ -245,7 +247,7 @@ class Batcher(Generic[R]):
         )
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        run = self._run_alone if alone and self._run_alone is not None else self._run
+        run = self._run_lone if lone and self._run_lone is not None else self._run
         if quiet and x.shape[0] <= self.inline_max_images:
             fut = loop.create_future()
             try:

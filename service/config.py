@@ -122,15 +122,16 @@ class Settings(BaseSettings):
         return max(1, (os.cpu_count() or 1) // self.workers)
 
     def lone_batch_threads(self) -> int:
-        """onnxruntime threads for a batch running alone; 0 when it would gain nothing."""
-        wide = self.cores() if self.intra_op_threads == 0 else self.intra_op_threads
+        """onnxruntime threads for a lone batch (one that has the machine to itself); 0 when
+        it would gain nothing."""
+        threads = self.cores() if self.intra_op_threads == 0 else self.intra_op_threads
         if (
             not self.lone_batch_all_cores
             or self.inference_threads == 1
-            or wide <= self.intra_threads()
+            or threads <= self.intra_threads()
         ):
             return 0
-        return wide
+        return threads
 
     def batching_for(self, model: str) -> BatchingSettings:
         if model in self.batching_overrides:

@@ -27,6 +27,7 @@ traces or file paths ever appear in them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -133,3 +134,19 @@ def invalid_input_from(errors: Sequence[Mapping[str, Any]]) -> InvalidInput:
         "extra_forbidden": "remove this field",
     }.get(kind, "see the OpenAPI schema at /docs")
     return InvalidInput(f"{field}: {msg}", field=field, fix=fix)
+
+
+def v2_status(exc: ServeError) -> int:
+    """The status of an error on the Open Inference Protocol (the HTTP V2 routes, and the
+    `code` label of gRPC requests): a malformed request is 400 there, as Triton answers; the
+    native API keeps FastAPI's 422 (`status_code`)."""
+    return 400 if isinstance(exc, InvalidInput) else exc.status_code
+
+
+def log_level(status: int) -> int:
+    """The level a request that ended with this status is logged at, whatever its transport:
+    client errors at INFO; sheds and timeouts (503/504: load, not faults) at WARNING, so an
+    overload does not flood the error log; other 5xx at ERROR."""
+    if status < 500:
+        return logging.INFO
+    return logging.WARNING if status in (503, 504) else logging.ERROR

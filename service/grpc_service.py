@@ -24,10 +24,9 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from service import v2codec, v2infer
-from service.api.handlers import V2_PREFIX, http_status
 from service.call import Call
-from service.errors import InvalidInput, ServeError
-from service.inference import resolve, shed_early
+from service.errors import InvalidInput, ServeError, log_level, v2_status
+from service.inference import VERSION_MAX, admit, resolve
 from service.metrics import observe_one
 from service.state import AppState
 
@@ -134,9 +133,9 @@ def _inputs(req: Any) -> list[tuple[str, npt.NDArray[Any]]]:
     return out
 
 
-def _response(mv_name: str, version: int, req: Any, answer: v2infer.Answer) -> Any:
+def _response(model_name: str, version: int, req: Any, answer: v2infer.Answer) -> Any:
     """Outputs as raw little-endian bytes (as Triton answers; tritonclient reads only those)."""
-    resp = pb.ModelInferResponse(model_name=mv_name, model_version=str(version), id=req.id)
+    resp = pb.ModelInferResponse(model_name=model_name, model_version=str(version), id=req.id)
     resp.parameters["threshold"].double_param = answer.threshold
     resp.parameters["score"].string_param = answer.score
     for name, arr in answer.outputs:
@@ -177,7 +176,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             code = 504 if remaining is not None and remaining <= 0 else 499
             raise
         except ServeError as exc:
-            code, status = _http_code(exc), grpc.StatusCode[exc.grpc_code]
+            code, status = v2_status(exc), grpc.StatusCode[exc.grpc_code]
             details = json.dumps(exc.body())
             trailers = tuple((k.lower(), v) for k, v in exc.headers().items() if k != "Connection")
         except Exception:  # a bug: log it, answer INTERNAL without internals
@@ -198,20 +197,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         m.requests_of(*labels, endpoint, str(code), "grpc").inc()
         observe_one(m.latency_of(*labels, endpoint, "grpc"), time.perf_counter() - start)
         if code >= 400:
-            level = (
-                logging.INFO
-                if code < 500
-                else logging.WARNING
-                if code in (503, 504)
-                else logging.ERROR
-            )
-            log.log(level, "gRPC %s %s -> %d (%.1f ms)", method, model or "-", code,
+            log.log(log_level(code), "gRPC %s %s -> %d (%.1f ms)", method, model or "-", code,
                     1000 * (time.perf_counter() - start))  # fmt: skip
 
     def _version(self, raw: str, field: str = "model_version") -> int | None:
         if not raw:
             return None
-        if not raw.isdigit() or not 1 <= int(raw) <= 1_000_000:
+        if not raw.isdigit() or not 1 <= int(raw) <= VERSION_MAX:
             raise InvalidInput(f"model_version {raw!r} is not a version number", field=field,
                                fix="send a positive integer, or empty for the latest")  # fmt: skip
         return int(raw)
@@ -261,14 +253,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
 
     async def _infer(self, request: Any, call: Call, timeout_s: float | None) -> Any:
         state = self.state
-        mv = resolve(state, call, request.model_name, self._version(request.model_version))
-        shed_early(state, mv)
+        model = admit(state, call, request.model_name, self._version(request.model_version))
         params = {k: _param(v) for k, v in request.parameters.items()}
         answer = await v2infer.run(
-            state, call, mv, _inputs(request), params, [o.name for o in request.outputs],
+            state, call, model, _inputs(request), params, [o.name for o in request.outputs],
             timeout_s,
         )  # fmt: skip
-        return _response(mv.name, mv.version, request, answer)
+        return _response(model.name, model.version, request, answer)
 
     async def ModelInfer(self, request: Any, context: Context) -> Any:
         async def body(call: Call) -> Any:
@@ -288,7 +279,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 resp = await self._infer(request, call, context.time_remaining())
                 out = pb.ModelStreamInferResponse(infer_response=resp)
             except ServeError as exc:
-                code = _http_code(exc)
+                code = v2_status(exc)
                 out = pb.ModelStreamInferResponse(error_message=json.dumps(exc.body()))
             except Exception:
                 log.exception("unhandled error in gRPC ModelStreamInfer")
@@ -297,11 +288,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             call.close()
             self._record("ModelStreamInfer", call, code, start)
             yield out
-
-
-def _http_code(exc: ServeError) -> int:
-    """The status the same error gets on the HTTP V2 routes (the metrics' `code` label)."""
-    return http_status(exc, V2_PREFIX)
 
 
 def _text(value: str | bytes | None) -> str | None:

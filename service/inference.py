@@ -1,4 +1,5 @@
-"""The steps every transport shares: find the model, shed early, queue the images, decide."""
+"""The steps every transport shares: admit a request (find its model, shed early, mark it
+arriving), queue its images, decide."""
 
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ import numpy.typing as npt
 from service.call import Call
 from service.errors import DeadlineExceeded, Overloaded, ShuttingDown
 from service.metrics import observe_many
-from service.repository import LoadedModel
+from service.runner import LoadedModel
 from service.scoring import NOT_SURE, Scores, decide
 from service.state import AppState
 
 # notsure_rejected_total{reason}: requests refused before inference (the dashboard's
 # "Rejections" panel and the 5xx alert point operators at it).
 REJECTED = {Overloaded: "queue_full", DeadlineExceeded: "timeout", ShuttingDown: "shutting_down"}
+# The highest version number a request may name, on every protocol.
+VERSION_MAX = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,7 @@ def _count_rejection(state: AppState, model: LoadedModel, exc: Exception) -> Non
     state.metrics.rejected_of(model.name, str(model.version), REJECTED[type(exc)]).inc()
 
 
-def shed_early(state: AppState, model: LoadedModel) -> None:
+def _shed_early(state: AppState, model: LoadedModel) -> None:
     """Refuse with 503 before the body is read when the queue cannot take one more image: a
     shed then costs neither the upload nor the parsing."""
     try:
@@ -54,6 +57,16 @@ def shed_early(state: AppState, model: LoadedModel) -> None:
     except Overloaded as exc:
         _count_rejection(state, model, exc)
         raise
+
+
+def admit(state: AppState, call: Call, name: str, version: int | None) -> LoadedModel:
+    """Admission, the first step of every inference request whatever its protocol: the model
+    version it is for (`resolve`), refused early when its queue is full, and the call marked as
+    arriving (the batcher waits for it) until its images are queued by `infer`."""
+    model = resolve(state, call, name, version)
+    _shed_early(state, model)
+    call.arrive(state.arrivals)
+    return model
 
 
 async def infer(

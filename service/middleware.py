@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.deps import CALL_KEY
 from service.call import Call
-from service.errors import PayloadTooLarge
+from service.errors import PayloadTooLarge, log_level
 from service.metrics import observe_one
 from service.state import AppState
 
@@ -32,14 +32,6 @@ class RequestIds:
 
     def next(self) -> str:
         return f"{self._prefix}{next(self._count):016x}"
-
-
-def _level(code: int) -> int:
-    """Client errors at INFO; sheds and timeouts (503/504: load, not faults) at WARNING, so an
-    overload does not flood the error log; other 5xx at ERROR."""
-    if code < 500:
-        return logging.INFO
-    return logging.WARNING if code in (503, 504) else logging.ERROR
 
 
 class ServiceMiddleware:
@@ -108,7 +100,7 @@ class ServiceMiddleware:
         observe_one(m.latency_of(*labels, endpoint, "http"), time.perf_counter() - start)
         if code >= 400 or log.isEnabledFor(logging.DEBUG):
             log.log(
-                _level(code),
+                log_level(code),
                 "%s %s %s -> %d (%.1f ms) id=%s",
                 scope["method"],
                 scope["path"],

@@ -8,23 +8,21 @@ manifest. A version that fails stays listed with its error, and readiness report
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from pydantic import ValidationError
 
-from service.batching import INLINE_MAX_IMAGES, ArrivalTracker, Batcher
+from service.batching import ArrivalTracker
 from service.config import Settings
-from service.errors import InferenceFailed, ModelNotFound, ModelNotReady
+from service.errors import ModelNotFound, ModelNotReady
 from service.kdensity import KernelSet, read_kernel_array
 from service.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
-from service.metrics import BatchMetrics, Metrics
+from service.metrics import Metrics
+from service.runner import LoadedModel, Scorer, start_serving
 from service.runtime import CPU, OnnxModel
-from service.scoring import Kernel, ScoreName, Scores, score_logits
 from service.thresholds import configured_threshold
 
 log = logging.getLogger(__name__)
@@ -35,47 +33,9 @@ class ModelLoadError(Exception):
 
 
 @dataclass(eq=False)
-class LoadedModel:
-    """A version that loaded and serves: its verified manifest, sessions and batcher."""
-
-    name: str
-    version: int
-    manifest: Manifest
-    model: OnnxModel
-    # The same graph on every core, for batches that run alone (None: not worth it).
-    wide_model: OnnxModel | None
-    kernel: Kernel
-    kernel_set: KernelSet | None  # K-density's training features, when the model has one
-    threshold: float  # T in force unless a request brings its own (`service.thresholds`)
-    batcher: Batcher[Scores] = field(init=False)
-
-    @property
-    def score(self) -> ScoreName:
-        """The score T applies to."""
-        return self.manifest.score
-
-    def infer(self, x: np.ndarray, sizes: list[int]) -> list[Scores]:
-        """Run one batch (in a worker thread) and split the scores per request."""
-        return self._infer(self.model, x, sizes)
-
-    def infer_alone(self, x: np.ndarray, sizes: list[int]) -> list[Scores]:
-        """`infer` on the every-core session: for a batch that has the machine to itself."""
-        assert self.wide_model is not None  # only called when the batcher was given it
-        return self._infer(self.wide_model, x, sizes)
-
-    def _infer(self, model: OnnxModel, x: np.ndarray, sizes: list[int]) -> list[Scores]:
-        logits, feats = model.run_with_features(x) if self.kernel_set else (model.run(x), None)
-        if logits.shape[0] != x.shape[0] or (feats is not None and feats.shape[0] != x.shape[0]):
-            raise InferenceFailed(f"model returned {logits.shape[0]} rows for {x.shape[0]} images")
-        scores = score_logits(logits, self.kernel, self.score, feats, self.kernel_set)
-        bounds = [0, *itertools.accumulate(sizes)]
-        return [scores.rows(a, b) for a, b in itertools.pairwise(bounds)]
-
-
-@dataclass(eq=False)
 class ModelVersion:
     """One version found in the repository and how its load went: `loaded` when it serves,
-    else `error` says why not."""
+    else `error` says why not (one of the two, once `Repository.load_all` has run)."""
 
     name: str
     version: int
@@ -86,7 +46,7 @@ class ModelVersion:
 
     @property
     def ready(self) -> bool:
-        return self.loaded is not None and self.error is None
+        return self.loaded is not None
 
 
 def _check_graph(manifest: Manifest, model: OnnxModel) -> None:
@@ -165,37 +125,41 @@ class Repository:
         for name, version, path in scan(self.settings.model_repository):
             if wanted and name not in wanted:
                 continue
-            mv = ModelVersion(name, version, path)
-            self.versions.setdefault(name, {})[version] = mv
+            found = ModelVersion(name, version, path)
+            self.versions.setdefault(name, {})[version] = found
             try:
-                self._load(mv)
+                loaded = self._load(found)
+                self._announce(loaded)
+                found.loaded = loaded
             except ModelLoadError as exc:
-                mv.error = str(exc)
+                found.error = str(exc)
             except Exception as exc:  # onnxruntime and friends raise many types
-                mv.error = f"{type(exc).__name__}: failed to load"
+                found.error = f"{type(exc).__name__}: failed to load"
                 log.exception("model %s/%d failed to load", name, version)
-            self.metrics.model_ready.labels(name, str(version)).set(1 if mv.ready else 0)
-            if mv.error:
-                log.error("model %s version %d NOT loaded: %s", name, version, mv.error)
+            self.metrics.model_ready.labels(name, str(version)).set(1 if found.ready else 0)
+            if found.error:
+                log.error("model %s version %d NOT loaded: %s", name, version, found.error)
         if not self.versions:
             log.error("no models found in %s", self.settings.model_repository)
 
-    def _load(self, mv: ModelVersion) -> None:
+    def _load(self, found: ModelVersion) -> LoadedModel:
+        """Verify the version's files and start serving it; its manifest is noted on `found`
+        as soon as it parses. Raises ModelLoadError."""
         try:
-            manifest = Manifest.load(mv.path / MANIFEST_FILE)
+            manifest = Manifest.load(found.path / MANIFEST_FILE)
         except FileNotFoundError as exc:
             raise ModelLoadError("manifest.json is missing") from exc
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(map(str, first["loc"]))
             raise ModelLoadError(f"manifest.json is invalid at {where}: {first['msg']}") from exc
-        mv.manifest = manifest
-        if (manifest.name, manifest.version) != (mv.name, mv.version):
+        found.manifest = manifest
+        if (manifest.name, manifest.version) != (found.name, found.version):
             raise ModelLoadError(
                 f"manifest says {manifest.name}/{manifest.version}, folder is "
-                f"{mv.name}/{mv.version}"
+                f"{found.name}/{found.version}"
             )
-        onnx_path = mv.path / MODEL_FILE
+        onnx_path = found.path / MODEL_FILE
         if not onnx_path.is_file():
             raise ModelLoadError("model.onnx is missing")
         # Read once, hash those bytes and hand the same bytes to onnxruntime: nothing can swap
@@ -211,44 +175,32 @@ class Repository:
         )
         _check_graph(manifest, model)
         _check_features(manifest, model)
-        kernel_set = read_kernel_set(manifest, mv.path)
-        wide_threads = self.settings.lone_batch_threads() if model.provider == CPU else 0
-        wide = (
-            OnnxModel(graph, device="cpu", intra_op_threads=wide_threads) if wide_threads else None
-        )
-        cfg = self.settings.batching_for(mv.name)
-        for m in filter(None, (model, wide)):
-            for n in sorted({1, cfg.max_batch_size}):  # warm-up: first runs allocate and plan
-                x = np.zeros((n, *manifest.input_shape), np.float32)
-                # The same call serving makes: with a kernel set, logits and features together
-                # (a run that fetches other outputs is planned and allocated anew).
-                if kernel_set is not None:
-                    m.run_with_features(x)
-                else:
-                    m.run(x)
+        kernel_set = read_kernel_set(manifest, found.path)
+        kernel, score = manifest.kernel.to_kernel(), manifest.score
+        scorer = Scorer(model, kernel, score, kernel_set)
+        lone_threads = self.settings.lone_batch_threads() if model.provider == CPU else 0
+        lone = (
+            Scorer(OnnxModel(graph, device="cpu", intra_op_threads=lone_threads), kernel, score,
+                   kernel_set)
+            if lone_threads
+            else None
+        )  # fmt: skip
+        batch_sizes = (1, self.settings.batching_for(found.name).max_batch_size)
+        for s in filter(None, (scorer, lone)):
+            s.warm_up(manifest.input_shape, batch_sizes)
         try:
-            threshold = configured_threshold(self.settings, mv.name, mv.version, manifest)
+            threshold = configured_threshold(self.settings, found.name, found.version, manifest)
         except ValueError as exc:
             raise ModelLoadError(f"configured {exc}") from exc
-        lm = LoadedModel(
-            mv.name, mv.version, manifest, model, wide, manifest.kernel.to_kernel(), kernel_set,
-            threshold,
-        )  # fmt: skip
-        labels = (mv.name, str(mv.version))
-        lm.batcher = Batcher(
-            lm.infer,
-            self._executor,
-            max_batch=cfg.max_batch_size if self.settings.batching else 1,
-            max_delay_s=cfg.max_queue_delay_ms / 1000.0 if self.settings.batching else 0.0,
-            max_queue_images=self.settings.max_queue_images,
-            slots=self.settings.inference_threads,
-            retry_after_s=self.settings.retry_after_s,
-            observer=BatchMetrics(self.metrics, *labels),
+        return start_serving(
+            found.name, found.version, manifest, threshold, scorer, lone,
+            settings=self.settings, metrics=self.metrics, executor=self._executor,
             arrivals=self._arrivals,
-            run_alone=lm.infer_alone if wide is not None else None,
-            inline_max_images=INLINE_MAX_IMAGES,
-        )
-        mv.loaded = lm
+        )  # fmt: skip
+
+    def _announce(self, model: LoadedModel) -> None:
+        """The metrics series and the log line of a version that is ready."""
+        manifest, labels = model.manifest, (model.name, str(model.version))
         # Both decision series exist from load on, so a refuse rate reads 0 before the first
         # refusal instead of "no data".
         for decision in ("accepted", "not_sure"):
@@ -257,22 +209,23 @@ class Repository:
             *labels,
             model.provider,
             manifest.objective,
-            f"{lm.threshold:g}",
+            f"{model.threshold:g}",
             manifest.architecture,
             manifest.score,
         ).set(1)
+        lone = model.lone_scorer
         log.info(
             "model %s version %d ready on %s (%s >= %.4g, %s, max batch %d, %d x %d threads%s)",
-            mv.name,
-            mv.version,
+            model.name,
+            model.version,
             model.provider,
             manifest.score,
-            lm.threshold,
+            model.threshold,
             manifest.objective,
-            cfg.max_batch_size,
+            self.settings.batching_for(model.name).max_batch_size,
             self.settings.inference_threads,
             self.settings.intra_threads(),
-            f", {wide_threads} for a lone batch" if wide_threads else "",
+            f", {self.settings.lone_batch_threads()} for a lone batch" if lone else "",
         )
 
     def get(self, name: str, version: int | None = None) -> LoadedModel:
@@ -285,29 +238,29 @@ class Repository:
                 fix=f"use one of: {', '.join(sorted(self.versions)) or 'none'}",
             )
         if version is None:
-            ready = [v.loaded for v in versions.values() if v.ready and v.loaded is not None]
+            ready = [v.loaded for v in versions.values() if v.loaded is not None]
             if not ready:
                 raise ModelNotReady(f"model {name!r} has no ready version")
             return max(ready, key=lambda v: v.version)
-        mv = versions.get(version)
-        if mv is None:
+        found = versions.get(version)
+        if found is None:
             raise ModelNotFound(
                 f"model {name!r} has no version {version}",
                 field="version",
                 fix=f"use one of: {', '.join(map(str, sorted(versions)))}",
             )
-        if not mv.ready or mv.loaded is None:
-            raise ModelNotReady(f"model {name!r} version {version} is not ready: {mv.error}")
-        return mv.loaded
+        if found.loaded is None:
+            raise ModelNotReady(f"model {name!r} version {version} is not ready: {found.error}")
+        return found.loaded
 
     def all(self) -> list[ModelVersion]:
-        return [mv for vs in self.versions.values() for mv in vs.values()]
+        return [found for vs in self.versions.values() for found in vs.values()]
 
     @property
     def ready(self) -> bool:
-        return bool(self.versions) and all(mv.ready for mv in self.all())
+        return bool(self.versions) and all(found.ready for found in self.all())
 
     async def close(self) -> None:
-        for mv in self.all():
-            if mv.loaded is not None:
-                await mv.loaded.batcher.close()
+        for found in self.all():
+            if found.loaded is not None:
+                await found.loaded.batcher.close()

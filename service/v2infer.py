@@ -17,7 +17,7 @@ from service.call import Call
 from service.errors import InvalidInput, PayloadTooLarge
 from service.imaging import check_batch
 from service.inference import infer
-from service.repository import LoadedModel
+from service.runner import LoadedModel
 from service.state import AppState
 from service.thresholds import threshold_in_force
 from service.version import service_version
@@ -33,25 +33,25 @@ def server_metadata() -> dict[str, Any]:
     return {"name": "notsure", "version": service_version(), "extensions": ["binary_tensor_data"]}
 
 
-def outputs_of(mv: LoadedModel) -> tuple[str, ...]:
+def outputs_of(model: LoadedModel) -> tuple[str, ...]:
     """The output tensors this model version can answer with, in metadata order."""
-    return (*OUTPUTS, KD_OUTPUT) if mv.kernel_set is not None else OUTPUTS
+    return (*OUTPUTS, KD_OUTPUT) if model.kernel_set is not None else OUTPUTS
 
 
-def metadata(mv: LoadedModel, state: AppState) -> dict[str, Any]:
+def metadata(model: LoadedModel, state: AppState) -> dict[str, Any]:
     """Model metadata: one FP32 image input, the decision outputs (label -1 is NOT SURE)."""
-    c, h, w = mv.manifest.input_shape
-    n = mv.manifest.num_classes
-    versions = sorted(state.repository.versions.get(mv.name, {}))
+    c, h, w = model.manifest.input_shape
+    n = model.manifest.num_classes
+    versions = sorted(state.repository.versions.get(model.name, {}))
     return {
-        "name": mv.name,
+        "name": model.name,
         "versions": [str(v) for v in versions],
         "platform": PLATFORM,
         "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, c, h, w]}],
         "outputs": [{"name": "label", "datatype": "INT64", "shape": [-1]}]
         + [{"name": o, "datatype": "FP32", "shape": [-1]} for o in OUTPUTS[1:4]]
         + [{"name": "probabilities", "datatype": "FP32", "shape": [-1, n]}]
-        + [{"name": o, "datatype": "FP32", "shape": [-1]} for o in outputs_of(mv)[5:]],
+        + [{"name": o, "datatype": "FP32", "shape": [-1]} for o in outputs_of(model)[5:]],
     }
 
 
@@ -64,9 +64,9 @@ class Answer:
     score: str
 
 
-def check_outputs(mv: LoadedModel, wanted: Sequence[str]) -> list[str]:
+def check_outputs(model: LoadedModel, wanted: Sequence[str]) -> list[str]:
     """The requested output names (all when none are named); unknown names are refused."""
-    available = outputs_of(mv)
+    available = outputs_of(model)
     if not wanted:
         return list(available)
     for name in wanted:
@@ -82,7 +82,7 @@ def check_outputs(mv: LoadedModel, wanted: Sequence[str]) -> list[str]:
 async def run(
     state: AppState,
     call: Call,
-    mv: LoadedModel,
+    model: LoadedModel,
     inputs: Sequence[tuple[str, npt.NDArray[Any]]],
     parameters: Mapping[str, Any],
     wanted: Sequence[str],
@@ -102,8 +102,8 @@ async def run(
             field="inputs[0].name",
             fix=f'name the tensor "{INPUT}" (see the model metadata)',
         )
-    names = check_outputs(mv, wanted)
-    x = check_batch(tensor, mv.manifest.input_shape, "inputs[0]")
+    names = check_outputs(model, wanted)
+    x = check_batch(tensor, model.manifest.input_shape, "inputs[0]")
     if x.shape[0] > state.settings.max_instances:
         raise PayloadTooLarge(
             f"{x.shape[0]} images, the limit is {state.settings.max_instances}",
@@ -111,9 +111,9 @@ async def run(
         )
     requested = parameters.get("threshold")
     threshold = threshold_in_force(
-        state.settings, mv.score, mv.threshold, requested, "parameters.threshold"
+        state.settings, model.score, model.threshold, requested, "parameters.threshold"
     )
-    outcome = await infer(state, call, mv, x, threshold, timeout_s)
+    outcome = await infer(state, call, model, x, threshold, timeout_s)
     s = outcome.scores
     values: dict[str, npt.NDArray[Any]] = {
         "label": outcome.labels,

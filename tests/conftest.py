@@ -12,7 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 
+from service.config import Settings
+from service.main import create_app
 from training.tiny import TINY_MODELS, tiny_repo
 
 __all__ = ["TINY_MODELS"]
@@ -101,6 +104,20 @@ def live_server(model_repo: Path) -> Iterator[LiveServer]:
 
     with LiveServer(Settings(model_repository=model_repo)) as server:
         yield server
+
+
+@pytest.fixture
+def settings(model_repo: Path) -> Settings:
+    """The service's settings over the tiny repository; a test module overrides this fixture to
+    change them for its `client`."""
+    return Settings(model_repository=model_repo)
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    """A TestClient of the app built with `settings`, its lifespan run (models loaded)."""
+    with TestClient(create_app(settings)) as c:
+        yield c
 
 
 @pytest.fixture

@@ -1,6 +1,8 @@
 """BentoML serving the same ONNX model with the same scoring, for the side-by-side benchmark.
 
-Run by benchmarks/serving.py: MODEL_DIR=... bentoml serve bentoml_app:NotSure --port 8002
+Run by benchmarks.serving from BentoML's own environment, with the repository root on its module
+path: MODEL_DIR=... PYTHONPATH=. bentoml serve bentoml_app:NotSure --working-dir benchmarks/others
+--port 8002
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ import os
 from typing import Any
 
 import bentoml
-from common import Scorer
+
+from benchmarks.others.common import Scorer
 
 
 @bentoml.service(workers=1)

@@ -1,16 +1,19 @@
-"""What the comparison servers share: load the model like notsure does, score a pixel batch."""
+"""What the comparison servers share: load the model like notsure does, score a pixel batch.
+
+The servers import it as `benchmarks.others.common`: from the repository root, which their
+interpreter finds on its module path (`python -m`'s current folder, or PYTHONPATH for the
+servers that run from their own virtual environments).
+"""
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-sys.path.insert(0, os.environ.get("NOTSURE_ROOT", str(Path(__file__).resolve().parents[2])))
 from service.manifest import Manifest
 from service.scoring import Scores, accept, score_logits
 
@@ -32,14 +35,15 @@ class Scorer:
 
     def scores(self, pixels: Any) -> Scores:
         """Integer pixels 0-255 or floats in [0, 1], any shape holding whole images -> the
-        thresholding test."""
+        thresholding test, on the score the manifest serves the model on."""
         a = np.asarray(pixels)
         x = a.astype(np.float32) / 255 if a.dtype.kind in "iu" else a.astype(np.float32)
         x = x.reshape(-1, *self.manifest.input_shape)
-        return score_logits(self.sess.run(None, {"input": x})[0], self.kernel)
+        logits = self.sess.run(None, {"input": x})[0]
+        return score_logits(logits, self.kernel, self.manifest.score)
 
     def accepted(self, s: Scores) -> Any:
-        """(B,) which images are answered at the manifest's T."""
+        """(B,) which images are answered: their served score >= the manifest's T."""
         return accept(s.score, self.manifest.threshold)
 
     def __call__(self, instances: Any) -> dict[str, list[Any]]:

@@ -1,15 +1,18 @@
 """A lean async FastAPI endpoint serving the same ONNX model with the same scoring: the baseline
 a hand-written service starts from (no batching, no queue, onnxruntime inline on the event loop).
 
-Run by benchmarks/serving.py: MODEL_DIR=models/<name>/1 PORT=8004 python fastapi_app.py
+Run by benchmarks.serving, from the repository root:
+
+    MODEL_DIR=models/<name>/1 PORT=8004 python -m benchmarks.others.fastapi_app
 """
 
 import os
 from typing import Any
 
 import uvicorn
-from common import Scorer
 from fastapi import FastAPI, Request
+
+from benchmarks.others.common import Scorer
 
 scorer = Scorer(os.environ["MODEL_DIR"])
 app = FastAPI()

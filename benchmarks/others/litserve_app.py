@@ -1,13 +1,16 @@
 """LitServe serving the same ONNX model with the same scoring, for the side-by-side benchmark.
 
-Run by benchmarks/serving.py: MODEL_DIR=models/<name>/1 PORT=8001 python litserve_app.py
+Run by benchmarks.serving, from the repository root:
+
+    MODEL_DIR=models/<name>/1 PORT=8001 python -m benchmarks.others.litserve_app
 """
 
 import os
 from typing import Any
 
 import litserve as ls
-from common import Scorer
+
+from benchmarks.others.common import Scorer
 
 
 class NotSureAPI(ls.LitAPI):

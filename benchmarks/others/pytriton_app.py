@@ -5,7 +5,8 @@ PyTriton ships its own Triton build and pins its own dependencies, so it lives i
 
     python -m venv /tmp/pytritonvenv
     /tmp/pytritonvenv/bin/pip install nvidia-pytriton onnxruntime numpy pydantic
-    MODEL_DIR=models/<name>/1 PORT=8003 /tmp/pytritonvenv/bin/python pytriton_app.py
+    MODEL_DIR=models/<name>/1 PORT=8003 \\
+        /tmp/pytritonvenv/bin/python -m benchmarks.others.pytriton_app   # from the repository root
 
 It speaks KServe V2 only: POST /v2/models/<name>/infer with a UINT8 tensor "images" of shape
 (N, 28, 28), N <= 64. Ready once /v2/models/<name>/ready answers 200 (/v2/health/ready
@@ -18,10 +19,11 @@ import signal
 import sysconfig
 
 import numpy as np
-from common import Scorer
 from pytriton.decorators import batch
 from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 from pytriton.triton import Triton, TritonConfig
+
+from benchmarks.others.common import Scorer
 
 scorer = Scorer(os.environ["MODEL_DIR"])
 
@@ -51,7 +53,7 @@ if __name__ == "__main__":
     config = TritonConfig(
         http_address="127.0.0.1",
         http_port=int(os.environ["PORT"]),
-        # gRPC only when asked for (benchmarks/serving.py's pytriton-grpc cells).
+        # gRPC only when asked for (benchmarks.serving's pytriton-grpc cells).
         allow_grpc="GRPC_PORT" in os.environ,
         grpc_address="127.0.0.1",
         grpc_port=int(os.environ.get("GRPC_PORT", "8001")),

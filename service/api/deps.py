@@ -13,6 +13,7 @@ from starlette.types import Scope
 
 from service.call import Call
 from service.config import Settings
+from service.inference import VERSION_MAX
 from service.state import AppState
 
 # The scope entry holding the request's `Call`: the middleware creates and closes it.
@@ -40,7 +41,6 @@ CallDep = Annotated[Call, Depends(get_call)]
 # Path parameters of every model route: names are validated here, so a request can never name
 # a path outside the repository (lookups are dictionary keys, never joined into file paths).
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
-VERSION_MAX = 1_000_000
 NAME = Annotated[str, Path(pattern=NAME_PATTERN, description="model name (see /v1/models)")]
 VERSION = Annotated[int, Path(ge=1, le=VERSION_MAX, description="model version")]
 

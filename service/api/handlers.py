@@ -14,18 +14,16 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from service.api.deps import CALL_KEY
-from service.errors import InvalidInput, ServeError, invalid_input_from
+from service.errors import ServeError, invalid_input_from, v2_status
 
 log = logging.getLogger(__name__)
 V2_PREFIX = "/v2"
 
 
 def http_status(exc: ServeError, path: str) -> int:
-    """The status of an error on this path: the Open Inference Protocol's REST API (and Triton)
-    answer a malformed request with 400, the native API keeps FastAPI's 422."""
-    if isinstance(exc, InvalidInput) and path.startswith(V2_PREFIX):
-        return 400
-    return exc.status_code
+    """The status of an error on this path: the Open Inference Protocol's on the V2 routes
+    (400 for a malformed request), the error's own on the native API (FastAPI's 422)."""
+    return v2_status(exc) if path.startswith(V2_PREFIX) else exc.status_code
 
 
 def validation_error(request: Request, exc: Exception) -> JSONResponse:

@@ -23,8 +23,9 @@ from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from starlette.types import Receive, Scope, Send
 
-from service.api.deps import NAME, NAME_PATTERN, VERSION, VERSION_MAX, StateDep, call_of
+from service.api.deps import NAME, NAME_PATTERN, VERSION, StateDep, call_of
 from service.call import Call
+from service.inference import VERSION_MAX
 from service.state import AppState
 
 Handler = Callable[[AppState, Call, Request, str, int | None], Awaitable[Response]]

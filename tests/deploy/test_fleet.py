@@ -3,7 +3,7 @@ short soak through the balancer while one replica is sent SIGTERM and restarted.
 lost or answered twice, no error reaches the client, each replica's counters in Prometheus
 match what the client was answered by it, and the dashboard's refuse-rate query summed over the
 replicas gives the share of NOT SURE the client saw. The longer run of docs/deployment.md is
-`python benchmarks/fleet_soak.py`, the same code."""
+`python -m benchmarks.fleet_soak`, the same code."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def split_thresholds(repo: Path, seed: int) -> dict[str, float]:
     with TestClient(create_app(Settings(model_repository=repo, device="cpu"))) as client:
         models = [m["name"] for m in client.get("/v1/models").json()["models"]]
         out = {}
-        for i, model in enumerate(models):  # the order and seeds benchmarks/fleet_soak.py uses
+        for i, model in enumerate(models):  # the order and seeds benchmarks.fleet_soak uses
             (v2_bin,) = [c for c in build_calls(model, (1, 28, 28), seed + i)
                          if c.kind.startswith("v2_binary_128")]  # fmt: skip
             sent = v2codec.decode(

@@ -14,7 +14,7 @@ import pytest
 
 from benchmarks.soak import ServeProcess
 from service import v2codec
-from service.repository import LoadedModel
+from service.runner import LoadedModel
 from service.state import AppState
 from tests.conftest import LiveServer
 
@@ -38,17 +38,19 @@ def app_state(server: LiveServer) -> AppState:
     return state
 
 
-def model_version(server: LiveServer, name: str = RCE) -> LoadedModel:
+def loaded_model(server: LiveServer, name: str = RCE) -> LoadedModel:
     """Version 1 of the model, as the live server loaded it."""
     loaded = app_state(server).repository.versions[name][1].loaded
     assert loaded is not None, f"{name}/1 did not load"
     return loaded
 
 
-def slow_down(monkeypatch: pytest.MonkeyPatch, mv: LoadedModel, seconds: float) -> list[int]:
-    """Make every batch of this model version take at least `seconds`; returns batch sizes run."""
-    assert mv.model is not None
-    run, run_with_features = mv.model.run, mv.model.run_with_features
+def slow_down(monkeypatch: pytest.MonkeyPatch, model: LoadedModel, seconds: float) -> list[int]:
+    """Make every batch of this model version take at least `seconds`; returns batch sizes run.
+    Only its one-slot session is slowed: the settings must leave it no lone-batch session."""
+    assert model.lone_scorer is None, "a lone batch would run on a session not slowed down"
+    session = model.scorer.onnx
+    run, run_with_features = session.run, session.run_with_features
     sizes: list[int] = []
 
     def slow(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -62,8 +64,8 @@ def slow_down(monkeypatch: pytest.MonkeyPatch, mv: LoadedModel, seconds: float) 
         return run_with_features(x)
 
     # Models with a K-density kernel set run both outputs at once; slow that path down too.
-    monkeypatch.setattr(mv.model, "run", slow)
-    monkeypatch.setattr(mv.model, "run_with_features", slow_with_features)
+    monkeypatch.setattr(session, "run", slow)
+    monkeypatch.setattr(session, "run_with_features", slow_with_features)
     return sizes
 
 

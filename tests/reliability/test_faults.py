@@ -24,7 +24,7 @@ from service.config import Settings
 from service.main import create_app
 from service.manifest import MANIFEST_FILE, MODEL_FILE, sha256_file
 from tests.conftest import LiveServer
-from tests.reliability.conftest import RCE, app_state, model_version, pixels, slow_down, v2_binary
+from tests.reliability.conftest import RCE, app_state, loaded_model, pixels, slow_down, v2_binary
 from tests.reliability.test_overload import metric
 
 CE = "tiny-ce"
@@ -90,7 +90,7 @@ def test_broken_model_version_is_reported_and_the_rest_serves(
             assert str(writable_repo) not in text and "Traceback" not in text
 
 
-def _wrong_dtype(mv_run: Callable[..., object], session: object) -> Callable[..., object]:
+def _wrong_dtype(model_run: Callable[..., object], session: object) -> Callable[..., object]:
     """A model.run whose first call makes onnxruntime itself raise (a float64 input)."""
     calls = {"n": 0}
 
@@ -99,7 +99,7 @@ def _wrong_dtype(mv_run: Callable[..., object], session: object) -> Callable[...
         if calls["n"] == 1:
             inp = session.get_inputs()[0].name  # type: ignore[attr-defined]
             return session.run(None, {inp: x.astype(np.float64)})  # type: ignore[attr-defined]
-        return mv_run(x)
+        return model_run(x)
 
     return run
 
@@ -110,13 +110,13 @@ def test_onnxruntime_error_fails_only_its_batch(
     caplog.set_level(logging.ERROR)
     settings = Settings(model_repository=model_repo, inference_threads=1, max_batch_size=64)
     with LiveServer(settings) as server:
-        mv = model_version(server)
-        assert mv.model is not None
-        slow_down(monkeypatch, mv, 0.1)  # so requests pile up into shared batches
-        monkeypatch.setattr(mv.model, "run", _wrong_dtype(mv.model.run, mv.model.session))
+        model = loaded_model(server)
+        slow_down(monkeypatch, model, 0.1)  # so requests pile up into shared batches
+        onnx = model.scorer.onnx  # every batch runs here: slow_down checked there is no other
+        monkeypatch.setattr(onnx, "run", _wrong_dtype(onnx.run, onnx.session))
         # Models with a K-density kernel set run logits and features in one call.
-        monkeypatch.setattr(mv.model, "run_with_features",
-                            _wrong_dtype(mv.model.run_with_features, mv.model.session))  # fmt: skip
+        monkeypatch.setattr(onnx, "run_with_features",
+                            _wrong_dtype(onnx.run_with_features, onnx.session))  # fmt: skip
 
         def call(i: int) -> httpx.Response:
             body, headers = v2_binary(pixels(2, seed=i), f"r{i}")
@@ -163,9 +163,9 @@ def test_clients_that_vanish_lose_nothing_for_the_others(
 ) -> None:
     settings = Settings(model_repository=model_repo, inference_threads=1, max_batch_size=4)
     with LiveServer(settings) as server:
-        mv = model_version(server)
+        model = loaded_model(server)
         state = app_state(server)
-        batches = slow_down(monkeypatch, mv, 0.3)
+        batches = slow_down(monkeypatch, model, 0.3)
         url = f"{server.url}/v2/models/{RCE}/infer"
         with ThreadPoolExecutor(2) as pool:
             body, headers = v2_binary(pixels(4), "first")
@@ -189,14 +189,11 @@ def test_clients_that_vanish_lose_nothing_for_the_others(
             assert first.result().status_code == 200 and first.result().json()["id"] == "first"
             assert last.result().status_code == 200 and last.result().json()["id"] == "last"
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and (
-            mv.batcher.queued_images  # type: ignore[union-attr]
-            or state.arrivals.count
-        ):
+        while time.monotonic() < deadline and (model.batcher.queued_images or state.arrivals.count):
             time.sleep(0.05)
         # Nothing is stuck: the queue is empty, no request counts as arriving (which would make
         # the batcher wait for it), no 500 was recorded, and the server still answers.
-        assert mv.batcher.queued_images == 0 and state.arrivals.count == 0  # type: ignore[union-attr]
+        assert model.batcher.queued_images == 0 and state.arrivals.count == 0
         assert all(n == 4 for n in batches) and len(batches) in (2, 3)  # the vanished one may run
         text = httpx.get(f"{server.url}/metrics").text
         assert metric(text, "notsure_requests_total", code="500") == 0

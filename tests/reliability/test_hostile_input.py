@@ -8,7 +8,6 @@ import io
 import json
 import struct
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,11 +83,9 @@ CORPUS: dict[str, tuple[bytes, str]] = {
 
 
 @pytest.fixture
-def client(model_repo: Path) -> Iterator[TestClient]:
+def settings(model_repo: Path) -> Settings:
     # A pixel limit below 5000x5000 and above 3000x3000, so both sides of it are exercised.
-    settings = Settings(model_repository=model_repo, max_image_pixels=10_000_000)
-    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
-        yield c
+    return Settings(model_repository=model_repo, max_image_pixels=10_000_000)
 
 
 def assert_client_error(r: Any, field: str, needle: str, repo: Path) -> None:

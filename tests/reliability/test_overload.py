@@ -13,9 +13,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.config import Settings
-from service.repository import LoadedModel
+from service.runner import LoadedModel
 from tests.conftest import LiveServer
-from tests.reliability.conftest import RCE, model_version, pixels, slow_down, v2_binary
+from tests.reliability.conftest import RCE, loaded_model, pixels, slow_down, v2_binary
 
 pytestmark = pytest.mark.slow
 IMAGES = 8  # per request, and per batch
@@ -34,7 +34,7 @@ def metric(text: str, name: str, **labels: str) -> float:
     )
 
 
-async def overload(url: str, mv: LoadedModel) -> dict[str, list]:  # type: ignore[type-arg]
+async def overload(url: str, model: LoadedModel) -> dict[str, list]:  # type: ignore[type-arg]
     """A burst that fills the queue, then, while it is full, single requests and health probes
     one after another (so their latency is the server's, not a connection storm's)."""
     x = pixels(IMAGES)
@@ -54,8 +54,7 @@ async def overload(url: str, mv: LoadedModel) -> dict[str, list]:  # type: ignor
 
         t_burst = time.monotonic()
         burst = asyncio.gather(*(infer(client, f"burst-{i}") for i in range(BURST)))
-        assert mv.batcher is not None
-        while mv.batcher.queued_images < QUEUE:  # wait until the queue is full
+        while model.batcher.queued_images < QUEUE:  # wait until the queue is full
             await asyncio.sleep(0.01)
         sheds, probes = [], []
         for i in range(10):
@@ -83,9 +82,10 @@ def test_overload_sheds_fast_keeps_health_and_recovers(
     model_repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with LiveServer(_small_queue(model_repo)) as server:
-        mv = model_version(server)
-        batches = slow_down(monkeypatch, mv, BATCH_S)
-        out = asyncio.run(overload(server.url, mv))
+        model = loaded_model(server)
+        batches = slow_down(monkeypatch, model, BATCH_S)
+        assert model.batcher.queued_images == 0  # the burst below is all the queue holds
+        out = asyncio.run(overload(server.url, model))
 
         results = out["burst"] + out["single"]
         ok = [r for _, r, _ in results if r.status_code == 200]
@@ -124,7 +124,7 @@ def test_overload_sheds_fast_keeps_health_and_recovers(
             body, headers = v2_binary(pixels(IMAGES, seed=i))
             r = httpx.post(f"{server.url}/v2/models/{RCE}/infer", content=body, headers=headers)
             assert r.status_code == 200
-        assert mv.batcher.queued_images == 0  # type: ignore[union-attr]
+        assert model.batcher.queued_images == 0
         assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
 
 
@@ -137,9 +137,9 @@ def test_a_full_queue_refuses_before_the_body_arrives(
     from concurrent.futures import ThreadPoolExecutor
 
     with LiveServer(_small_queue(model_repo)) as server:
-        mv = model_version(server)
-        slow_down(monkeypatch, mv, BATCH_S)
-        assert mv.batcher is not None
+        model = loaded_model(server)
+        slow_down(monkeypatch, model, BATCH_S)
+        assert model.batcher.max_queue_images == QUEUE  # the settings reached the batcher
 
         def post(i: int) -> int:
             body, headers = v2_binary(pixels(IMAGES, seed=i))
@@ -149,9 +149,9 @@ def test_a_full_queue_refuses_before_the_body_arrives(
         with ThreadPoolExecutor(3) as pool:
             burst = [pool.submit(post, i) for i in range(3)]  # one runs, two fill the queue
             deadline = time.monotonic() + 10
-            while mv.batcher.queued_images < QUEUE and time.monotonic() < deadline:
+            while model.batcher.queued_images < QUEUE and time.monotonic() < deadline:
                 time.sleep(0.01)
-            assert mv.batcher.queued_images == QUEUE
+            assert model.batcher.queued_images == QUEUE
             for path in (f"/v2/models/{RCE}/infer", f"/v1/models/{RCE}/predict"):
                 with socket.create_connection(("127.0.0.1", server.port), timeout=BATCH_S / 4) as s:
                     s.sendall(

@@ -1,4 +1,4 @@
-"""A bounded soak: `notsure serve` in one process, benchmarks/soak.py's load in another, mixed
+"""A bounded soak: `notsure serve` in one process, benchmarks.soak's load in another, mixed
 endpoints and batch sizes at concurrency 64; every request answered once with its own id and
 memory flat. The 5-minute run recorded in docs/reliability.md is the same script, longer."""
 
@@ -15,7 +15,7 @@ import pytest
 from benchmarks.soak import ServeProcess
 
 pytestmark = pytest.mark.slow
-SOAK = Path(__file__).resolve().parents[2] / "benchmarks" / "soak.py"
+ROOT = Path(__file__).resolve().parents[2]  # where `python -m benchmarks.soak` runs
 DURATION_S, WARMUP_S = 30, 10
 # Growth of the resident-memory level after warm-up (median of the last 5 s minus median of
 # the first 5 s); see docs/reliability.md for the measured drift.
@@ -29,7 +29,8 @@ def test_short_soak_loses_nothing_and_memory_stays_flat(
     out = tmp_path / "soak.json"
     argv = [
         sys.executable,
-        str(SOAK),
+        "-m",
+        "benchmarks.soak",
         "--url",
         server.url,
         "--pid",
@@ -43,7 +44,7 @@ def test_short_soak_loses_nothing_and_memory_stays_flat(
         "--out",
         str(out),
     ]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=DURATION_S + 120)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=DURATION_S + 120, cwd=ROOT)
     assert out.exists(), proc.stderr[-3000:]
     res = json.loads(out.read_text())
     print(f"\nsoak {DURATION_S} s: {proc.stdout.strip()}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,17 +21,6 @@ from service.scoring import score_logits
 from training.data import synthetic
 
 RCE = "tiny-rce"
-
-
-@pytest.fixture
-def settings(model_repo: Path) -> Settings:
-    return Settings(model_repository=model_repo)
-
-
-@pytest.fixture
-def client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as c:
-        yield c
 
 
 def make_client(settings: Settings) -> TestClient:
@@ -532,9 +520,9 @@ def test_generated_request_ids_are_unique_32_hex() -> None:
 def test_sheds_and_timeouts_log_as_warnings_not_errors() -> None:
     import logging
 
-    from service.middleware import _level
+    from service.errors import log_level
 
-    assert [_level(c) for c in (200, 404, 422, 500, 503, 504)] == [
+    assert [log_level(c) for c in (200, 404, 422, 500, 503, 504)] == [
         logging.INFO,
         logging.INFO,
         logging.INFO,

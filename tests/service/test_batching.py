@@ -37,7 +37,7 @@ def test_plan_full_batch_runs_without_waiting() -> None:
     assert plan([8], 0.0, max_batch=8, max_delay_s=1.0, arriving=5) == Plan(1)
 
 
-def test_plan_oversized_request_runs_alone() -> None:
+def test_plan_oversized_request_is_a_batch_of_its_own() -> None:
     assert plan([100, 1], 0.0, max_batch=8, max_delay_s=1.0, arriving=0) == Plan(1)
 
 
@@ -83,7 +83,7 @@ async def test_concurrent_requests_share_batches_and_get_their_own_rows(
     gate.set()
     results = await asyncio.gather(*tasks)
     assert [r.tolist() for r in results] == [[float(i)] * 2 for i in range(9)]
-    assert sizes_seen[0] == [2]  # the first ran alone, at once
+    assert sizes_seen[0] == [2]  # the first ran at once, a batch of its own
     assert sizes_seen[1] == [2] * 8  # the 8 that queued meanwhile ran as one batch of 16
 
 
@@ -189,7 +189,7 @@ async def test_close_drains_then_refuses(executor: ThreadPoolExecutor) -> None:
     assert (await pending).tolist() == [3.0]
 
 
-async def test_lone_batch_runs_wide_and_holds_every_slot(executor: ThreadPoolExecutor) -> None:
+async def test_lone_batch_takes_every_core_and_slot(executor: ThreadPoolExecutor) -> None:
     """An idle server runs the batch on the every-core session; while it runs, nothing else
     starts (the cores are taken), and what queued meanwhile runs as one batch after it,
     narrow: the server was busy a moment ago."""
@@ -200,89 +200,89 @@ async def test_lone_batch_runs_wide_and_holds_every_slot(executor: ThreadPoolExe
         calls.append(("narrow", sizes))
         return _echo(x, sizes)
 
-    def wide(x: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+    def lone(x: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
         gate.wait(5)
-        calls.append(("wide", sizes))
+        calls.append(("lone", sizes))
         return _echo(x, sizes)
 
     b = Batcher(
         narrow, executor, max_batch=8, max_delay_s=0.0, max_queue_images=100, slots=2,
-        run_alone=wide,
+        run_lone=lone,
     )  # fmt: skip
     first = asyncio.create_task(b.submit(_images(1.0), timeout_s=5))
     await asyncio.sleep(0.02)
     others = [asyncio.create_task(b.submit(_images(float(i)), timeout_s=5)) for i in (2, 3)]
     await asyncio.sleep(0.05)
-    assert calls == []  # the two narrow slots stay free-but-held while the wide batch runs
+    assert calls == []  # the two narrow slots stay free-but-held while the lone batch runs
     gate.set()
     assert (await first).tolist() == [1.0]
     assert [(await t).tolist() for t in others] == [[2.0], [3.0]]
-    assert calls == [("wide", [1]), ("narrow", [1, 1])]
+    assert calls == [("lone", [1]), ("narrow", [1, 1])]
 
 
 def _two_slots(
     narrow: RunFn[np.ndarray],
-    wide: RunFn[np.ndarray],
+    lone: RunFn[np.ndarray],
     executor: ThreadPoolExecutor,
     arrivals: ArrivalTracker,
     max_batch: int,
 ) -> Batcher[np.ndarray]:
-    """Two narrow slots, and `wide` for a batch that runs alone."""
+    """Two narrow slots, and `lone` for a lone batch."""
     return Batcher(
         narrow, executor, max_batch=max_batch, max_delay_s=0.0, max_queue_images=10, slots=2,
-        arrivals=arrivals, run_alone=wide,
+        arrivals=arrivals, run_lone=lone,
     )  # fmt: skip
 
 
 def _recording(seen: list[str]) -> tuple[RunFn[np.ndarray], RunFn[np.ndarray]]:
-    """A narrow and a wide run that note which of them ran each batch."""
+    """A narrow and a lone run that note which of them ran each batch."""
 
     def narrow(x: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
         seen.append("narrow")
         return _echo(x, sizes)
 
-    def wide(x: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
-        seen.append("wide")
+    def lone(x: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+        seen.append("lone")
         return _echo(x, sizes)
 
-    return narrow, wide
+    return narrow, lone
 
 
 async def test_batch_runs_narrow_when_requests_are_arriving(executor: ThreadPoolExecutor) -> None:
     seen: list[str] = []
-    narrow, wide = _recording(seen)
+    narrow, lone = _recording(seen)
     arrivals = ArrivalTracker()
-    b = _two_slots(narrow, wide, executor, arrivals, max_batch=8)
+    b = _two_slots(narrow, lone, executor, arrivals, max_batch=8)
     await b.submit(_images(1.0), timeout_s=5)
     arrivals.count = 1  # another request is being received: the cores will be needed
     await b.submit(_images(2.0), timeout_s=5)
-    assert seen == ["wide", "narrow"]
+    assert seen == ["lone", "narrow"]
 
 
-async def test_wide_only_after_a_quiet_period(executor: ThreadPoolExecutor) -> None:
+async def test_lone_batch_only_after_a_quiet_period(executor: ThreadPoolExecutor) -> None:
     """Once two requests overlapped, batches run narrow until nothing has overlapped for
     QUIET_S, even when the queue is empty at the moment a batch starts; sequential requests
-    (each sent after the last answer) keep running wide."""
+    (each sent after the last answer) keep running as lone batches."""
     seen: list[str] = []
-    narrow, wide = _recording(seen)
+    narrow, lone = _recording(seen)
     arrivals = ArrivalTracker()
-    b = _two_slots(narrow, wide, executor, arrivals, max_batch=1)
+    b = _two_slots(narrow, lone, executor, arrivals, max_batch=1)
     for v in (1.0, 2.0):  # one after the other: never two at once
         await b.submit(_images(v), timeout_s=5)
-    assert seen == ["wide", "wide"]
+    assert seen == ["lone", "lone"]
     # Two at once: the first cannot know that another follows; the second overlaps it.
     await asyncio.gather(*(b.submit(_images(v), timeout_s=5) for v in (3.0, 4.0)))
     await b.submit(_images(5.0), timeout_s=5)  # alone in the queue, but right after a burst
-    assert seen[2:] == ["wide", "narrow", "narrow"]
+    assert seen[2:] == ["lone", "narrow", "narrow"]
     await asyncio.sleep(QUIET_S * 1.5)
     await b.submit(_images(6.0), timeout_s=5)
-    assert seen[5:] == ["wide"]
+    assert seen[5:] == ["lone"]
 
 
 async def test_small_batch_on_a_quiet_server_runs_on_the_event_loop(
     executor: ThreadPoolExecutor,
 ) -> None:
-    """Up to inline_max_images on a quiet server: on the loop's own thread (the wide run when
+    """Up to inline_max_images on a quiet server: on the loop's own thread (the lone run when
     there is one); a larger batch, or any batch while requests overlap, in a worker thread."""
     seen: list[tuple[str, int, bool]] = []
     loop_thread = threading.get_ident()
@@ -296,11 +296,11 @@ async def test_small_batch_on_a_quiet_server_runs_on_the_event_loop(
 
     b = Batcher(
         record("narrow"), executor, max_batch=8, max_delay_s=0.0, max_queue_images=100,
-        slots=2, run_alone=record("wide"), inline_max_images=2,
+        slots=2, run_lone=record("lone"), inline_max_images=2,
     )  # fmt: skip
     assert (await b.submit(_images(1.0, 2), timeout_s=5)).tolist() == [1.0, 1.0]
     await b.submit(_images(3.0, 3), timeout_s=5)
-    assert seen == [("wide", 2, True), ("wide", 3, False)]
+    assert seen == [("lone", 2, True), ("lone", 3, False)]
     await asyncio.gather(*(b.submit(_images(v), timeout_s=5) for v in (4.0, 5.0)))
     await b.submit(_images(6.0), timeout_s=5)  # right after the overlap: not quiet
     assert [on_loop for _, _, on_loop in seen[3:]] == [False, False]
@@ -323,8 +323,8 @@ async def test_failed_inline_batch_fails_its_requests_and_frees_the_slots(
     assert (await b.submit(_images(2.0), timeout_s=5)).tolist() == [2.0]
 
 
-async def test_failed_wide_batch_gives_back_every_slot(executor: ThreadPoolExecutor) -> None:
-    def wide(x: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+async def test_failed_lone_batch_gives_back_every_slot(executor: ThreadPoolExecutor) -> None:
+    def lone(x: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
         raise RuntimeError("onnxruntime exploded")
 
     barrier = threading.Barrier(2, timeout=5)
@@ -334,7 +334,7 @@ async def test_failed_wide_batch_gives_back_every_slot(executor: ThreadPoolExecu
         return _echo(x, sizes)
 
     arrivals = ArrivalTracker()
-    b = _two_slots(narrow, wide, executor, arrivals, max_batch=1)
+    b = _two_slots(narrow, lone, executor, arrivals, max_batch=1)
     with pytest.raises(InferenceFailed):
         await b.submit(_images(1.0), timeout_s=5)
     arrivals.count = 1  # busy from now on: batches run narrow, one slot each

@@ -29,7 +29,7 @@ from service.manifest import MANIFEST_FILE, MODEL_FILE, Manifest  # noqa: E402
 from service.runtime import OnnxModel  # noqa: E402
 from service.scoring import Scores, score_logits  # noqa: E402
 from tests.conftest import LiveServer  # noqa: E402
-from tests.reliability.conftest import RCE, model_version, slow_down  # noqa: E402
+from tests.reliability.conftest import RCE, loaded_model, slow_down  # noqa: E402
 from tests.reliability.test_overload import metric  # noqa: E402
 from training.data import synthetic  # noqa: E402
 
@@ -47,7 +47,8 @@ def server(model_repo: Path) -> Iterator[LiveServer]:
 
 
 @pytest.fixture
-def client(server: LiveServer) -> Iterator[Any]:
+def triton(server: LiveServer) -> Iterator[Any]:
+    """tritonclient's gRPC client of the live server."""
     c = tritonclient_grpc.InferenceServerClient(server.grpc_target)
     yield c
     c.close()
@@ -86,16 +87,16 @@ def all_outputs(model_repo: Path) -> list[str]:
 
 
 def test_same_answers_as_over_http_and_as_the_onnx_file(
-    server: LiveServer, client: Any, model_repo: Path
+    server: LiveServer, triton: Any, model_repo: Path
 ) -> None:
-    assert client.is_server_live() and client.is_server_ready()
-    assert client.is_model_ready(RCE) and client.is_model_ready(RCE, "1")
-    meta = client.get_model_metadata(RCE, as_json=True)
+    assert triton.is_server_live() and triton.is_server_ready()
+    assert triton.is_model_ready(RCE) and triton.is_model_ready(RCE, "1")
+    meta = triton.get_model_metadata(RCE, as_json=True)
     assert meta["inputs"][0]["shape"] == ["-1", "1", "28", "28"]
     names = all_outputs(model_repo)
     assert [o["name"] for o in meta["outputs"]] == names
     x = synthetic(16, seed=3).x.numpy()  # MNIST-like 28x28 digits in [0, 1]
-    result = client.infer(RCE, [infer_input(x)], request_id="g1")
+    result = triton.infer(RCE, [infer_input(x)], request_id="g1")
     response = result.get_response()
     manifest, want = offline(model_repo, x)
     assert response.id == "g1" and response.model_version == "1"
@@ -146,9 +147,9 @@ def test_typed_contents_and_requested_outputs(stub: Any, model_repo: Path) -> No
     assert len(stub.ModelInfer(req8, timeout=30).outputs) == len(all_outputs(model_repo))
 
 
-def test_request_threshold_is_applied_and_reported(client: Any) -> None:
+def test_request_threshold_is_applied_and_reported(triton: Any) -> None:
     x = synthetic(4, seed=5).x.numpy()
-    r = client.infer(RCE, [infer_input(x)], parameters={"threshold": 1.0})
+    r = triton.infer(RCE, [infer_input(x)], parameters={"threshold": 1.0})
     assert r.get_response().parameters["threshold"].double_param == 1.0
     # j_score < 1 for every image, so T = 1 refuses all of them.
     assert (r.as_numpy("j_score") < 1.0).all() and (r.as_numpy("label") == -1).all()
@@ -170,24 +171,24 @@ def _details(exc: pytest.ExceptionInfo[InferenceServerException]) -> dict[str, s
     ],
 )
 def test_invalid_argument_names_the_field(
-    client: Any, x: np.ndarray, name: str, datatype: str, field: str
+    triton: Any, x: np.ndarray, name: str, datatype: str, field: str
 ) -> None:
     with pytest.raises(InferenceServerException) as exc:
-        client.infer(RCE, [infer_input(x, name, datatype)])
+        triton.infer(RCE, [infer_input(x, name, datatype)])
     assert status_of(exc) == "StatusCode.INVALID_ARGUMENT"
     assert _details(exc)["field"] == field
 
 
-def test_not_found_and_unknown_version(client: Any) -> None:
+def test_not_found_and_unknown_version(triton: Any) -> None:
     x = np.zeros((1, 1, 28, 28), np.float32)
     with pytest.raises(InferenceServerException) as exc:
-        client.infer("nope", [infer_input(x)])
+        triton.infer("nope", [infer_input(x)])
     assert status_of(exc) == "StatusCode.NOT_FOUND" and "no model named" in _details(exc)["error"]
     with pytest.raises(InferenceServerException) as exc:
-        client.get_model_metadata(RCE, "7")
+        triton.get_model_metadata(RCE, "7")
     assert status_of(exc) == "StatusCode.NOT_FOUND" and _details(exc)["field"] == "version"
     with pytest.raises(InferenceServerException) as exc:
-        client.is_model_ready("nope")
+        triton.is_model_ready("nope")
     assert status_of(exc) == "StatusCode.NOT_FOUND"
 
 
@@ -225,15 +226,15 @@ def test_keys_from_metadata(model_repo: Path) -> None:
 
 
 def test_deadline_from_the_client(
-    server: LiveServer, client: Any, monkeypatch: pytest.MonkeyPatch
+    server: LiveServer, triton: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    slow_down(monkeypatch, model_version(server), 1.5)
+    slow_down(monkeypatch, loaded_model(server), 1.5)
     x = np.zeros((1, 1, 28, 28), np.float32)
     labels = {"protocol": "grpc", "code": "504", "model": RCE}
     n0 = metric(httpx.get(f"{server.url}/metrics").text, "notsure_requests_total", **labels)
     t0 = time.monotonic()
     with pytest.raises(InferenceServerException) as exc:
-        client.infer(RCE, [infer_input(x)], client_timeout=0.3)
+        triton.infer(RCE, [infer_input(x)], client_timeout=0.3)
     assert status_of(exc) == "StatusCode.DEADLINE_EXCEEDED"
     assert time.monotonic() - t0 < 1.2  # the client's deadline, not the slow batch
     # The server gave up on the call at the same deadline and counted it as a timeout.
@@ -253,7 +254,7 @@ def test_queue_full_is_resource_exhausted(
                         max_batch_size=8, max_queue_images=8)  # fmt: skip
     x = np.zeros((8, 1, 28, 28), np.float32)
     with LiveServer(settings) as s:
-        slow_down(monkeypatch, model_version(s), 1.0)
+        slow_down(monkeypatch, loaded_model(s), 1.0)
         codes: list[str] = []
 
         def call() -> None:
@@ -334,11 +335,11 @@ def test_stream_answers_each_request_errors_included(stub: Any, model_repo: Path
     assert len(out[2].infer_response.outputs) == len(all_outputs(model_repo))
 
 
-def test_metrics_label_the_protocol(server: LiveServer, client: Any) -> None:
+def test_metrics_label_the_protocol(server: LiveServer, triton: Any) -> None:
     before = httpx.get(f"{server.url}/metrics").text
     labels = {"protocol": "grpc", "endpoint": f"/{SERVICE}/ModelInfer", "model": RCE}
     n0 = metric(before, "notsure_requests_total", code="200", **labels)
-    client.infer(RCE, [infer_input(np.zeros((2, 1, 28, 28), np.float32))])
+    triton.infer(RCE, [infer_input(np.zeros((2, 1, 28, 28), np.float32))])
     after = httpx.get(f"{server.url}/metrics").text
     assert metric(after, "notsure_requests_total", code="200", version="1", **labels) == n0 + 1
     assert metric(after, "notsure_request_duration_seconds_count", **labels) >= 1

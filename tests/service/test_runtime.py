@@ -54,24 +54,24 @@ def test_cpu_session_reports_its_provider_and_signature(model_repo: Path) -> Non
 
 
 @pytest.mark.parametrize(
-    ("cores", "env", "narrow", "wide"),
+    ("cores", "env", "narrow", "lone"),
     [
         (2, {}, 1, 2),  # two slots of one thread; a lone batch takes both cores
         (8, {}, 4, 8),
         (8, {"inference_threads": 1}, 8, 0),  # one slot already has every core
-        (1, {}, 1, 0),  # nothing to widen on one core
+        (1, {}, 1, 0),  # one core: a lone batch has nothing more to take
         (8, {"lone_batch_all_cores": False}, 4, 0),
         (8, {"intra_op_threads": 2}, 2, 0),  # an explicit thread count is respected
     ],
 )
 def test_thread_split(
-    monkeypatch: pytest.MonkeyPatch, cores: int, env: dict[str, object], narrow: int, wide: int
+    monkeypatch: pytest.MonkeyPatch, cores: int, env: dict[str, object], narrow: int, lone: int
 ) -> None:
     from service import config
 
     monkeypatch.setattr(config.os, "cpu_count", lambda: cores)
     s = config.Settings(**env)  # type: ignore[arg-type]
-    assert (s.intra_threads(), s.lone_batch_threads()) == (narrow, wide)
+    assert (s.intra_threads(), s.lone_batch_threads()) == (narrow, lone)
 
 
 def test_started_service_runs_numpy_blas_on_one_thread(model_repo: Path) -> None:

@@ -7,25 +7,15 @@ The native /v1 API keeps its own conventions (422 for a malformed field)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from notsure import __version__
-from service.config import Settings
-from service.main import create_app
 from tests.reliability.conftest import RCE, pixels, v2_binary
 
 INFER = f"/v2/models/{RCE}/infer"
-
-
-@pytest.fixture
-def client(model_repo: Path) -> Iterator[TestClient]:
-    with TestClient(create_app(Settings(model_repository=model_repo))) as c:
-        yield c
 
 
 def _json_body(x: np.ndarray, name: str = "input", **extra: object) -> dict[str, object]:
@@ -79,10 +69,17 @@ def test_malformed_v2_requests_are_400_native_stays_422(
 
 
 def test_v2_path_errors_are_400(client: TestClient) -> None:
-    # A model name outside the allowed pattern fails FastAPI's path validation.
-    r = client.get("/v2/models/UPPER/ready")
-    assert r.status_code == 400 and r.json()["field"] == "path.name"
-    assert client.get("/v1/models/UPPER").status_code in (404, 405, 422)
+    # A model name outside the allowed pattern fails FastAPI's path validation. The protocol
+    # answers a failed metadata or inference request with an HTTP error status, "typically
+    # 400", and a body holding "error".
+    for path in ("/v2/models/UPPER", "/v2/models/UPPER/ready", "/v2/models/UPPER/versions/1"):
+        r = client.get(path)
+        assert r.status_code == 400, (path, r.status_code)
+        assert r.json()["field"] == "path.name" and r.json()["error"]
+    # The native API keeps its own conventions: FastAPI's 422 for the same bad name, and 404
+    # for a path it does not have (it has no per-model GET route).
+    assert client.post("/v1/models/UPPER/predict", json={"instances": []}).status_code == 422
+    assert client.get("/v1/models/UPPER").status_code == 404
 
 
 def test_v2_slash_is_the_server_metadata(client: TestClient) -> None:

@@ -49,9 +49,9 @@ async def ready(state: StateDep) -> Response:
     if state.repository.ready and not state.draining:
         return Response(status_code=200)
     failed = {
-        f"{mv.name}/{mv.version}": mv.error or "not loaded"
-        for mv in state.repository.all()
-        if not mv.ready
+        f"{found.name}/{found.version}": found.error or "not loaded"
+        for found in state.repository.all()
+        if not found.ready
     }
     body: dict[str, Any] = {"error": "not ready", "models": failed}
     if state.draining:

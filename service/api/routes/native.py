@@ -19,8 +19,8 @@ from service.call import Call
 from service.errors import InvalidInput, PayloadTooLarge, invalid_input_from
 from service.fastjson import validate_json
 from service.imaging import EncodedImage, Shape, decode, open_image, open_instance
-from service.inference import Outcome, infer, resolve, shed_early
-from service.repository import LoadedModel
+from service.inference import Outcome, admit, infer
+from service.runner import LoadedModel
 from service.schemas import (
     API_ERRORS,
     ModelList,
@@ -42,11 +42,13 @@ inference = APIRouter(
 )
 
 
-def _response(mv: LoadedModel, outcome: Outcome, request_id: str | None, reveal: bool) -> Response:
+def _response(
+    model: LoadedModel, outcome: Outcome, request_id: str | None, reveal: bool
+) -> Response:
     """Build the JSON by hand: the hot path skips response-model re-validation (orjson: 1 us
     for a 1-image answer where json.dumps took 29, contended CPU)."""
     s = outcome.scores
-    classes = mv.manifest.classes
+    classes = model.manifest.classes
     preds = []
     name = s.score_name
     for label, acc, j, c, nme, v in zip(
@@ -73,8 +75,8 @@ def _response(mv: LoadedModel, outcome: Outcome, request_id: str | None, reveal:
         )
     body = {
         "id": request_id,
-        "model": mv.name,
-        "version": mv.version,
+        "model": model.name,
+        "version": model.version,
         "threshold": outcome.threshold,
         "predictions": preds,
     }
@@ -101,9 +103,7 @@ async def handle_predict(
     state: AppState, call: Call, request: Request, name: str, version: int | None
 ) -> Response:
     settings = state.settings
-    mv = resolve(state, call, name, version)
-    shed_early(state, mv)
-    call.arrive(state.arrivals)
+    model = admit(state, call, name, version)
     body = await _read(request)
     if len(body.instances) > settings.max_instances:
         raise PayloadTooLarge(
@@ -111,8 +111,8 @@ async def handle_predict(
             field="instances",
             fix=f"split the request into batches of {settings.max_instances}",
         )
-    threshold = threshold_in_force(settings, mv.score, mv.threshold, body.threshold)
-    shape, resize, limit = mv.manifest.input_shape, body.resize, settings.max_image_pixels
+    threshold = threshold_in_force(settings, model.score, model.threshold, body.threshold)
+    shape, resize, limit = model.manifest.input_shape, body.resize, settings.max_image_pixels
     items = [
         open_instance(inst, shape, f"instances[{i}]", resize=resize, max_pixels=limit)
         for i, inst in enumerate(body.instances)
@@ -122,8 +122,8 @@ async def handle_predict(
     # The parsed instances (a Python object per pixel: megabytes for a large request) need not
     # wait in the queue with the request; the array holds the images from here on.
     del body
-    outcome = await infer(state, call, mv, x, threshold)
-    return _response(mv, outcome, request_id, settings.reveal_not_sure_labels)
+    outcome = await infer(state, call, model, x, threshold)
+    return _response(model, outcome, request_id, settings.reveal_not_sure_labels)
 
 
 async def _read(request: Request) -> PredictRequest:
@@ -151,9 +151,7 @@ async def handle_files(
     except ValidationError as exc:
         errors = [{**e, "loc": ("query", *e["loc"])} for e in exc.errors()]
         raise invalid_input_from(errors) from exc
-    mv = resolve(state, call, name, query.version)
-    shed_early(state, mv)
-    call.arrive(state.arrivals)
+    model = admit(state, call, name, query.version)
     files = (await request.form()).getlist("files")
     if not files:
         raise invalid_input_from(
@@ -163,8 +161,8 @@ async def handle_files(
         raise PayloadTooLarge(
             f"{len(files)} files, the limit is {settings.max_instances}", field="files"
         )
-    threshold = threshold_in_force(settings, mv.score, mv.threshold, query.threshold)
-    shape, images = mv.manifest.input_shape, []
+    threshold = threshold_in_force(settings, model.score, model.threshold, query.threshold)
+    shape, images = model.manifest.input_shape, []
     for i, f in enumerate(files):
         if not isinstance(f, StarletteUpload):
             raise InvalidInput("not a file", field=f"files[{i}]", fix="send a PNG or JPEG file")
@@ -181,8 +179,8 @@ async def handle_files(
             )
         )
     x = await _stack(images, shape, settings.decode_inline_max_pixels)
-    outcome = await infer(state, call, mv, x, threshold)
-    return _response(mv, outcome, None, settings.reveal_not_sure_labels)
+    outcome = await infer(state, call, model, x, threshold)
+    return _response(model, outcome, None, settings.reveal_not_sure_labels)
 
 
 # The predict body is parsed by the handler, straight from bytes by pydantic-core, instead of
@@ -231,18 +229,18 @@ add_inference_route(
 @router.get("/models", response_model=ModelList, summary="Every model version and its state")
 async def list_models(state: StateDep) -> dict[str, Any]:
     out = []
-    for mv in state.repository.all():
-        m, lm = mv.manifest, mv.loaded if mv.ready else None
+    for found in state.repository.all():
+        m, loaded = found.manifest, found.loaded
         out.append(
             ModelSummary(
-                name=mv.name,
-                version=mv.version,
-                ready=mv.ready,
+                name=found.name,
+                version=found.version,
+                ready=found.ready,
                 objective=m.objective if m else None,
                 score=m.score if m else None,
-                threshold=lm.threshold if lm else None,
-                provider=lm.model.provider if lm else None,
-                error=mv.error,
+                threshold=loaded.threshold if loaded else None,
+                provider=loaded.provider if loaded else None,
+                error=found.error,
             )
         )
     return {"models": out}

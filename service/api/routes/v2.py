@@ -11,7 +11,7 @@ from service import v2codec, v2infer
 from service.api.deps import NAME, VERSION, CallDep, StateDep, require_key
 from service.api.routing import add_inference_route
 from service.call import Call
-from service.inference import resolve, shed_early
+from service.inference import admit, resolve
 from service.schemas import (
     API_ERRORS,
     V2InferRequest,
@@ -72,9 +72,7 @@ async def version_ready(name: NAME, version: VERSION, call: CallDep, state: Stat
 async def handle_infer(
     state: AppState, call: Call, request: Request, name: str, version: int | None
 ) -> Response:
-    mv = resolve(state, call, name, version)
-    shed_early(state, mv)
-    call.arrive(state.arrivals)
+    model = admit(state, call, name, version)
     body = await request.body()
     decoded = v2codec.decode(body, request.headers.get("inference-header-content-length"))
     req = decoded.request
@@ -82,7 +80,7 @@ async def handle_infer(
     answer = await v2infer.run(
         state,
         call,
-        mv,
+        model,
         [(t.name, decoded.tensors[t.name]) for t in req.inputs],
         params,
         [o.name for o in req.outputs or []],
@@ -90,7 +88,7 @@ async def handle_infer(
     binary = {o.name for o in req.outputs or [] if (o.parameters or {}).get("binary_data")}
     if params.get("binary_data_output", False):
         binary = {n for n, _ in answer.outputs}
-    header: dict[str, Any] = {"model_name": mv.name, "model_version": str(mv.version)}
+    header: dict[str, Any] = {"model_name": model.name, "model_version": str(model.version)}
     if req.id is not None:  # the protocol's id is a string: absent, not null, when not sent
         header["id"] = req.id
     header["parameters"] = {"threshold": answer.threshold, "score": answer.score}

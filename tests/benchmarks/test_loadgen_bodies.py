@@ -4,7 +4,6 @@ answers each kind it is sent with the same labels and scores."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,19 +11,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from benchmarks.loadgen import NOTSURE_APIS, bodies
-from service.config import Settings
-from service.main import create_app
 from service.manifest import MANIFEST_FILE, Manifest
 from service.runtime import OnnxModel
 from service.scoring import score_logits
 
 MODEL = "tiny-rce"
-
-
-@pytest.fixture
-def client(model_repo: Path) -> Iterator[TestClient]:
-    with TestClient(create_app(Settings(model_repository=model_repo))) as c:
-        yield c
 
 
 def _v2_binary_outputs(r: bytes, header_len: int) -> dict[str, np.ndarray]:
