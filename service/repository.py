@@ -23,6 +23,7 @@ from service.errors import InferenceFailed, ModelNotFound, ModelNotReady
 from service.kdensity import KernelSet, read_kernel_array
 from service.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
 from service.metrics import BatchMetrics, Metrics
+from service.preprocess import GraphMismatch, ModelIO, check_output
 from service.runtime import CPU, OnnxModel
 from service.scoring import Kernel, ScoreName, Scores, score_logits
 from service.thresholds import configured_threshold
@@ -91,18 +92,11 @@ class ModelVersion:
 
 def _check_graph(manifest: Manifest, model: OnnxModel) -> None:
     sig = model.signature
-    want_in = manifest.input_shape
-    got_in = tuple(sig.input_shape[1:])
-    if len(sig.input_shape) != 4 or got_in != want_in:
-        raise ModelLoadError(
-            f"graph input {list(sig.input_shape)} does not match the manifest's "
-            f"input_shape {list(want_in)}"
-        )
-    if len(sig.output_shape) != 2 or sig.output_shape[1] != manifest.num_classes:
-        raise ModelLoadError(
-            f"graph output {list(sig.output_shape)} does not have the manifest's "
-            f"{manifest.num_classes} classes"
-        )
+    # The input was checked when the session was built with the manifest's ModelIO.
+    try:
+        check_output(ModelIO.of(manifest), sig.output_name, sig.output_shape, manifest.num_classes)
+    except GraphMismatch as exc:
+        raise ModelLoadError(str(exc)) from exc
 
 
 def _check_features(manifest: Manifest, model: OnnxModel) -> None:
@@ -206,17 +200,21 @@ class Repository:
                 "model.onnx does not match the manifest's sha256 (corrupt or "
                 "replaced); refusing to load it"
             )
-        model = OnnxModel(
-            graph, device=self.settings.device, intra_op_threads=self.settings.intra_threads()
-        )
+        io = ModelIO.of(manifest)  # normalisation, output kind, fixed batch
+        try:
+            model = OnnxModel(graph, self.settings.device, self.settings.intra_threads(), io)
+        except GraphMismatch as exc:
+            raise ModelLoadError(str(exc)) from exc
         _check_graph(manifest, model)
         _check_features(manifest, model)
         kernel_set = read_kernel_set(manifest, mv.path)
         wide_threads = self.settings.lone_batch_threads() if model.provider == CPU else 0
-        wide = (
-            OnnxModel(graph, device="cpu", intra_op_threads=wide_threads) if wide_threads else None
-        )
+        wide = OnnxModel(graph, "cpu", wide_threads, io) if wide_threads else None
         cfg = self.settings.batching_for(mv.name)
+        if manifest.batch_size is not None:  # a fixed-batch graph: never batch beyond it
+            cfg = cfg.model_copy(
+                update={"max_batch_size": min(cfg.max_batch_size, manifest.batch_size)}
+            )
         for m in filter(None, (model, wide)):
             for n in sorted({1, cfg.max_batch_size}):  # warm-up: first runs allocate and plan
                 x = np.zeros((n, *manifest.input_shape), np.float32)

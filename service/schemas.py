@@ -63,6 +63,9 @@ class ModelSummary(BaseModel):
     objective: str | None = None
     score: str | None = Field(default=None, description="the score the threshold applies to")
     threshold: float | None = None
+    calibrated: bool | None = Field(
+        default=None, description="false when T was set by hand, not chosen on held-out data"
+    )
     provider: str | None = None
     error: str | None = None
 

@@ -20,6 +20,7 @@ from service.errors import InvalidInput, PayloadTooLarge, invalid_input_from
 from service.fastjson import validate_json
 from service.imaging import EncodedImage, Shape, decode, open_image, open_instance
 from service.inference import Outcome, infer, resolve, shed_early
+from service.preprocess import upload_resize
 from service.repository import LoadedModel
 from service.schemas import (
     API_ERRORS,
@@ -112,7 +113,8 @@ async def handle_predict(
             fix=f"split the request into batches of {settings.max_instances}",
         )
     threshold = threshold_in_force(settings, mv.score, mv.threshold, body.threshold)
-    shape, resize, limit = mv.manifest.input_shape, body.resize, settings.max_image_pixels
+    shape, limit = mv.manifest.input_shape, settings.max_image_pixels
+    resize = upload_resize(mv.manifest, body.resize)
     items = [
         open_instance(inst, shape, f"instances[{i}]", resize=resize, max_pixels=limit)
         for i, inst in enumerate(body.instances)
@@ -176,7 +178,7 @@ async def handle_files(
                 data,
                 shape,
                 f"files[{i}]",
-                resize=query.resize,
+                resize=upload_resize(mv.manifest, query.resize),
                 max_pixels=settings.max_image_pixels,
             )
         )
@@ -241,6 +243,7 @@ async def list_models(state: StateDep) -> dict[str, Any]:
                 objective=m.objective if m else None,
                 score=m.score if m else None,
                 threshold=lm.threshold if lm else None,
+                calibrated=m.calibrated if m else None,
                 provider=lm.model.provider if lm else None,
                 error=mv.error,
             )
