@@ -137,7 +137,7 @@ class OnnxModel:
             tuple(feats[0].shape) if feats else None,
         )
 
-    def _run(self, names: list[str], x: npt.NDArray[np.float32]) -> list[npt.NDArray[Any]]:
+    def run_outputs(self, names: list[str], x: npt.NDArray[np.float32]) -> list[npt.NDArray[Any]]:
         """The named outputs for (B, C, H, W) pixels, through the manifest's `io` when given: a
         fixed-batch graph runs on chunks of its batch, the last padded, and the pad dropped."""
         io, name = self.io, self.signature.input_name
@@ -156,7 +156,7 @@ class OnnxModel:
 
     def run(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """(B, C, H, W) float32 -> (B, L) float32 logits fed to the softmax."""
-        out = self._run([self.signature.output_name], x)
+        out = self.run_outputs([self.signature.output_name], x)
         return self._softmax_input(out[0])
 
     def run_with_features(
@@ -166,7 +166,7 @@ class OnnxModel:
         sig = self.signature
         if sig.features_name is None:
             return self.run(x), None
-        logits, feats = self._run([sig.output_name, sig.features_name], x)
+        logits, feats = self.run_outputs([sig.output_name, sig.features_name], x)
         return self._softmax_input(logits), np.asarray(feats, dtype=np.float32)
 
     def run_batched(self, x: npt.NDArray[np.float32], batch: int = 1000) -> npt.NDArray[np.float32]:

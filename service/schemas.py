@@ -123,6 +123,10 @@ class V2ModelMetadata(BaseModel):
     platform: str
     inputs: list[V2TensorMeta]
     outputs: list[V2TensorMeta]
+    parameters: dict[str, Any] = Field(
+        default_factory=dict,
+        description="calibrated (false when T was set by hand) and the score T applies to",
+    )
 
 
 class V2ServerMetadata(BaseModel):
