@@ -47,10 +47,10 @@ class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, 32, 14, 14)
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, 64, 7, 7)
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, 16, 14, 14)
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, 32, 7, 7)
         )  # fmt: skip
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(),
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(),
                                   nn.Linear(128, 10))  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +73,7 @@ def train(net: Net, x: np.ndarray, y: np.ndarray, steps: int, seed: int = 0) -> 
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % 200 == 0 or step == steps - 1:
+        if step % 100 == 0 or step == steps - 1:
             print(f"step {step}: loss {loss.item():.3f}")  # noqa: T201
     net.eval()
 
@@ -113,7 +113,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, help="folder with Fashion-MNIST's idx files")
     p.add_argument("--out", type=Path, default=Path("runs/fashion"))
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--tiny", action="store_true", help="random data, 20 steps")
     a = p.parse_args()
     if a.tiny:
