@@ -231,7 +231,7 @@ class Manifest(BaseModel):
             )
         if self.normalize is not None and len(self.normalize.mean) != self.input_shape[0]:
             raise ValueError(
-                f"normalize has {len(self.normalize.mean)} values a statistic for "
+                f"normalize gives {len(self.normalize.mean)} values per statistic for "
                 f"{self.input_shape[0]} channels; give one mean and one std a channel"
             )
         return self

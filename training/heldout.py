@@ -14,6 +14,7 @@ import numpy.typing as npt
 
 from service.errors import InvalidInput
 from service.imaging import ResizeMode, check_batch, decode, open_image
+from training.progress import progress_bar
 
 F32 = npt.NDArray[np.float32]
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
@@ -60,11 +61,13 @@ def load_folder(root: Path, shape: tuple[int, int, int], resize: ResizeMode) -> 
             raise HeldoutError(f"{root} holds no PNG or JPEG images and no class folders")
         x = np.stack([_read_image(p, shape, resize) for p in files])
         return Heldout(x, None, None)
+    files = [(label, p) for label, sub in enumerate(subdirs) for p in _images_in(sub)]
     xs, ys = [], []
-    for label, sub in enumerate(subdirs):
-        for p in _images_in(sub):
+    with progress_bar("reading held-out images", len(files)) as bar:
+        for label, p in files:
             xs.append(_read_image(p, shape, resize))
             ys.append(label)
+            bar.advance()
     if not xs:
         raise HeldoutError(f"the class folders under {root} hold no PNG or JPEG images")
     return Heldout(np.stack(xs), np.asarray(ys, np.int64), [p.name for p in subdirs])

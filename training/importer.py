@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import shlex
 import shutil
 import sys
@@ -58,6 +59,7 @@ OutputKind = Literal["logits", "neg_logits", "probabilities"]
 KERNEL_SHARE, KERNEL_MAX = 0.2, 5000
 # Images per graph run while scoring the held-out set.
 CHUNK = 256
+NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # as the manifest's name field
 
 
 class ImportFailed(ValueError):
@@ -304,6 +306,11 @@ def import_model(cfg: ImportConfig) -> ImportResult:
     """Check, calibrate and write one imported model version; ImportFailed says what to fix."""
     if not cfg.model.is_file():
         raise ImportFailed(f"{cfg.model} does not exist; give the path of an .onnx file")
+    if not NAME.fullmatch(cfg.name):
+        raise ImportFailed(
+            f"--name {cfg.name!r}: use 1-64 lower-case letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
     if cfg.data is None and cfg.threshold is None:
         raise ImportFailed("give --data HELDOUT to calibrate T, or set it with --threshold")
     if cfg.score is not None and cfg.score not in _available(cfg):
@@ -321,13 +328,17 @@ def import_model(cfg: ImportConfig) -> ImportResult:
 
     cfg.repository.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".import-{cfg.name}-", dir=cfg.repository))
+    folder = cfg.repository / cfg.name
+    new_folder = not folder.exists()
     try:
         manifest = _build(cfg, graph, io, held, tmp, resize)
-        target = cfg.repository / cfg.name / str(manifest.version)
-        target.parent.mkdir(exist_ok=True)
+        target = folder / str(manifest.version)
+        folder.mkdir(exist_ok=True)
         tmp.rename(target)  # atomic on one file system; fails if the version appeared
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if new_folder and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
         raise
     log.info("imported %s as %s", cfg.model, target)
     return ImportResult(manifest, target)

@@ -187,6 +187,11 @@ def _mean_wrong_length(tmp: Path) -> ImportConfig:
     return ImportConfig(model=tmp / "m.onnx", name="bad", threshold=0.5, mean=(0.5,), std=(0.2,))
 
 
+def _bad_name(tmp: Path) -> ImportConfig:
+    linear_classifier(tmp / "m.onnx", ("b", 1, 4, 4), 3)
+    return ImportConfig(model=tmp / "m.onnx", name="My Model", threshold=0.5)
+
+
 WRONG = {
     # what is wrong: (how to make it, what the message must say)
     "not_an_image_classifier": (_not_classifier, "an image classifier takes float32"),
@@ -194,6 +199,7 @@ WRONG = {
     "class_count_mismatch": (_bad_classes, "lists 2 names but the model has 3 outputs"),
     "nan_outputs": (_nan, "NaN or infinite outputs .* check --mean/--std"),
     "mean_per_channel": (_mean_wrong_length, "need 3 comma-separated values"),
+    "bad_name": (_bad_name, "use 1-64 lower-case letters"),
 }
 
 
