@@ -56,7 +56,7 @@ def ask_everywhere(server: LiveServer, name: str, x: np.ndarray) -> dict[str, np
     r = httpx.post(f"{server.url}/v1/models/{name}/predict", json={"instances": x.tolist()})
     assert r.status_code == 200, r.text
     native = [p["label"] if p["decision"] == "accepted" else -1 for p in r.json()["predictions"]]
-    answers = {}
+    answers, calibrated = {}, {}
     for mod, client in (
         (tritonclient_http, tritonclient_http.InferenceServerClient(f"127.0.0.1:{server.port}")),
         (tritonclient_grpc, tritonclient_grpc.InferenceServerClient(server.grpc_target)),
@@ -65,12 +65,19 @@ def ask_everywhere(server: LiveServer, name: str, x: np.ndarray) -> dict[str, np
         inp.set_data_from_numpy(x.astype(np.float32))
         result = client.infer(name, [inp])
         answers[mod.__name__] = (result.as_numpy("label"), result.as_numpy("probabilities"))
+        resp = result.get_response()  # HTTP: a dict; gRPC: a ModelInferResponse
+        calibrated[mod.__name__] = (
+            resp["parameters"]["calibrated"]
+            if isinstance(resp, dict)
+            else resp.parameters["calibrated"].bool_param
+        )
         client.close()
     (lh, ph), (lg, pg) = answers.values()
     np.testing.assert_array_equal(lh, native)
     np.testing.assert_array_equal(lg, native)
     np.testing.assert_array_equal(ph, pg)
-    return {"label": lh, "probabilities": ph}
+    assert len(set(calibrated.values())) == 1
+    return {"label": lh, "probabilities": ph, "calibrated": np.array(calibrated.popitem()[1])}
 
 
 def test_pytorch_script_and_sklearn_models(tmp_path: Path) -> None:
@@ -91,6 +98,7 @@ def test_pytorch_script_and_sklearn_models(tmp_path: Path) -> None:
         fresh = np.load(f / "fresh.npz")["x"][:6]  # (6, 28, 28) uint8
         x = (fresh / 255.0).astype(np.float32)[:, None]
         got = ask_everywhere(server, "fashion-cnn", x)
+        assert got["calibrated"]
         want = raw_probabilities(
             f / "fashion_cnn.onnx", ((x - fashion.MEAN) / fashion.STD).astype(np.float32)
         )
@@ -146,6 +154,7 @@ def test_imagenet_model_with_a_fixed_batch_of_one(tmp_path: Path) -> None:
         # V2 (HTTP and gRPC) take the 224x224 pixels; two in one request.
         x = np.random.default_rng(1).random((2, 3, 224, 224)).astype(np.float32)
         got = ask_everywhere(server, "imagenet", x)
+        assert not got["calibrated"]  # T set by hand, in the V2 HTTP and gRPC responses
         meta = httpx.get(f"{server.url}/v2/models/imagenet").json()
         assert meta["parameters"]["calibrated"] is False
     mean, std = np.array(IMAGENET_MEAN)[:, None, None], np.array(IMAGENET_STD)[:, None, None]
