@@ -27,9 +27,13 @@ def ood(
     ood: Annotated[
         list[str] | None,
         Opt(
-            help="OOD data sets (default: fashion-mnist for MNIST models, mnist for "
-            "Fashion-MNIST models)"
+            help="OOD data sets, or folders of images / .npz files (default: fashion-mnist "
+            "for MNIST models, mnist for Fashion-MNIST models)"
         ),
+    ] = None,
+    id_data: Annotated[
+        Path | None,
+        Opt(help="ID images of an imported model: a folder of images or an .npz"),
     ] = None,
     shift: Annotated[
         list[str] | None,
@@ -58,6 +62,7 @@ def ood(
     given = {
         "models": _split(model) or None,
         "ood": _split(ood) or None,
+        "id_data": id_data,
         "shifts": tuple(s for s in shifts if s != "none") if shifts else None,
         "url": url,
         "data_dir": data_dir,

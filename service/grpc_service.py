@@ -138,6 +138,7 @@ def _response(model_name: str, version: int, req: Any, answer: v2infer.Answer) -
     resp = pb.ModelInferResponse(model_name=model_name, model_version=str(version), id=req.id)
     resp.parameters["threshold"].double_param = answer.threshold
     resp.parameters["score"].string_param = answer.score
+    resp.parameters["calibrated"].bool_param = answer.calibrated
     for name, arr in answer.outputs:
         resp.outputs.add(name=name, datatype=v2codec.DATATYPE_OF[arr.dtype], shape=list(arr.shape))
         resp.raw_output_contents.append(
@@ -247,6 +248,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         async def body(call: Call) -> Any:
             version = self._version(request.version, "version")
             meta = v2infer.metadata(resolve(self.state, call, request.name, version), self.state)
+            meta.pop("parameters")  # no such field in the protocol's message
             return pb.ModelMetadataResponse(**meta)
 
         return await self._rpc("ModelMetadata", request, context, body)

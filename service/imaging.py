@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -24,6 +24,10 @@ from service.errors import InvalidInput
 
 F32 = npt.NDArray[np.float32]
 Shape = tuple[int, int, int]
+# How an image of another size becomes the model's H x W (the manifest's `resize`).
+ResizeMode = Literal["stretch", "center_crop"]
+# ImageNet's evaluation transform: shorter side to H / 0.875 (256 for 224), centre crop H x W.
+CROP_FRACTION = 0.875
 # Modes whose convert("L"/"RGB") keeps the picture. Pillow converts 16/32-bit ("I;16", "I", "F")
 # by clipping at 255, not scaling, so a 16-bit PNG would be classified as a white square.
 _8BIT_MODES = frozenset(
@@ -54,6 +58,7 @@ class EncodedImage:
 
     img: Image.Image
     field: str  # where the request carried it, for the errors of the decode
+    resize_mode: ResizeMode = "stretch"  # how `decode` resizes it when its size differs
 
     @property
     def pixels(self) -> int:
@@ -87,10 +92,11 @@ def _pillow_errors(field: str, shape: Shape) -> Iterator[None]:
 
 
 def open_image(
-    data: bytes, shape: Shape, field: str, *, resize: bool, max_pixels: int
+    data: bytes, shape: Shape, field: str, *, resize: bool | ResizeMode, max_pixels: int
 ) -> EncodedImage:
     """PNG/JPEG bytes, opened and checked from the header for a model of input shape (C, H, W):
-    a huge, foreign or wrongly sized image is refused before any pixel is decoded."""
+    a huge, foreign or wrongly sized image is refused before any pixel is decoded. `resize`:
+    False refuses another size; True or a mode resizes it (True: stretch)."""
     _, h, w = shape
     with _pillow_errors(field, shape):
         img: Image.Image = Image.open(io.BytesIO(data))  # reads the header only
@@ -116,7 +122,7 @@ def open_image(
                 field=field,
                 fix="send an 8-bit grayscale or RGB image",
             )
-    return EncodedImage(img, field)
+    return EncodedImage(img, field, resize if isinstance(resize, str) else "stretch")
 
 
 def decode(image: EncodedImage, shape: Shape) -> F32:
@@ -126,10 +132,23 @@ def decode(image: EncodedImage, shape: Shape) -> F32:
     with _pillow_errors(image.field, shape):
         img = image.img.convert("L" if c == 1 else "RGB")
     if img.size != (w, h):
-        img = img.resize((w, h), Image.Resampling.BILINEAR)
+        img = resized(img, (h, w), image.resize_mode)
     arr = np.asarray(img, dtype=np.float32) / np.float32(255.0)
     out: F32 = arr[None] if c == 1 else np.ascontiguousarray(arr.transpose(2, 0, 1))
     return out
+
+
+def resized(img: Image.Image, size: tuple[int, int], mode: ResizeMode) -> Image.Image:
+    """The image at size (H, W): stretched, or its shorter side scaled to H / CROP_FRACTION
+    (W for a wide model) and the centre cut out, as ImageNet models are evaluated."""
+    h, w = size
+    if mode == "stretch":
+        return img.resize((w, h), Image.Resampling.BILINEAR)
+    scale = max(h / img.height, w / img.width) / CROP_FRACTION
+    sw, sh = max(w, round(img.width * scale)), max(h, round(img.height * scale))
+    img = img.resize((sw, sh), Image.Resampling.BILINEAR)
+    left, top = (sw - w) // 2, (sh - h) // 2
+    return img.crop((left, top, left + w, top + h))
 
 
 def pixels_to_tensor(values: Any, shape: Shape, field: str) -> F32:
@@ -187,7 +206,7 @@ def check_batch(arr: npt.NDArray[Any], shape: Shape, field: str) -> F32:
 
 
 def open_instance(
-    instance: object, shape: Shape, field: str, *, resize: bool, max_pixels: int
+    instance: object, shape: Shape, field: str, *, resize: bool | ResizeMode, max_pixels: int
 ) -> EncodedImage | F32:
     """One native-API instance: a base64 image (a string or {'b64': ...}) opened and checked
     from its header, or a pixel list as (C, H, W) float32."""

@@ -130,6 +130,26 @@ class TrainingInfo(BaseModel):
     adversarial: str = ""
 
 
+class Normalize(BaseModel):
+    """Per-channel mean and std the service applies to pixels scaled to [0, 1], before the
+    graph: x' = (x - mean) / std (torchvision's `Normalize`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    mean: list[float] = Field(min_length=1)
+    std: list[float] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _per_channel(self) -> Normalize:
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"{len(self.mean)} means but {len(self.std)} stds; give one a channel")
+        if not all(math.isfinite(m) for m in self.mean):
+            raise ValueError("mean values must be finite")
+        if not all(math.isfinite(s) and s > 0 for s in self.std):
+            raise ValueError("std values must be finite and > 0")
+        return self
+
+
 class Manifest(BaseModel):
     """Describes one model version in the repository (like timm's PretrainedCfg)."""
 
@@ -141,8 +161,9 @@ class Manifest(BaseModel):
     input_shape: tuple[int, int, int]  # (C, H, W), batch axis excluded
     pixel_range: tuple[float, float] = (0.0, 1.0)
     objective: Literal["ce", "rce"]
-    # What the ONNX output is: the vector fed to the softmax at test time (-Z for RCE, Z for CE).
-    output: Literal["neg_logits", "logits"]
+    # What the ONNX output is: the vector fed to the softmax at test time (-Z for RCE, Z for CE),
+    # or, for an imported model that ends in a softmax, its probabilities.
+    output: Literal["neg_logits", "logits", "probabilities"]
     architecture: str
     kernel: KernelParams
     # The score T applies to; manifests written before it existed get the objective's default.
@@ -161,6 +182,22 @@ class Manifest(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     weights_sha256: str | None = None
     command: str = ""
+    # What an imported model needs around its graph (`notsure import`); the defaults are what
+    # the models `notsure train` makes expect, so older manifests load unchanged.
+    # None: the graph takes pixels in [0, 1] as they are (or normalises them itself).
+    normalize: Normalize | None = None
+    # How an upload of another size becomes H x W: "stretch" (both sides scaled), or
+    # "center_crop" (shorter side scaled to H / 0.875, centre H x W cut out: ImageNet's eval).
+    resize: Literal["stretch", "center_crop"] = "stretch"
+    # True: uploads of another size are resized without the request asking ("resize": true).
+    resize_by_default: bool = False
+    # The graph output read (None: the first); e.g. skl2onnx's "probabilities" after "label".
+    output_name: str | None = None
+    # The graph's fixed batch size (e.g. 1 for a graph exported without a dynamic batch axis);
+    # None: any batch size. The batcher never builds batches larger than it.
+    batch_size: int | None = Field(default=None, ge=1)
+    # False when T was set by hand (`--threshold`): nothing measured says what it refuses.
+    calibrated: bool = True
 
     @property
     def num_classes(self) -> int:
@@ -187,9 +224,16 @@ class Manifest(BaseModel):
 
     @model_validator(mode="after")
     def _objective_matches_output(self) -> Manifest:
-        expected = "neg_logits" if self.objective == "rce" else "logits"
-        if self.output != expected:
-            raise ValueError(f"a {self.objective} model must output {expected}, not {self.output}")
+        expected = ("neg_logits",) if self.objective == "rce" else ("logits", "probabilities")
+        if self.output not in expected:
+            raise ValueError(
+                f"a {self.objective} model must output {' or '.join(expected)}, not {self.output}"
+            )
+        if self.normalize is not None and len(self.normalize.mean) != self.input_shape[0]:
+            raise ValueError(
+                f"normalize gives {len(self.normalize.mean)} values per statistic for "
+                f"{self.input_shape[0]} channels; give one mean and one std a channel"
+            )
         return self
 
     @model_validator(mode="after")

@@ -21,7 +21,8 @@ from service.errors import ModelNotFound, ModelNotReady
 from service.kdensity import KernelSet, read_kernel_array
 from service.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
 from service.metrics import Metrics
-from service.runner import LoadedModel, Scorer, start_serving
+from service.preprocess import GraphMismatch, ModelIO, check_output
+from service.runner import LoadedModel, Scorer, max_batch_size, start_serving
 from service.runtime import CPU, OnnxModel
 from service.thresholds import configured_threshold
 
@@ -51,18 +52,11 @@ class ModelVersion:
 
 def _check_graph(manifest: Manifest, model: OnnxModel) -> None:
     sig = model.signature
-    want_in = manifest.input_shape
-    got_in = tuple(sig.input_shape[1:])
-    if len(sig.input_shape) != 4 or got_in != want_in:
-        raise ModelLoadError(
-            f"graph input {list(sig.input_shape)} does not match the manifest's "
-            f"input_shape {list(want_in)}"
-        )
-    if len(sig.output_shape) != 2 or sig.output_shape[1] != manifest.num_classes:
-        raise ModelLoadError(
-            f"graph output {list(sig.output_shape)} does not have the manifest's "
-            f"{manifest.num_classes} classes"
-        )
+    # The input was checked when the session was built with the manifest's ModelIO.
+    try:
+        check_output(ModelIO.of(manifest), sig.output_name, sig.output_shape, manifest.num_classes)
+    except GraphMismatch as exc:
+        raise ModelLoadError(str(exc)) from exc
 
 
 def _check_features(manifest: Manifest, model: OnnxModel) -> None:
@@ -170,9 +164,11 @@ class Repository:
                 "model.onnx does not match the manifest's sha256 (corrupt or "
                 "replaced); refusing to load it"
             )
-        model = OnnxModel(
-            graph, device=self.settings.device, intra_op_threads=self.settings.intra_threads()
-        )
+        io = ModelIO.of(manifest)  # normalisation, output kind, fixed batch
+        try:
+            model = OnnxModel(graph, self.settings.device, self.settings.intra_threads(), io)
+        except GraphMismatch as exc:
+            raise ModelLoadError(str(exc)) from exc
         _check_graph(manifest, model)
         _check_features(manifest, model)
         kernel_set = read_kernel_set(manifest, found.path)
@@ -180,12 +176,11 @@ class Repository:
         scorer = Scorer(model, kernel, score, kernel_set)
         lone_threads = self.settings.lone_batch_threads() if model.provider == CPU else 0
         lone = (
-            Scorer(OnnxModel(graph, device="cpu", intra_op_threads=lone_threads), kernel, score,
-                   kernel_set)
+            Scorer(OnnxModel(graph, "cpu", lone_threads, io), kernel, score, kernel_set)
             if lone_threads
             else None
-        )  # fmt: skip
-        batch_sizes = (1, self.settings.batching_for(found.name).max_batch_size)
+        )
+        batch_sizes = (1, max_batch_size(self.settings, found.name, manifest))
         for s in filter(None, (scorer, lone)):
             s.warm_up(manifest.input_shape, batch_sizes)
         try:

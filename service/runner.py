@@ -84,6 +84,12 @@ class LoadedModel:
         return self.scorer.onnx.provider
 
 
+def max_batch_size(settings: Settings, name: str, manifest: Manifest) -> int:
+    """The largest batch the settings allow, never beyond a fixed-batch graph's batch."""
+    size = settings.batching_for(name).max_batch_size
+    return size if manifest.batch_size is None else min(size, manifest.batch_size)
+
+
 def start_serving(
     name: str,
     version: int,
@@ -103,7 +109,7 @@ def start_serving(
     batcher = Batcher(
         scorer,
         executor,
-        max_batch=cfg.max_batch_size if settings.batching else 1,
+        max_batch=max_batch_size(settings, name, manifest) if settings.batching else 1,
         max_delay_s=cfg.max_queue_delay_ms / 1000.0 if settings.batching else 0.0,
         max_queue_images=settings.max_queue_images,
         slots=settings.inference_threads,

@@ -7,12 +7,14 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 from threadpoolctl import threadpool_limits
+
+from service.preprocess import GraphMismatch, ModelIO, check_input, padded_chunks
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +85,15 @@ class OnnxModel:
     """One InferenceSession. `run` is safe to call from several threads at once."""
 
     def __init__(
-        self, model: Path | bytes, device: Device = "auto", intra_op_threads: int = 0
+        self,
+        model: Path | bytes,
+        device: Device = "auto",
+        intra_op_threads: int = 0,
+        io: ModelIO | None = None,
     ) -> None:
-        """`model`: an .onnx file, or its bytes (already verified by the caller)."""
+        """`model`: an .onnx file, or its bytes (already verified by the caller); `io`: what the
+        manifest says the graph takes and gives (normalisation, output kind, fixed batch),
+        checked against the graph here (GraphMismatch) and applied on every run."""
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # The batch axis varies with the load: with memory patterns on, onnxruntime caches a
@@ -110,6 +118,15 @@ class OnnxModel:
         if device == "cuda" and self.provider != CUDA:
             raise ProviderUnavailable(f"CUDA provider failed to initialise; got {self.provider}")
         inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
+        if io is not None and io.output_name is not None:
+            named = [o for o in self.session.get_outputs() if o.name == io.output_name]
+            if not named:
+                have = ", ".join(o.name for o in self.session.get_outputs())
+                raise GraphMismatch(
+                    f"the graph has no output {io.output_name!r}; set output_name to one of {have}"
+                )
+            out = named[0]
+        self.io = None if io is None else check_input(io, inp.name, tuple(inp.shape), inp.type)
         feats = [o for o in self.session.get_outputs()[1:] if o.name == FEATURES_OUTPUT]
         self.signature = GraphSignature(
             inp.name,
@@ -120,10 +137,27 @@ class OnnxModel:
             tuple(feats[0].shape) if feats else None,
         )
 
+    def run_outputs(self, names: list[str], x: npt.NDArray[np.float32]) -> list[npt.NDArray[Any]]:
+        """The named outputs for (B, C, H, W) pixels, through the manifest's `io` when given: a
+        fixed-batch graph runs on chunks of its batch, the last padded, and the pad dropped."""
+        io, name = self.io, self.signature.input_name
+        if io is None:
+            return [np.asarray(o) for o in self.session.run(names, {name: x})]
+        g = io.graph_input(x)
+        if io.batch_size is None:
+            return [np.asarray(o) for o in self.session.run(names, {name: g})]
+        parts = [self.session.run(names, {name: c}) for c in padded_chunks(g, io.batch_size)]
+        return [np.concatenate([p[i] for p in parts])[: x.shape[0]] for i in range(len(names))]
+
+    def _softmax_input(self, out: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+        if self.io is None:
+            return np.asarray(out, dtype=np.float32)
+        return self.io.softmax_input(out)
+
     def run(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """(B, C, H, W) float32 -> (B, L) float32 logits fed to the softmax."""
-        out = self.session.run([self.signature.output_name], {self.signature.input_name: x})
-        return np.asarray(out[0], dtype=np.float32)
+        out = self.run_outputs([self.signature.output_name], x)
+        return self._softmax_input(out[0])
 
     def run_with_features(
         self, x: npt.NDArray[np.float32]
@@ -132,8 +166,8 @@ class OnnxModel:
         sig = self.signature
         if sig.features_name is None:
             return self.run(x), None
-        logits, feats = self.session.run([sig.output_name, sig.features_name], {sig.input_name: x})
-        return np.asarray(logits, dtype=np.float32), np.asarray(feats, dtype=np.float32)
+        logits, feats = self.run_outputs([sig.output_name, sig.features_name], x)
+        return self._softmax_input(logits), np.asarray(feats, dtype=np.float32)
 
     def run_batched(self, x: npt.NDArray[np.float32], batch: int = 1000) -> npt.NDArray[np.float32]:
         """`run` over a large array in chunks of `batch` images."""

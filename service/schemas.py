@@ -63,6 +63,9 @@ class ModelSummary(BaseModel):
     objective: str | None = None
     score: str | None = Field(default=None, description="the score the threshold applies to")
     threshold: float | None = None
+    calibrated: bool | None = Field(
+        default=None, description="false when T was set by hand, not chosen on held-out data"
+    )
     provider: str | None = None
     error: str | None = None
 
@@ -120,6 +123,10 @@ class V2ModelMetadata(BaseModel):
     platform: str
     inputs: list[V2TensorMeta]
     outputs: list[V2TensorMeta]
+    parameters: dict[str, Any] = Field(
+        default_factory=dict,
+        description="calibrated (false when T was set by hand) and the score T applies to",
+    )
 
 
 class V2ServerMetadata(BaseModel):

@@ -47,6 +47,9 @@ def metadata(model: LoadedModel, state: AppState) -> dict[str, Any]:
         "name": model.name,
         "versions": [str(v) for v in versions],
         "platform": PLATFORM,
+        # Not in the protocol's schema (HTTP only; gRPC's message has no such field, and its
+        # infer responses carry `calibrated` instead): whether T was chosen on held-out data.
+        "parameters": {"calibrated": model.manifest.calibrated, "score": model.score},
         "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, c, h, w]}],
         "outputs": [{"name": "label", "datatype": "INT64", "shape": [-1]}]
         + [{"name": o, "datatype": "FP32", "shape": [-1]} for o in OUTPUTS[1:4]]
@@ -62,6 +65,7 @@ class Answer:
     outputs: list[tuple[str, npt.NDArray[Any]]]
     threshold: float
     score: str
+    calibrated: bool = True  # False: T was set by hand
 
 
 def check_outputs(model: LoadedModel, wanted: Sequence[str]) -> list[str]:
@@ -126,4 +130,5 @@ async def run(
     }
     if s.k_density is not None:
         values[KD_OUTPUT] = s.k_density.astype(np.float32)
-    return Answer([(n, values[n]) for n in names], threshold, s.score_name)
+    calibrated = model.manifest.calibrated
+    return Answer([(n, values[n]) for n in names], threshold, s.score_name, calibrated)

@@ -47,7 +47,9 @@ SHIFT_TEXT = {
 @dataclass(frozen=True)
 class OodConfig:
     models: tuple[str, ...] = ("mnist-resnet32-rce",)
-    ood: tuple[str, ...] = ()  # data sets; () = the model's counterpart
+    ood: tuple[str, ...] = ()  # data sets or image folders / .npz; () = the model's counterpart
+    # ID images of a model notsure did not train (`notsure import`): a folder or an .npz.
+    id_data: Path | None = None
     shifts: tuple[str, ...] = SHIFTS
     url: str = "http://127.0.0.1:8000"
     data_dir: Path = Path("data")
@@ -130,17 +132,31 @@ def latest_manifest(models_dir: Path, name: str) -> Manifest:
     return Manifest.load(models_dir / name / str(versions[0]) / MANIFEST_FILE)
 
 
+def _images(manifest: Manifest, path: Path, n: int) -> F32:
+    """A folder of images (class folders or not) or an .npz, as the model's input."""
+    from training.heldout import load_heldout
+
+    x = load_heldout(path, manifest.input_shape, manifest.resize).x
+    return np.ascontiguousarray(x[:n] if n else x)
+
+
 def evaluate_model(cfg: OodConfig, name: str) -> dict[str, Any]:
     """All sets through the service for one model; the metrics for every score and set."""
     manifest = latest_manifest(cfg.models_dir, name)
     dataset = manifest.training.dataset if manifest.training else "mnist"
+    if cfg.id_data is not None:
+        dataset = str(cfg.id_data)
+    elif manifest.training is None and manifest.architecture.startswith("imported"):
+        raise ValueError(f"{name} was imported: give its in-distribution images with --id-data")
     client = V2Client(cfg.url, name, timeout_s=cfg.timeout_s, api_key=cfg.api_key)
     try:
         client.wait_ready()
         served = {o["name"] for o in client.metadata()["outputs"]}
         scores = tuple(s for s in SCORE_NAMES if s in served)
         rng = np.random.default_rng(cfg.seed)
-        if dataset == "synthetic":  # the tiny test models: no second data set exists
+        if cfg.id_data is not None:
+            x_id = _images(manifest, cfg.id_data, cfg.n)
+        elif dataset == "synthetic":  # the tiny test models: no second data set exists
             x_id = data_mod.synthetic(cfg.n or 256, seed=cfg.seed + 2).x.numpy()
         else:
             x_id = load_test_images(dataset, cfg.data_dir, cfg.n)
@@ -148,9 +164,11 @@ def evaluate_model(cfg: OodConfig, name: str) -> dict[str, Any]:
         sets: list[SetScores] = []
         ood = cfg.ood or ((COUNTERPART[dataset],) if dataset in COUNTERPART else ())
         for ds in ood:
-            s = query(client, scores, load_test_images(ds, cfg.data_dir, cfg.n), cfg.batch_size,
-                      f"{name} OOD {ds}")  # fmt: skip
-            s.name, s.description = ds, f"{ds} test set"
+            folder = Path(ds).exists()  # a folder of images or an .npz, not a data set name
+            x = _images(manifest, Path(ds), cfg.n) if folder else load_test_images(
+                ds, cfg.data_dir, cfg.n)  # fmt: skip
+            s = query(client, scores, x, cfg.batch_size, f"{name} OOD {ds}")
+            s.name, s.description = ds, f"images in {ds}" if folder else f"{ds} test set"
             sets.append(s)
         for kind in cfg.shifts:
             s = query(client, scores, shifted(kind, x_id, rng), cfg.batch_size, f"{name} {kind}")

@@ -20,6 +20,7 @@ from service.errors import InvalidInput, PayloadTooLarge, invalid_input_from
 from service.fastjson import validate_json
 from service.imaging import EncodedImage, Shape, decode, open_image, open_instance
 from service.inference import Outcome, admit, infer
+from service.preprocess import upload_resize
 from service.runner import LoadedModel
 from service.schemas import (
     API_ERRORS,
@@ -112,7 +113,8 @@ async def handle_predict(
             fix=f"split the request into batches of {settings.max_instances}",
         )
     threshold = threshold_in_force(settings, model.score, model.threshold, body.threshold)
-    shape, resize, limit = model.manifest.input_shape, body.resize, settings.max_image_pixels
+    shape, limit = model.manifest.input_shape, settings.max_image_pixels
+    resize = upload_resize(model.manifest, body.resize)
     items = [
         open_instance(inst, shape, f"instances[{i}]", resize=resize, max_pixels=limit)
         for i, inst in enumerate(body.instances)
@@ -174,7 +176,7 @@ async def handle_files(
                 data,
                 shape,
                 f"files[{i}]",
-                resize=query.resize,
+                resize=upload_resize(model.manifest, query.resize),
                 max_pixels=settings.max_image_pixels,
             )
         )
@@ -239,6 +241,7 @@ async def list_models(state: StateDep) -> dict[str, Any]:
                 objective=m.objective if m else None,
                 score=m.score if m else None,
                 threshold=loaded.threshold if loaded else None,
+                calibrated=m.calibrated if m else None,
                 provider=loaded.provider if loaded else None,
                 error=found.error,
             )

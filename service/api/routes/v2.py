@@ -91,7 +91,11 @@ async def handle_infer(
     header: dict[str, Any] = {"model_name": model.name, "model_version": str(model.version)}
     if req.id is not None:  # the protocol's id is a string: absent, not null, when not sent
         header["id"] = req.id
-    header["parameters"] = {"threshold": answer.threshold, "score": answer.score}
+    header["parameters"] = {
+        "threshold": answer.threshold,
+        "score": answer.score,
+        "calibrated": answer.calibrated,
+    }
     content, hlen = v2codec.encode(header, answer.outputs, binary)
     if hlen is None:
         return Response(content, media_type="application/json")
