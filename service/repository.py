@@ -257,7 +257,6 @@ class Repository:
             *labels,
             model.provider,
             manifest.objective,
-            f"{lm.threshold:g}",
             manifest.architecture,
             manifest.score,
         ).set(1)

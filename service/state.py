@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from service.batching import ArrivalTracker
 from service.config import Settings
 from service.metrics import Metrics
+from service.monitor import Monitor
 from service.repository import Repository
 from service.security import KeyRing
 
@@ -20,4 +21,5 @@ class AppState:
     repository: Repository
     keys: KeyRing
     arrivals: ArrivalTracker
+    monitor: Monitor
     draining: bool = False
