@@ -59,7 +59,8 @@ class Window:
 
     def add(self, v: F64) -> None:
         size = len(self.values)
-        v = v[-size:]
+        self.count += len(v)
+        v = v[-size:]  # of more values than the window holds, the last ones
         end = self._at + len(v)
         if end <= size:
             self.values[self._at : end] = v
@@ -68,7 +69,6 @@ class Window:
             self.values[self._at :] = v[:first]
             self.values[: end - size] = v[first:]
         self._at = end % size
-        self.count += len(v)
 
     def recent(self) -> F64:
         """The values in the window (oldest first once it is full)."""

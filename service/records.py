@@ -91,17 +91,11 @@ def to_png(image: npt.NDArray[np.float32], pixel_range: tuple[float, float]) -> 
     return buf.getvalue()
 
 
-class RecordWriter:
-    """The queue the request path offers records to, and the thread that writes them."""
+class RecordCounts:
+    """The records' metrics; registered whether records are on or not, so that dashboards and
+    rules find them."""
 
-    def __init__(self, folder: Path, rate: float, max_bytes: int, queue_size: int,
-                 metrics: Metrics) -> None:  # fmt: skip
-        self.folder, self.rate, self.max_bytes = folder, rate, max_bytes
-        self._queue: queue.Queue[Record | None] = queue.Queue(maxsize=queue_size)
-        self._thread = threading.Thread(target=self._run, name="not-sure-records", daemon=True)
-        self._files: deque[tuple[str, int]] = deque()  # (stem, bytes of its two files)
-        self._bytes = 0
-        self._seq = 0
+    def __init__(self, metrics: Metrics) -> None:
         r = metrics.registry
         self.written = Counter("notsure_records_written", "NOT SURE records written to disk.",
                                registry=r)  # fmt: skip
@@ -110,13 +104,29 @@ class RecordWriter:
             "Sampled NOT SURE records not written, by reason (queue_full, write_failed).",
             ["reason"], registry=r,
         )  # fmt: skip
-        self.deleted = Counter("notsure_records_rotated",
+        self.rotated = Counter("notsure_records_rotated",
                                "Records deleted, oldest first, to stay within the disk cap.",
                                registry=r)  # fmt: skip
         self.size = Gauge("notsure_records_bytes", "Bytes of the records this worker keeps.",
                           registry=r, multiprocess_mode="livesum")  # fmt: skip
-        self._queue_full = self.dropped.labels("queue_full")
-        self._write_failed = self.dropped.labels("write_failed")
+        for reason in ("queue_full", "write_failed"):
+            self.dropped.labels(reason)
+
+
+class RecordWriter:
+    """The queue the request path offers records to, and the thread that writes them."""
+
+    def __init__(self, folder: Path, rate: float, max_bytes: int, queue_size: int,
+                 counts: RecordCounts) -> None:  # fmt: skip
+        self.folder, self.rate, self.max_bytes = folder, rate, max_bytes
+        self._queue: queue.Queue[Record | None] = queue.Queue(maxsize=queue_size)
+        self._thread = threading.Thread(target=self._run, name="not-sure-records", daemon=True)
+        self._files: deque[tuple[str, int]] = deque()  # (stem, bytes of its two files)
+        self._bytes = 0
+        self._seq = 0
+        self.counts = counts
+        self._queue_full = counts.dropped.labels("queue_full")
+        self._write_failed = counts.dropped.labels("write_failed")
 
     # -- the request path (event loop) ----------------------------------------------------------
 
@@ -180,7 +190,7 @@ class RecordWriter:
             tmp.replace(self.folder / f"{stem}{suffix}")
         self._files.append((stem, len(png) + len(meta)))
         self._bytes += len(png) + len(meta)
-        self.written.inc()
+        self.counts.written.inc()
         self._rotate()
 
     def _rotate(self) -> None:
@@ -189,14 +199,15 @@ class RecordWriter:
             for suffix in (".json", ".png"):  # the JSON first: the record stops being listed
                 (self.folder / f"{stem}{suffix}").unlink(missing_ok=True)
             self._bytes -= size
-            self.deleted.inc()
-        self.size.set(self._bytes)
+            self.counts.rotated.inc()
+        self.counts.size.set(self._bytes)
 
 
 def refused_records(settings: Settings, metrics: Metrics) -> RecordWriter | None:
     """The record writer the settings ask for; None when records are off (rate 0)."""
+    counts = RecordCounts(metrics)
     if settings.record_rate <= 0:
         return None
     return RecordWriter(settings.record_dir, settings.record_rate,
                         settings.record_max_bytes // settings.workers, settings.record_queue,
-                        metrics)  # fmt: skip
+                        counts)  # fmt: skip

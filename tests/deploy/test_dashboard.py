@@ -150,7 +150,31 @@ def test_dashboard_has_the_panels_operators_need() -> None:
     uses("Batch size", "notsure_batch_size")
     uses("Queue wait and inference time", "notsure_queue_wait_seconds_bucket")
     uses("Server error ratio", 'code=~"5.."')
-    uses("Rejections and batch failures", "notsure_rejected_total", "notsure_batch_failures_total")
+    uses("Shed requests and batch failures", "notsure_shed_requests_total",
+         "notsure_batch_failures_total")  # fmt: skip
+    uses("Window refuse rate vs calibrated", "notsure_window_not_sure", "notsure_window_images",
+         "notsure_calibrated_refuse_rate")  # fmt: skip
+    uses("Refuse-rate excess over the calibration (z)", "model_version:notsure_refuse_excess:z")
+    uses("Score drift (PSI)", "notsure_score_drift_psi")
+    for title, family in (("Confidence distribution", "notsure_confidence_bucket"),
+                          ("Energy distribution", "notsure_energy_bucket")):  # fmt: skip
+        (heat,) = by_title[title]
+        assert panel_types[title] == "heatmap" and family in heat.expr and "by (le)" in heat.expr
+
+
+def test_no_panel_adds_up_different_scores(exported: Exported) -> None:
+    """A series with a `score` label is never aggregated without keeping that label: a J-score,
+    a confidence and an energy do not share a scale."""
+    aggregations = re.compile(r"\b(sum|avg|max|min|count)\b")
+    for t in dashboard_targets():
+        sel = selectors(t.expr)
+        scored = [n for n in sel.metrics if "score" in exported.labels.get(n, set())]
+        if scored and aggregations.search(t.expr):
+            assert "score" in sel.grouping, (t.panel, t.expr)
+    # Each score's histogram is its own family: the per-score buckets differ.
+    assert "notsure_score_bucket" not in exported
+    for family in ("notsure_j_score", "notsure_confidence", "notsure_energy"):
+        assert "score" not in exported.labels[family + "_bucket"]
 
 
 def test_dashboard_layout_and_data_source() -> None:
