@@ -30,6 +30,7 @@ from service.errors import InvalidInput, ServeError
 from service.inference import resolve, shed_early
 from service.metrics import observe_one
 from service.state import AppState
+from service.tracing import grpc_carrier
 
 log = logging.getLogger(__name__)
 SERVICE = "inference.GRPCInferenceService"
@@ -164,7 +165,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         *,
         health: bool = False,
     ) -> Any:
-        state, call, start = self.state, Call(), time.perf_counter()
+        state, call, start = self.state, self._call(context), time.perf_counter()
         code, status, details = 200, grpc.StatusCode.INTERNAL, ""
         trailers: tuple[tuple[str, str], ...] = ()
         try:
@@ -189,6 +190,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         if trailers:
             context.set_trailing_metadata(trailers)
         await context.abort(status, details)
+
+    def _call(self, context: Context) -> Call:
+        call = Call(arrived_ns=time.perf_counter_ns())
+        if self.state.tracing is not None:
+            call.carrier = grpc_carrier(context.invocation_metadata())
+        return call
 
     def _record(self, method: str, call: Call, code: int, start: float) -> None:
         model = call.model
@@ -281,7 +288,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         """One response per request, in order; an error answers that request, not the stream
         (as Triton's stream: `error_message` set, the stream stays open)."""
         async for request in request_iterator:
-            call, start, code = Call(), time.perf_counter(), 200
+            call, start, code = self._call(context), time.perf_counter(), 200
             try:
                 self.state.keys.check(*_key_of(context))
                 _check_parsed(request, "ModelInfer")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from service.batching import Stamps
 from service.call import Call
 from service.errors import DeadlineExceeded, Overloaded, ShuttingDown
 from service.repository import LoadedModel
@@ -70,7 +71,8 @@ async def infer(
     try:
         limit = state.settings.request_timeout_s
         wait = limit if timeout_s is None else min(timeout_s, limit)
-        scores = await model.batcher.submit(x, wait)
+        stamps = Stamps() if state.tracing is not None else None
+        scores = await model.batcher.submit(x, wait, stamps)
     except (Overloaded, DeadlineExceeded, ShuttingDown) as exc:
         _count_shed(state, model, exc)
         raise
@@ -82,4 +84,6 @@ async def infer(
     if len(scores) - n_acc:
         m.predictions_of(*labels, "not_sure").inc(len(scores) - n_acc)
     state.monitor.observe(model, call, x, outcome)
+    if stamps is not None and state.tracing is not None:
+        state.tracing.record(call, model, stamps, len(scores), len(scores) - n_acc)
     return outcome

@@ -28,6 +28,7 @@ from service.runtime import single_threaded_blas
 from service.schemas import PredictRequest, V2InferRequest, component_schemas
 from service.security import KeyRing
 from service.state import AppState
+from service.tracing import Tracing
 from service.version import service_version
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         keys=KeyRing(settings.api_keys, settings.api_keys_file),
         arrivals=arrivals,
         monitor=Monitor(settings, metrics),
+        tracing=Tracing() if settings.tracing else None,
     )
 
     @asynccontextmanager

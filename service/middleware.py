@@ -17,6 +17,7 @@ from service.call import Call
 from service.errors import PayloadTooLarge
 from service.metrics import observe_one
 from service.state import AppState
+from service.tracing import http_carrier
 
 log = logging.getLogger("notsure.access")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -59,7 +60,9 @@ class ServiceMiddleware:
         rid = headers.get(b"x-request-id", b"").decode("latin-1")
         if not _SAFE_ID.match(rid):
             rid = self.ids.next()
-        call = scope[CALL_KEY] = Call(request_id=rid)
+        call = scope[CALL_KEY] = Call(request_id=rid, arrived_ns=time.perf_counter_ns())
+        if state.tracing is not None:
+            call.carrier = http_carrier(headers)
         start = time.perf_counter()
         status = {"code": 500}
         limit = state.settings.max_body_bytes

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 
-from service.batching import INLINE_MAX_IMAGES, ArrivalTracker, Batcher
+from service.batching import INLINE_MAX_IMAGES, ArrivalTracker, Batcher, note_inferred
 from service.config import Settings
 from service.errors import InferenceFailed, ModelNotFound, ModelNotReady
 from service.kdensity import KernelSet, read_kernel_array
@@ -65,6 +65,7 @@ class LoadedModel:
 
     def _infer(self, model: OnnxModel, x: np.ndarray, sizes: list[int]) -> list[Scores]:
         logits, feats = model.run_with_features(x) if self.kernel_set else (model.run(x), None)
+        note_inferred()  # for tracing: what follows is scoring
         if logits.shape[0] != x.shape[0] or (feats is not None and feats.shape[0] != x.shape[0]):
             raise InferenceFailed(f"model returned {logits.shape[0]} rows for {x.shape[0]} images")
         scores = score_logits(logits, self.kernel, self.score, feats, self.kernel_set)

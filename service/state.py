@@ -10,6 +10,7 @@ from service.metrics import Metrics
 from service.monitor import Monitor
 from service.repository import Repository
 from service.security import KeyRing
+from service.tracing import Tracing
 
 
 @dataclass
@@ -22,4 +23,5 @@ class AppState:
     keys: KeyRing
     arrivals: ArrivalTracker
     monitor: Monitor
+    tracing: Tracing | None = None  # the `tracing` setting's spans
     draining: bool = False
