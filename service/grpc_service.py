@@ -23,12 +23,13 @@ from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from service import v2codec, v2infer
+from service import accesslog, v2codec, v2infer
 from service.api.handlers import V2_PREFIX, http_status
 from service.call import Call
 from service.errors import InvalidInput, ServeError
 from service.inference import resolve, shed_early
 from service.metrics import observe_one
+from service.middleware import SAFE_ID, RequestIds
 from service.state import AppState
 from service.tracing import grpc_carrier
 
@@ -153,6 +154,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
 
     def __init__(self, state: AppState) -> None:
         self.state = state
+        self.ids = RequestIds()
 
     # -- the wrapper every RPC runs in: key, metrics, errors -> status --------------------------
 
@@ -192,9 +194,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         await context.abort(status, details)
 
     def _call(self, context: Context) -> Call:
-        call = Call(arrived_ns=time.perf_counter_ns())
+        """The call's record: its id (the `x-request-id` metadata, as over HTTP, or a new one),
+        arrival time and trace context."""
+        metadata = context.invocation_metadata() or ()
+        rid = next((_text(v) or "" for k, v in metadata if k.lower() == "x-request-id"), "")
+        call = Call(request_id=rid if SAFE_ID.match(rid) else self.ids.next(),
+                    arrived_ns=time.perf_counter_ns())  # fmt: skip
         if self.state.tracing is not None:
-            call.carrier = grpc_carrier(context.invocation_metadata())
+            call.carrier = grpc_carrier(metadata)
         return call
 
     def _record(self, method: str, call: Call, code: int, start: float) -> None:
@@ -204,7 +211,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         m = self.state.metrics
         m.requests_of(*labels, endpoint, str(code), "grpc").inc()
         observe_one(m.latency_of(*labels, endpoint, "grpc"), time.perf_counter() - start)
-        if code >= 400:
+        if self.state.settings.access_log:
+            accesslog.write(protocol="grpc", method="POST", path=endpoint, model=model,
+                            version=labels[1], code=code, seconds=time.perf_counter() - start,
+                            request_id=call.request_id)  # fmt: skip
+        elif code >= 400:
             level = (
                 logging.INFO
                 if code < 500
