@@ -64,8 +64,10 @@ class ReplayConfig:
     @classmethod
     def tiny(cls, repo: Path) -> ReplayConfig:
         """The dry run: the tiny models, synthetic digits vs uniform noise, a short replay."""
-        return cls(data_dir=None, model_repository=repo, model="tiny-rce", clean=400, mixed=800,
-                   shift_share=0.3, window=200, rate=400.0)  # fmt: skip
+        # The tiny models were calibrated on 128 images: a window of 400 is the least where
+        # N p0 >= 10, and their p0 is uncertain enough (1 + N / n0 = 4.1) to need a large shift.
+        return cls(data_dir=None, model_repository=repo, model="tiny-rce", clean=500, mixed=1000,
+                   shift_share=0.3, window=400, rate=400.0)  # fmt: skip
 
 
 @dataclass

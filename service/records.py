@@ -182,6 +182,9 @@ class RecordWriter:
         stem = f"{m['time_ns']:020d}-{os.getpid()}-{self._seq:08d}"
         png = to_png(record.image, tuple(m["pixel_range"]))
         meta = json.dumps({**m, "image": f"{stem}.png"}, indent=1).encode()
+        # Room first (the oldest records go), so the folder never holds more than the cap, not
+        # even while a record is being written.
+        self._rotate(len(png) + len(meta))
         # PNG first, JSON last, each through a temporary name: a record is listed (by its
         # JSON) only once both files are whole.
         for suffix, data in ((".png", png), (".json", meta)):
@@ -191,10 +194,11 @@ class RecordWriter:
         self._files.append((stem, len(png) + len(meta)))
         self._bytes += len(png) + len(meta)
         self.counts.written.inc()
-        self._rotate()
+        self.counts.size.set(self._bytes)
 
-    def _rotate(self) -> None:
-        while self._bytes > self.max_bytes and self._files:
+    def _rotate(self, incoming: int = 0) -> None:
+        """Delete the oldest records until `incoming` more bytes fit under the cap."""
+        while self._bytes + incoming > self.max_bytes and self._files:
             stem, size = self._files.popleft()
             for suffix in (".json", ".png"):  # the JSON first: the record stops being listed
                 (self.folder / f"{stem}{suffix}").unlink(missing_ok=True)
