@@ -94,6 +94,26 @@ async def _load(url: str, cfg: BurstConfig, latencies: list[float]) -> tuple[int
     return done["requests"], done["refused"]
 
 
+def _counts(url: str) -> dict[tuple[str, str], float]:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return {(s.name, s.labels.get("reason", "")): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}  # fmt: skip
+
+
+def _drained(url: str, refused: int, timeout_s: float = 30.0) -> dict[tuple[str, str], float]:
+    """The records' counters once every refused image was written or dropped."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        c = _counts(url)
+        handled = (
+            c[("notsure_records_written_total", "")]
+            + c[("notsure_records_dropped_total", "queue_full")]
+        )
+        if handled >= refused or time.monotonic() > deadline:
+            return c
+        time.sleep(0.2)
+
+
 def burst(cfg: BurstConfig) -> BurstResult:
     with tempfile.TemporaryDirectory(prefix="notsure-burst-") as tmp:
         folder = Path(tmp) / "records"
@@ -112,14 +132,11 @@ def burst(cfg: BurstConfig) -> BurstResult:
             t.start()
             latencies: list[float] = []
             requests, refused = asyncio.run(_load(server.url, cfg, latencies))
-            time.sleep(1.0)  # the writer catches up
+            counts = _drained(server.url, refused)  # the writer empties its queue
             watching.set()
             t.join()
-            text = httpx.get(f"{server.url}/metrics", timeout=10).text
             final = _folder_bytes(folder)
             records = len(list(folder.glob("*.json")))
-    counts = {(s.name, s.labels.get("reason", "")): s.value
-              for f in text_string_to_metric_families(text) for s in f.samples}  # fmt: skip
     lat = np.asarray(latencies) * 1000
     return BurstResult(
         date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
