@@ -75,6 +75,7 @@ def check_query(expr: str, exported: Exported, where: str, recorded: frozenset[s
     ours = PROMETHEUS_SERIES | recorded
     for name, matcher_labels in sel.metrics.items():
         if name in ours:
+            available |= recorded_labels().get(name, set())
             continue
         assert name in exported, f"{where}: {name} is not exported by the service"
         known = exported.labels[name]
@@ -87,8 +88,18 @@ def check_query(expr: str, exported: Exported, where: str, recorded: frozenset[s
 
 
 def recorded_rules() -> frozenset[str]:
+    return frozenset(recorded_labels())
+
+
+def recorded_labels() -> dict[str, set[str]]:
+    """The labels each recording rule of alerts.yml keeps: those of its `by` clauses and of the
+    recorded series it is computed from (rules refer only to rules above them)."""
     groups = yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())["groups"]
-    return frozenset(r["record"] for g in groups for r in g["rules"] if "record" in r)
+    out: dict[str, set[str]] = {}
+    for rule in (r for g in groups for r in g["rules"] if "record" in r):
+        sel = selectors(rule["expr"])
+        out[rule["record"]] = sel.grouping.union(*(out.get(n, set()) for n in sel.metrics))
+    return out
 
 
 def test_dashboard_queries_only_exported_metrics(exported: Exported) -> None:
