@@ -35,7 +35,7 @@ from service.config import Settings
 from service.drift import ReferenceBins, psi
 from service.metrics import Metrics, observe_many
 from service.records import RecordWriter, refused_records
-from service.scoring import ScoreName
+from service.scoring import ScoreName, accept
 
 if TYPE_CHECKING:
     from service.inference import Outcome
@@ -200,7 +200,7 @@ class Monitor:
                 continue
             recent = served.recent()
             watch.n_images.set(len(recent))
-            watch.n_refused.set(int(np.count_nonzero(recent < watch.threshold)))
+            watch.n_refused.set(int(np.count_nonzero(~accept(recent, watch.threshold))))
             if len(recent) < MIN_DRIFT_IMAGES:
                 continue
             for score, bins in watch.bins.items():
