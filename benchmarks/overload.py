@@ -134,7 +134,7 @@ async def run(url: str, phases: list[Phase]) -> dict[str, object]:
     out["rejected_total"] = sum(
         float(line.rsplit(" ", 1)[1])
         for line in metrics.splitlines()
-        if line.startswith("notsure_rejected_total{")
+        if line.startswith("notsure_shed_requests_total{")
     )
     return out
 

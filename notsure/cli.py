@@ -15,12 +15,14 @@ from rich.logging import RichHandler
 
 from notsure.attack_cli import register as register_attack
 from notsure.import_cli import register as register_import
+from notsure.records_cli import app as records_app
 from notsure.repro_cli import app as repro_app
 from notsure.validate_cli import app as validate_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.add_typer(repro_app, name="repro")
 app.add_typer(validate_app, name="validate")
+app.add_typer(records_app, name="records")
 register_attack(app)
 register_import(app)
 

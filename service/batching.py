@@ -20,6 +20,7 @@ Python per request), and there is nothing else for the loop to do meanwhile.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections import deque
@@ -96,12 +97,38 @@ class NullObserver:
         pass
 
 
+@dataclass(slots=True)
+class Stamps:
+    """When (time.perf_counter_ns) a request passed each step of the batcher: queued, its batch
+    started, onnxruntime returned (`note_inferred`) and the batch's results were ready. Only
+    requests that ask for them (tracing) carry them."""
+
+    queued: int = 0
+    started: int = 0
+    inferred: int = 0
+    done: int = 0
+
+
+# The stamps of the batch a run function is running, for `note_inferred`.
+_RUNNING: contextvars.ContextVar[list[Stamps]] = contextvars.ContextVar("notsure_batch_stamps")
+
+
+def note_inferred() -> None:
+    """Called by a run function when the model has run (before scoring): stamps the batch."""
+    stamps = _RUNNING.get(None)
+    if stamps:
+        now = time.perf_counter_ns()
+        for s in stamps:
+            s.inferred = now
+
+
 @dataclass
 class _Pending(Generic[R]):
     x: F32  # (n, C, H, W)
     future: asyncio.Future[R]
     enqueued: float
     deadline: float
+    stamps: Stamps | None = None
     size: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -109,6 +136,13 @@ class _Pending(Generic[R]):
 
 
 RunFn = Callable[[F32, list[int]], list[R]]
+
+
+def _in_context(ctx: contextvars.Context, run: RunFn[R]) -> RunFn[R]:
+    def run_in_context(x: F32, sizes: list[int]) -> list[R]:
+        return ctx.run(run, x, sizes)
+
+    return run_in_context
 
 
 class Batcher(Generic[R]):
@@ -166,15 +200,18 @@ class Batcher(Generic[R]):
                 retry_after_s=self.retry_after_s,
             )
 
-    async def submit(self, x: F32, timeout_s: float) -> R:
-        """Queue (n, C, H, W) images and wait for their result."""
+    async def submit(self, x: F32, timeout_s: float, stamps: Stamps | None = None) -> R:
+        """Queue (n, C, H, W) images and wait for their result; `stamps`, when given, receive
+        the times of its way through the batcher."""
         if self._closing:
             raise ShuttingDown("the server is shutting down", fix="retry on another replica")
         n = int(x.shape[0])
         self.admit(n)
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        item: _Pending[R] = _Pending(x, loop.create_future(), now, now + timeout_s)
+        item: _Pending[R] = _Pending(x, loop.create_future(), now, now + timeout_s, stamps)
+        if stamps is not None:
+            stamps.queued = time.perf_counter_ns()
         self._queue.append(item)
         self._queued_images += n
         if len(self._queue) > 1 or self._running or self._arrivals.count:
@@ -248,6 +285,14 @@ class Batcher(Generic[R]):
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         run = self._run_lone if lone and self._run_lone is not None else self._run
+        stamps = [p.stamps for p in items if p.stamps is not None]
+        if stamps:  # traced requests: the run function stamps them through the context
+            started = time.perf_counter_ns()
+            for st in stamps:
+                st.started = started
+            ctx = contextvars.copy_context()
+            ctx.run(_RUNNING.set, stamps)
+            run = _in_context(ctx, run)
         if quiet and x.shape[0] <= self.inline_max_images:
             fut = loop.create_future()
             try:
@@ -264,6 +309,10 @@ class Batcher(Generic[R]):
     ) -> None:
         self._running.discard(fut)
         self._free_slots += held
+        done = time.perf_counter_ns()
+        for p in items:
+            if p.stamps is not None:
+                p.stamps.done = done
         exc = fut.exception()
         results = None if exc else fut.result()
         if results is not None and len(results) != len(items):

@@ -20,6 +20,8 @@ class Call:
     request_id: str = ""
     model: str = ""  # a model of the repository that the request names ("" for none)
     version: str = ""  # the version that answered it ("" until resolved)
+    arrived_ns: int = 0  # time.perf_counter_ns() when the transport received it
+    carrier: dict[str, str] | None = None  # the caller's trace context, when tracing
     # Held until the body is in and the images are queued: the batcher waits for such calls.
     _arriving: ArrivalTracker | None = None
     _inflight: Gauge | None = None

@@ -103,6 +103,23 @@ class Settings(BaseSettings):
     protect_health: bool = False
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
+    # Monitoring (service/monitor.py): the last `monitor_window` answered images of each model
+    # version are compared with its calibration (refuse rate, score drift); 0 turns it off.
+    monitor_window: int = Field(default=1000, ge=0, le=1_000_000)
+    monitor_interval_s: float = Field(default=1.0, gt=0)
+    # Refused-input records (service/records.py): this share of NOT SURE images is written to
+    # record_dir (image and scores). Off (0) by default: the images are what users sent.
+    record_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    record_dir: Path = Path("not-sure-records")
+    record_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    record_queue: int = Field(default=1024, ge=1)
+    # OpenTelemetry spans of the service's own steps (decode, queue wait, inference, scoring)
+    # for HTTP and gRPC, children of the caller's trace context (service/tracing.py); needs
+    # the opentelemetry-sdk (or another API implementation) configured in the process.
+    tracing: bool = False
+    # Every request as one JSON line on the notsure.access logger (errors always are).
+    access_log: bool = False
+
     @field_validator("models", "api_keys", "cors_origins", mode="before")
     @classmethod
     def _split_commas(cls, v: object) -> object:

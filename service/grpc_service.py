@@ -23,12 +23,14 @@ from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from service import v2codec, v2infer
+from service import accesslog, v2codec, v2infer
 from service.call import Call
 from service.errors import InvalidInput, ServeError, log_level, v2_status
 from service.inference import VERSION_MAX, admit, resolve
 from service.metrics import observe_one
+from service.middleware import SAFE_ID, RequestIds
 from service.state import AppState
+from service.tracing import grpc_carrier
 
 log = logging.getLogger(__name__)
 SERVICE = "inference.GRPCInferenceService"
@@ -152,6 +154,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
 
     def __init__(self, state: AppState) -> None:
         self.state = state
+        self.ids = RequestIds()
 
     # -- the wrapper every RPC runs in: key, metrics, errors -> status --------------------------
 
@@ -164,7 +167,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         *,
         health: bool = False,
     ) -> Any:
-        state, call, start = self.state, Call(), time.perf_counter()
+        state, call, start = self.state, self._call(context), time.perf_counter()
         code, status, details = 200, grpc.StatusCode.INTERNAL, ""
         trailers: tuple[tuple[str, str], ...] = ()
         try:
@@ -190,6 +193,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             context.set_trailing_metadata(trailers)
         await context.abort(status, details)
 
+    def _call(self, context: Context) -> Call:
+        """The call's record: its id (the `x-request-id` metadata, as over HTTP, or a new one),
+        arrival time and trace context."""
+        metadata = context.invocation_metadata() or ()
+        rid = next((_text(v) or "" for k, v in metadata if k.lower() == "x-request-id"), "")
+        call = Call(request_id=rid if SAFE_ID.match(rid) else self.ids.next(),
+                    arrived_ns=time.perf_counter_ns())  # fmt: skip
+        if self.state.tracing is not None:
+            call.carrier = grpc_carrier(metadata)
+        return call
+
     def _record(self, method: str, call: Call, code: int, start: float) -> None:
         model = call.model
         labels = (model, call.version if model else "")
@@ -197,7 +211,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         m = self.state.metrics
         m.requests_of(*labels, endpoint, str(code), "grpc").inc()
         observe_one(m.latency_of(*labels, endpoint, "grpc"), time.perf_counter() - start)
-        if code >= 400:
+        if self.state.settings.access_log:
+            accesslog.write(protocol="grpc", method="POST", path=endpoint, model=model,
+                            version=labels[1], code=code, seconds=time.perf_counter() - start,
+                            request_id=call.request_id)  # fmt: skip
+        elif code >= 400:
             log.log(log_level(code), "gRPC %s %s -> %d (%.1f ms)", method, model or "-", code,
                     1000 * (time.perf_counter() - start))  # fmt: skip
 
@@ -274,7 +292,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         """One response per request, in order; an error answers that request, not the stream
         (as Triton's stream: `error_message` set, the stream stays open)."""
         async for request in request_iterator:
-            call, start, code = Call(), time.perf_counter(), 200
+            call, start, code = self._call(context), time.perf_counter(), 200
             try:
                 self.state.keys.check(*_key_of(context))
                 _check_parsed(request, "ModelInfer")

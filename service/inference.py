@@ -8,16 +8,16 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from service.batching import Stamps
 from service.call import Call
 from service.errors import DeadlineExceeded, Overloaded, ShuttingDown
-from service.metrics import observe_many
 from service.runner import LoadedModel
 from service.scoring import NOT_SURE, Scores, decide
 from service.state import AppState
 
-# notsure_rejected_total{reason}: requests refused before inference (the dashboard's
-# "Rejections" panel and the 5xx alert point operators at it).
-REJECTED = {Overloaded: "queue_full", DeadlineExceeded: "timeout", ShuttingDown: "shutting_down"}
+# notsure_shed_requests_total{reason}: requests shed before inference (the dashboard's
+# "Shed requests" panel and the 5xx alert point operators at it).
+SHED = {Overloaded: "queue_full", DeadlineExceeded: "timeout", ShuttingDown: "shutting_down"}
 # The highest version number a request may name, on every protocol.
 VERSION_MAX = 1_000_000
 
@@ -45,8 +45,8 @@ def resolve(state: AppState, call: Call, name: str, version: int | None) -> Load
     return model
 
 
-def _count_rejection(state: AppState, model: LoadedModel, exc: Exception) -> None:
-    state.metrics.rejected_of(model.name, str(model.version), REJECTED[type(exc)]).inc()
+def _count_shed(state: AppState, model: LoadedModel, exc: Exception) -> None:
+    state.metrics.shed_of(model.name, str(model.version), SHED[type(exc)]).inc()
 
 
 def _shed_early(state: AppState, model: LoadedModel) -> None:
@@ -55,7 +55,7 @@ def _shed_early(state: AppState, model: LoadedModel) -> None:
     try:
         model.batcher.admit(1)
     except Overloaded as exc:
-        _count_rejection(state, model, exc)
+        _count_shed(state, model, exc)
         raise
 
 
@@ -84,9 +84,10 @@ async def infer(
     try:
         limit = state.settings.request_timeout_s
         wait = limit if timeout_s is None else min(timeout_s, limit)
-        scores = await model.batcher.submit(x, wait)
+        stamps = Stamps() if state.tracing is not None else None
+        scores = await model.batcher.submit(x, wait, stamps)
     except (Overloaded, DeadlineExceeded, ShuttingDown) as exc:
-        _count_rejection(state, model, exc)
+        _count_shed(state, model, exc)
         raise
     outcome = Outcome(scores, threshold, decide(scores, threshold))
     n_acc = int(outcome.accepted.sum())
@@ -95,6 +96,7 @@ async def infer(
         m.predictions_of(*labels, "accepted").inc(n_acc)
     if len(scores) - n_acc:
         m.predictions_of(*labels, "not_sure").inc(len(scores) - n_acc)
-    observe_many(m.j_score_of(*labels), scores.j_score)
-    observe_many(m.score_of(*labels, scores.score_name), scores.score)
+    state.monitor.observe(model, call, x, outcome)
+    if stamps is not None and state.tracing is not None:
+        state.tracing.record(call, model, stamps, len(scores), len(scores) - n_acc)
     return outcome

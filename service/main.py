@@ -22,11 +22,13 @@ from service.config import Settings, get_settings
 from service.errors import ServeError
 from service.metrics import Metrics
 from service.middleware import ServiceMiddleware
+from service.monitor import Monitor
 from service.repository import Repository
 from service.runtime import single_threaded_blas
 from service.schemas import PredictRequest, V2InferRequest, component_schemas
 from service.security import KeyRing
 from service.state import AppState
+from service.tracing import Tracing
 from service.version import service_version
 
 log = logging.getLogger(__name__)
@@ -60,17 +62,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         repository=Repository(settings, metrics, executor, arrivals),
         keys=KeyRing(settings.api_keys, settings.api_keys_file),
         arrivals=arrivals,
+        monitor=Monitor(settings, metrics),
+        tracing=Tracing() if settings.tracing else None,
     )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         single_threaded_blas()
         await asyncio.to_thread(state.repository.load_all)
+        state.monitor.start(state.repository)
         yield
         # uvicorn has stopped accepting connections and let in-flight requests finish; drain
         # whatever is still queued before the process exits.
         state.draining = True
         await state.repository.close()
+        await state.monitor.close()
         executor.shutdown(wait=True)
 
     app = FastAPI(

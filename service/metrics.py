@@ -1,11 +1,13 @@
 """Prometheus metrics. One registry per app, so tests and several apps in a process don't clash.
 
 Refuse rate of a model = rate(notsure_predictions_total{decision="not_sure"}) /
-rate(notsure_predictions_total).
+rate(notsure_predictions_total). What the refuse rate and the scores should look like (the
+calibration) and how far recent answers are from it: `service.monitor`.
 """
 
 from __future__ import annotations
 
+import platform
 from bisect import bisect_left
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,10 +15,35 @@ from typing import Generic, TypeVar
 
 import numpy as np
 import numpy.typing as npt
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from service.procmetrics import WorkerProcessCollector
+from service.scoring import ScoreName
+from service.version import service_version
+
 M = TypeVar("M", Counter, Gauge, Histogram)
+SCORE_HELP: dict[ScoreName, str] = {
+    "j_score": "J-score (confidence x kernel non-ME)",
+    "confidence": "Confidence (max softmax probability)",
+    "energy": "Energy (logsumexp of the logits)",
+    "k_density": "K-density of the final hidden vector",
+}
+
+
+def _ort_version() -> str:
+    from onnxruntime import __version__
+
+    return str(__version__)
+
 
 LATENCY_BUCKETS = (
     0.0005,
@@ -39,9 +66,79 @@ LATENCY_BUCKETS = (
     10.0,
 )
 J_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05 ... 1.0
-# notsure_score holds every kind of score: [0, 1] in 0.05 steps (J, confidence, K-density),
-# then the range of energies (logsumexp of logits) seen on MNIST models.
-SCORE_BUCKETS = (*J_BUCKETS, 2.5, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 50.0, 100.0)
+# Each score has its own histogram, with buckets where its values fall (the bundled models'
+# held-out quantiles, manifest score_references): one set of bounds cannot resolve both a
+# confidence, whose clean values crowd into [0.97, 1] (CE T = 0.976-0.989), and an energy.
+SCORE_BUCKETS: dict[ScoreName, tuple[float, ...]] = {
+    # [0, 1]; clean RCE J-scores spread over it (T = 0.41-0.67).
+    "j_score": J_BUCKETS,
+    # [1/L, 1]; fine steps near 1, where clean images and the CE thresholds are.
+    "confidence": (
+        0.2,
+        0.3,
+        0.4,
+        0.5,
+        0.6,
+        0.7,
+        0.8,
+        0.9,
+        0.95,
+        0.97,
+        0.98,
+        0.99,
+        0.995,
+        0.998,
+        0.999,
+        0.9995,
+        0.9999,
+        1.0,
+    ),
+    # logsumexp of the logits: any real number; 2-21 on the bundled models' held-out images.
+    "energy": (
+        0.0,
+        1.0,
+        2.0,
+        2.5,
+        3.0,
+        3.5,
+        4.0,
+        5.0,
+        6.0,
+        7.0,
+        8.0,
+        10.0,
+        12.0,
+        14.0,
+        16.0,
+        18.0,
+        20.0,
+        25.0,
+        30.0,
+        50.0,
+        100.0,
+    ),
+    # [0, 1], often tiny (median 1e-4 on one bundled model): log-spaced at the low end.
+    "k_density": (
+        1e-5,
+        1e-4,
+        3e-4,
+        1e-3,
+        3e-3,
+        0.01,
+        0.03,
+        0.05,
+        0.1,
+        0.2,
+        0.3,
+        0.4,
+        0.5,
+        0.6,
+        0.7,
+        0.8,
+        0.9,
+        1.0,
+    ),
+}
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
@@ -55,7 +152,7 @@ class Metrics:
         its values (prometheus_client's multiprocess mode); /metrics then adds them up."""
         r = self.registry = registry or CollectorRegistry()
         self.multiprocess_dir = multiprocess_dir
-        mv = ["model", "version"]
+        per_version = ["model", "version"]
         # protocol: http or grpc. endpoint: the HTTP route template or the gRPC method
         # (/inference.GRPCInferenceService/ModelInfer). code: the HTTP status, for gRPC the
         # status the same answer gets over HTTP, so one 5xx rate (dashboard, alerts) covers both.
@@ -68,24 +165,21 @@ class Metrics:
         self.predictions = Counter(
             "notsure_predictions",
             "Images answered, by decision (accepted or not_sure).",
-            [*mv, "decision"],
+            [*per_version, "decision"],
             registry=r,
         )
-        self.j_score = Histogram(
-            "notsure_j_score",
-            "J-score (confidence x kernel non-ME) of each image.",
-            mv,
-            buckets=J_BUCKETS,
-            registry=r,
-        )
-        self.score = Histogram(
-            "notsure_score",
-            "Value of the score each model's T applies to (label score: j_score, confidence, "
-            "energy or k_density), per image.",
-            [*mv, "score"],
-            buckets=SCORE_BUCKETS,
-            registry=r,
-        )
+        # One histogram per score (notsure_j_score, notsure_confidence, notsure_energy,
+        # notsure_k_density), each with its own buckets; K-density only where it is served.
+        self.scores = {
+            name: Histogram(
+                f"notsure_{name}",
+                f"{SCORE_HELP[name]} of each answered image.",
+                per_version,
+                buckets=buckets,
+                registry=r,
+            )
+            for name, buckets in SCORE_BUCKETS.items()
+        }
         self.request_latency = Histogram(
             "notsure_request_duration_seconds",
             "Time from request received to response ready.",
@@ -96,64 +190,86 @@ class Metrics:
         self.queue_wait = Histogram(
             "notsure_queue_wait_seconds",
             "Time an image waited in the batching queue.",
-            mv,
+            per_version,
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.inference_time = Histogram(
             "notsure_inference_duration_seconds",
             "onnxruntime run time of one batch.",
-            mv,
+            per_version,
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.batch_size = Histogram(
             "notsure_batch_size",
             "Images per executed batch.",
-            mv,
+            per_version,
             buckets=BATCH_BUCKETS,
             registry=r,
         )
         # multiprocess_mode: how the workers' values add up (ignored with one process).
         self.inflight = Gauge(
-            "notsure_inflight_requests", "Requests being handled right now.", mv, registry=r,
-            multiprocess_mode="livesum",
+            "notsure_inflight_requests", "Requests being handled right now.", per_version,
+            registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
         self.queue_depth = Gauge(
-            "notsure_queue_images", "Images waiting in the batching queue.", mv, registry=r,
-            multiprocess_mode="livesum",
+            "notsure_queue_images", "Images waiting in the batching queue.", per_version,
+            registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
-        self.rejected = Counter(
-            "notsure_rejected",
-            "Requests shed or timed out before inference, by reason.",
-            [*mv, "reason"],
+        # Load shedding (not the domain's NOT SURE, which is an answer): requests turned away
+        # before inference because the queue was full, their deadline passed or the server was
+        # draining.
+        self.shed = Counter(
+            "notsure_shed_requests",
+            "Requests shed before inference, by reason (queue_full, timeout, shutting_down).",
+            [*per_version, "reason"],
             registry=r,
         )
         self.batch_failures = Counter(
-            "notsure_batch_failures", "Batches whose inference raised.", mv, registry=r
+            "notsure_batch_failures", "Batches whose inference raised.", per_version, registry=r
         )
         self.model_ready = Gauge(
             "notsure_model_ready",
             "1 when the model version loaded and serves, else 0.",
-            mv,
+            per_version,
             registry=r,
             multiprocess_mode="livemin",  # 1 when it serves in every worker
         )
         self.model_info = Gauge(
             "notsure_model_info",
-            "Static facts about a loaded model version (value is 1).",
-            [*mv, "provider", "objective", "threshold", "architecture", "score"],
+            "Static facts about a loaded model version (value is 1); score: the served score.",
+            [*per_version, "provider", "objective", "architecture", "score"],
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.threshold = Gauge(
+            "notsure_threshold",
+            "T of each score of a model version: the served score's is the T in force (accepted "
+            "iff score >= T), the others' are the manifest's.",
+            [*per_version, "score"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.build_info = Gauge(
+            "notsure_build_info",
+            "The running service (value is 1): its version and those of Python and onnxruntime.",
+            ["version", "python", "onnxruntime"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.build_info.labels(service_version(), platform.python_version(), _ort_version()).set(1)
+        if multiprocess_dir is None:
+            # process_* (CPU, memory, file descriptors) and python_info of this process; with
+            # several workers, exposition() adds every worker's.
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
         # The series every request touches, by label values.
         self.requests_of = Children(self.requests)
         self.latency_of = Children(self.request_latency)
         self.predictions_of = Children(self.predictions)
-        self.j_score_of = Children(self.j_score)
-        self.score_of = Children(self.score)
         self.inflight_of = Children(self.inflight)
-        self.rejected_of = Children(self.rejected)
+        self.shed_of = Children(self.shed)
 
     def exposition(self) -> bytes:
         """The text /metrics answers: this process's metrics, or every worker's added up."""
@@ -161,6 +277,10 @@ class Metrics:
             return generate_latest(self.registry)
         merged = CollectorRegistry()
         MultiProcessCollector(merged, path=str(self.multiprocess_dir))  # type: ignore[no-untyped-call]
+        # prometheus_client keeps no process metrics in multiprocess mode: read every live
+        # worker's from /proc, each series labelled with its pid.
+        merged.register(WorkerProcessCollector(self.multiprocess_dir))
+        PlatformCollector(registry=merged)
         return generate_latest(merged)
 
 

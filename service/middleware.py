@@ -12,14 +12,16 @@ from typing import Any
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import accesslog
 from service.api.deps import CALL_KEY
 from service.call import Call
 from service.errors import PayloadTooLarge, log_level
 from service.metrics import observe_one
 from service.state import AppState
+from service.tracing import http_carrier
 
 log = logging.getLogger("notsure.access")
-_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
 class RequestIds:
@@ -49,9 +51,11 @@ class ServiceMiddleware:
         state = self.state
         headers = dict(scope["headers"])
         rid = headers.get(b"x-request-id", b"").decode("latin-1")
-        if not _SAFE_ID.match(rid):
+        if not SAFE_ID.match(rid):
             rid = self.ids.next()
-        call = scope[CALL_KEY] = Call(request_id=rid)
+        call = scope[CALL_KEY] = Call(request_id=rid, arrived_ns=time.perf_counter_ns())
+        if state.tracing is not None:
+            call.carrier = http_carrier(headers)
         start = time.perf_counter()
         status = {"code": 500}
         limit = state.settings.max_body_bytes
@@ -98,7 +102,13 @@ class ServiceMiddleware:
         m = self.state.metrics
         m.requests_of(*labels, endpoint, str(code), "http").inc()
         observe_one(m.latency_of(*labels, endpoint, "http"), time.perf_counter() - start)
-        if code >= 400 or log.isEnabledFor(logging.DEBUG):
+        if self.state.settings.access_log:
+            client = scope.get("client")
+            accesslog.write(protocol="http", method=scope["method"], path=scope["path"],
+                            model=call.model, version=labels[1], code=code,
+                            seconds=time.perf_counter() - start, request_id=call.request_id,
+                            client=client[0] if client else None)  # fmt: skip
+        elif code >= 400 or log.isEnabledFor(logging.DEBUG):
             log.log(
                 log_level(code),
                 "%s %s %s -> %d (%.1f ms) id=%s",

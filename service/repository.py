@@ -204,7 +204,6 @@ class Repository:
             *labels,
             model.provider,
             manifest.objective,
-            f"{model.threshold:g}",
             manifest.architecture,
             manifest.score,
         ).set(1)

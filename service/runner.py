@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.batching import INLINE_MAX_IMAGES, ArrivalTracker, Batcher
+from service.batching import INLINE_MAX_IMAGES, ArrivalTracker, Batcher, note_inferred
 from service.config import Settings
 from service.errors import InferenceFailed
 from service.kdensity import KernelSet
@@ -37,6 +37,7 @@ class Scorer:
         """Run one batch (B, C, H, W) (in a worker thread) and split the scores per request."""
         model = self.onnx
         logits, feats = model.run_with_features(x) if self.kernel_set else (model.run(x), None)
+        note_inferred()  # for tracing: what follows is scoring
         if logits.shape[0] != x.shape[0] or (feats is not None and feats.shape[0] != x.shape[0]):
             raise InferenceFailed(f"model returned {logits.shape[0]} rows for {x.shape[0]} images")
         scores = score_logits(logits, self.kernel, self.score, feats, self.kernel_set)

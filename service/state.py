@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from service.batching import ArrivalTracker
 from service.config import Settings
 from service.metrics import Metrics
+from service.monitor import Monitor
 from service.repository import Repository
 from service.security import KeyRing
+from service.tracing import Tracing
 
 
 @dataclass
@@ -20,4 +22,6 @@ class AppState:
     repository: Repository
     keys: KeyRing
     arrivals: ArrivalTracker
+    monitor: Monitor
+    tracing: Tracing | None = None  # the `tracing` setting's spans
     draining: bool = False

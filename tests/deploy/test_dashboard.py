@@ -75,6 +75,7 @@ def check_query(expr: str, exported: Exported, where: str, recorded: frozenset[s
     ours = PROMETHEUS_SERIES | recorded
     for name, matcher_labels in sel.metrics.items():
         if name in ours:
+            available |= recorded_labels().get(name, set())
             continue
         assert name in exported, f"{where}: {name} is not exported by the service"
         known = exported.labels[name]
@@ -86,11 +87,27 @@ def check_query(expr: str, exported: Exported, where: str, recorded: frozenset[s
         assert sel.grouping <= available, f"{where}: grouping by {sel.grouping - available}"
 
 
+def recorded_rules() -> frozenset[str]:
+    return frozenset(recorded_labels())
+
+
+def recorded_labels() -> dict[str, set[str]]:
+    """The labels each recording rule of alerts.yml keeps: those of its `by` clauses and of the
+    recorded series it is computed from (rules refer only to rules above them)."""
+    groups = yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())["groups"]
+    out: dict[str, set[str]] = {}
+    for rule in (r for g in groups for r in g["rules"] if "record" in r):
+        sel = selectors(rule["expr"])
+        out[rule["record"]] = sel.grouping.union(*(out.get(n, set()) for n in sel.metrics))
+    return out
+
+
 def test_dashboard_queries_only_exported_metrics(exported: Exported) -> None:
+    """Every series a panel reads is exported by the service or recorded by alerts.yml."""
     targets = dashboard_targets()
     assert len(targets) >= 10
     for t in targets:
-        check_query(t.expr, exported, f"panel {t.panel!r} query {t.ref}")
+        check_query(t.expr, exported, f"panel {t.panel!r} query {t.ref}", recorded_rules())
     for var in dashboard()["templating"]["list"]:
         m = re.fullmatch(r"label_values\((\w+), *(\w+)\)", var["query"]["query"])
         assert m, var["query"]
@@ -99,7 +116,7 @@ def test_dashboard_queries_only_exported_metrics(exported: Exported) -> None:
 
 def test_alert_rules_query_only_exported_metrics(exported: Exported) -> None:
     groups = yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())["groups"]
-    recorded = frozenset(r["record"] for g in groups for r in g["rules"] if "record" in r)
+    recorded = recorded_rules()
     for g in groups:
         for rule in g["rules"]:
             name = rule.get("alert") or rule["record"]
@@ -150,7 +167,31 @@ def test_dashboard_has_the_panels_operators_need() -> None:
     uses("Batch size", "notsure_batch_size")
     uses("Queue wait and inference time", "notsure_queue_wait_seconds_bucket")
     uses("Server error ratio", 'code=~"5.."')
-    uses("Rejections and batch failures", "notsure_rejected_total", "notsure_batch_failures_total")
+    uses("Shed requests and batch failures", "notsure_shed_requests_total",
+         "notsure_batch_failures_total")  # fmt: skip
+    uses("Window refuse rate vs calibrated", "notsure_window_not_sure", "notsure_window_images",
+         "notsure_calibrated_refuse_rate")  # fmt: skip
+    uses("Refuse-rate excess over the calibration (z)", "model_version:notsure_refuse_excess:z")
+    uses("Score drift (PSI)", "notsure_score_drift_psi")
+    for title, family in (("Confidence distribution", "notsure_confidence_bucket"),
+                          ("Energy distribution", "notsure_energy_bucket")):  # fmt: skip
+        (heat,) = by_title[title]
+        assert panel_types[title] == "heatmap" and family in heat.expr and "by (le)" in heat.expr
+
+
+def test_no_panel_adds_up_different_scores(exported: Exported) -> None:
+    """A series with a `score` label is never aggregated without keeping that label: a J-score,
+    a confidence and an energy do not share a scale."""
+    aggregations = re.compile(r"\b(sum|avg|max|min|count)\b")
+    for t in dashboard_targets():
+        sel = selectors(t.expr)
+        scored = [n for n in sel.metrics if "score" in exported.labels.get(n, set())]
+        if scored and aggregations.search(t.expr):
+            assert "score" in sel.grouping, (t.panel, t.expr)
+    # Each score's histogram is its own family: the per-score buckets differ.
+    assert "notsure_score_bucket" not in exported
+    for family in ("notsure_j_score", "notsure_confidence", "notsure_energy"):
+        assert "score" not in exported.labels[family + "_bucket"]
 
 
 def test_dashboard_layout_and_data_source() -> None:

@@ -262,7 +262,7 @@ def test_queries_select_only_metrics_the_service_exports(
     docs = built["base"]
     exprs = queries(docs, adapter())
     assert len(exprs) >= 8 + 4  # the rules and both adapter rules
-    recorded = {w for w, _ in exprs if w.startswith("model:")}
+    recorded = {w for w, _ in exprs if ":" in w}  # recording rules: level:metric:operations
     problems = metric_problems(exprs, exported.labels, recorded)
     assert not problems, "\n".join(problems)
     for name, docs in built.items():

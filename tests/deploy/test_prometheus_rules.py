@@ -37,8 +37,9 @@ def test_rule_unit_tests_pass() -> None:
 def test_every_alert_has_a_firing_and_a_silent_case() -> None:
     rules = yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())
     alerts = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
-    assert alerts == {"NotSureRefuseRateHigh", "NotSureErrorRatioHigh", "NotSureLatencyP99High",
-                      "NotSureServiceDown", "NotSureModelNotReady"}  # fmt: skip
+    assert alerts == {"NotSureRefuseRateAboveCalibrated", "NotSureScoreDrift",
+                      "NotSureErrorRatioHigh", "NotSureLatencyP99High", "NotSureServiceDown",
+                      "NotSureModelNotReady"}  # fmt: skip
     tests = yaml.safe_load((PROMETHEUS_DIR / "alerts_test.yml").read_text())
     fires: set[str] = set()
     silent: set[str] = set()
@@ -50,12 +51,12 @@ def test_every_alert_has_a_firing_and_a_silent_case() -> None:
 
 
 def test_unit_tests_catch_a_broken_rule(tmp_path: Path) -> None:
-    """The unit tests are not vacuous: dropping the refuse-rate alert's traffic guard (so a
-    model answering one image a minute could page) makes them fail."""
+    """The unit tests are not vacuous: weakening the calibrated refuse-rate alert's guard (so
+    a window too small for the normal approximation could page) makes them fail."""
     text = (PROMETHEUS_DIR / "alerts.yml").read_text()
-    guard = "and model:notsure_predictions:rate5m > 0.05"
+    guard = "* on (model, version) model_version:notsure_calibrated_refuse_rate:max >= 10"
     assert guard in text
-    (tmp_path / "alerts.yml").write_text(text.replace(guard, ""))
+    (tmp_path / "alerts.yml").write_text(text.replace(guard, guard.replace(">= 10", ">= 1")))
     (tmp_path / "alerts_test.yml").write_text((PROMETHEUS_DIR / "alerts_test.yml").read_text())
     r = promtool("test", "rules", "alerts_test.yml", cwd=tmp_path)
     assert r.returncode != 0

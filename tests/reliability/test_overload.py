@@ -116,7 +116,8 @@ def test_overload_sheds_fast_keeps_health_and_recovers(
         assert single_s.max() < BATCH_S / 4 and max(out["probes"]) < BATCH_S / 4
 
         text = httpx.get(f"{server.url}/metrics").text
-        assert metric(text, "notsure_rejected_total", model=RCE, reason="queue_full") == len(shed)
+        shed_count = metric(text, "notsure_shed_requests_total", model=RCE, reason="queue_full")
+        assert shed_count == len(shed)
 
         # Load gone: everything is served again, and nothing is left queued.
         monkeypatch.undo()  # the model at full speed again
@@ -163,4 +164,4 @@ def test_a_full_queue_refuses_before_the_body_arrives(
                 assert b"retry-after: 2" in head.lower()
             assert sorted(f.result() for f in burst) == [200, 200, 200]
         text = httpx.get(f"{server.url}/metrics").text
-        assert metric(text, "notsure_rejected_total", model=RCE, reason="queue_full") == 2
+        assert metric(text, "notsure_shed_requests_total", model=RCE, reason="queue_full") == 2

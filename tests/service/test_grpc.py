@@ -279,7 +279,7 @@ def test_queue_full_is_resource_exhausted(
     assert codes.count("OK") >= 2 and "StatusCode.RESOURCE_EXHAUSTED" in codes, codes
     shed = metric(text, "notsure_requests_total", protocol="grpc", code="503")
     assert shed == codes.count("StatusCode.RESOURCE_EXHAUSTED")
-    assert metric(text, "notsure_rejected_total", reason="queue_full") == shed
+    assert metric(text, "notsure_shed_requests_total", reason="queue_full") == shed
 
 
 def test_model_not_ready_is_unavailable(writable_repo: Path) -> None:

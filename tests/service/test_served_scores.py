@@ -65,8 +65,10 @@ def test_served_on_the_named_score(writable_repo: Path, score: str) -> None:
     assert [p["score_name"] for p in preds] == [score] * 8
     np.testing.assert_allclose([p["score"] for p in preds], values, rtol=1e-4, atol=1e-12)
     assert [p["decision"] == "accepted" for p in preds] == (values >= t).tolist()
-    labels = (("model", "tiny-ce"), ("score", score), ("version", "1"))
-    assert metrics[("notsure_score_count", labels)] == 8
+    labels = (("model", "tiny-ce"), ("version", "1"))
+    assert metrics[(f"notsure_{score}_count", labels)] == 8  # each score its own histogram
+    t_gauge = (("model", "tiny-ce"), ("score", score), ("version", "1"))
+    assert metrics[("notsure_threshold", t_gauge)] == pytest.approx(t)
     info = [k for k in metrics if k[0] == "notsure_model_info" and ("model", "tiny-ce") in k[1]]
     assert info and ("score", score) in info[0][1]
 
