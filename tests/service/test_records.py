@@ -104,14 +104,14 @@ def test_a_full_queue_drops_and_counts(tmp_path: Path) -> None:
     writer = RecordWriter(tmp_path, 1.0, 10**6, 2, RecordCounts(metrics))
     with TestClient(create_app(settings(tmp_path / "unused"))) as c:
         state = c.app.state.notsure  # type: ignore[attr-defined]
-        lm = state.repository.get(MODEL)
+        model = state.repository.get(MODEL)
         from service.inference import Outcome
         from service.scoring import decide
 
         x = noise(5, 3).astype(np.float32)[:, None]
-        scores = lm.infer(x, [5])[0]
-        outcome = Outcome(scores, lm.threshold, decide(scores, lm.threshold))
-        writer.offer(lm, "r", x, outcome, np.arange(5))
+        scores = model.scorer(x, [5])[0]
+        outcome = Outcome(scores, model.threshold, decide(scores, model.threshold))
+        writer.offer(model, "r", x, outcome, np.arange(5))
     assert writer._queue.qsize() == 2
     assert writer.counts.dropped.labels("queue_full")._value.get() == 3
 
