@@ -84,4 +84,5 @@ async def infer(
         m.predictions_of(*labels, "not_sure").inc(len(scores) - n_acc)
     observe_many(m.j_score_of(*labels), scores.j_score)
     observe_many(m.score_of(*labels, scores.score_name), scores.score)
+    state.recent.record(model.name, scores.score, outcome.accepted)
     return outcome

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from service.batching import ArrivalTracker
 from service.config import Settings
 from service.metrics import Metrics
+from service.recent import RecentDecisions
 from service.repository import Repository
 from service.security import KeyRing
 
@@ -21,3 +22,5 @@ class AppState:
     keys: KeyRing
     arrivals: ArrivalTracker
     draining: bool = False
+    # The last decisions of each model, for the page's live panel (this process only).
+    recent: RecentDecisions = field(default_factory=RecentDecisions)
