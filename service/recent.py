@@ -38,7 +38,9 @@ class _Ring:
         cap, n = len(self.t), len(scores)
         if n > cap:  # a batch larger than the ring: only its last `cap` images stay
             scores, accepted, n = scores[-cap:], accepted[-cap:], cap
-        at = (self.head + np.arange(n)) % cap  # the slots, wrapping round the end
+        at: slice | npt.NDArray[np.intp] = slice(self.head, self.head + n)
+        if self.head + n > cap:  # the slots wrap round the end (rarely: a slice is cheaper)
+            at = (self.head + np.arange(n)) % cap
         self.t[at] = now
         self.score[at] = scores
         self.accepted[at] = accepted

@@ -164,9 +164,19 @@ async function ask(send) {
   pollLive();
 }
 
+// The image as the browser sees it, shrunk to 28x28 (the service does its own resizing).
+async function showBlob(blob) {
+  try {
+    const bitmap = await createImageBitmap(blob);
+    $("sent").getContext("2d").drawImage(bitmap, 0, 0, 28, 28);
+  } catch {
+    showSent(null); // not an image the browser can read: the service will say why
+  }
+}
+
 function sendFile(file) {
   if (!file) return;
-  showSent(null);
+  showBlob(file);
   ask(() => predictFile(file, file.name));
 }
 
@@ -449,10 +459,10 @@ async function sendExample(e) {
     $("model").value = e.model;
     await selectModel();
   }
-  showSent(null);
   ask(async () => {
-    const resp = await fetch(`/ui/gallery/${e.file}`);
-    return predictFile(await resp.blob(), e.file);
+    const blob = await (await fetch(`/ui/gallery/${e.file}`)).blob();
+    showBlob(blob);
+    return predictFile(blob, e.file);
   });
 }
 
