@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.api.routes.ui import UI_DIR
+from service.api.routes.ui import UI_DIR, assets
 from service.config import Settings
 from service.main import create_app
 from service.manifest import MANIFEST_FILE, Manifest, ScoreReference
@@ -49,6 +49,25 @@ def test_the_page_and_its_files_are_served_with_a_same_origin_policy(client: Tes
                                   "/ui/gallery/export.py", "/ui/..%2fmain.py"])  # fmt: skip
 def test_only_the_page_files_are_served(client: TestClient, path: str) -> None:
     assert client.get(path).status_code == 404
+
+
+def test_the_page_files_are_package_data() -> None:
+    """An installed wheel (and the Docker image, which installs one) carries every file served."""
+    import fnmatch
+    import tomllib
+
+    globs = tomllib.loads(Path("pyproject.toml").read_text())["tool"]["setuptools"]
+    patterns = globs["package-data"]["service"]
+    served = [f"ui/{rel}" for rel in assets()]
+    assert "ui/index.html" in served and "ui/gallery/index.json" in served
+    for rel in served:
+        assert any(fnmatch.fnmatch(rel, p) for p in patterns), f"{rel} is not package data"
+
+
+def test_openapi_documents_the_json_endpoints_not_the_page(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "/v1/models/{name}/calibration" in paths and "/v1/models/{name}/recent" in paths
+    assert not [p for p in paths if p.startswith("/ui")]
 
 
 def test_the_page_needs_no_key_but_its_api_calls_do(model_repo: Path) -> None:
@@ -181,18 +200,19 @@ def test_recent_counts_every_answer_of_this_process(client: TestClient) -> None:
 
 def test_the_ring_keeps_the_newest_images_and_bins_them_by_second() -> None:
     ring = RecentDecisions(capacity=4)
-    ring.record("m", np.array([0.1, 0.2, 0.3]), np.array([True, False, True]), now=100.0)
-    ring.record("m", np.array([0.4, 0.5]), np.array([False, False]), now=102.5)
-    # 5 answered, 4 kept: the first (0.1, accepted) was overwritten.
+    ring.record("m", np.array([0.12, 0.22, 0.32]), np.array([True, False, True]), now=100.0)
+    ring.record("m", np.array([0.42, 0.52]), np.array([False, False]), now=102.5)
+    # 5 answered, 4 kept: the first (0.12, accepted) was overwritten.
     w = ring.window("m", 5, (0.0, 1.0), now=103.0)
     assert w.kept == 4
-    # Ages 3.0 (the 0.2 and 0.3 at t=100) and 0.5 (t=102.5): seconds 1 and 4 of 0..4.
+    # Ages 3.0 (the 0.22 and 0.32 at t=100) and 0.5 (t=102.5): seconds 1 and 4 of 0..4.
     assert w.accepted == [0, 1, 0, 0, 0] and w.not_sure == [0, 1, 0, 0, 2]
-    assert sum(w.hist_accepted) == 1 and w.hist_accepted[6] == 1  # 0.3 in [0.30, 0.35)
+    assert np.nonzero(w.hist_accepted)[0].tolist() == [6]  # 0.32 in [0.30, 0.35)
+    assert np.nonzero(w.hist_not_sure)[0].tolist() == [4, 8, 10]  # 0.22, 0.42, 0.52
     # A batch larger than the ring keeps its last images.
-    ring.record("m", np.arange(6) / 10, np.ones(6, bool), now=104.0)
+    ring.record("m", np.arange(6) / 10 + 0.01, np.ones(6, bool), now=104.0)
     w = ring.window("m", 1, (0.0, 1.0), now=104.0)
     assert w.accepted == [4] and w.edges[0] == 0.0
-    assert np.nonzero(w.hist_accepted)[0].tolist() == [4, 6, 8, 10]  # 0.2, 0.3, 0.4, 0.5
+    assert np.nonzero(w.hist_accepted)[0].tolist() == [4, 6, 8, 10]  # 0.21, 0.31, 0.41, 0.51
     # Older than the window: not counted.
     assert sum(ring.window("m", 1, (0.0, 1.0), now=200.0).accepted) == 0
