@@ -98,6 +98,8 @@ async function selectModel() {
   const m = models.find((x) => x.name === model());
   if (!m) return;
   $("model-info").textContent = `${m.objective.toUpperCase()}, served on ${m.score}`;
+  last = null; // an answer of the previous model does not carry over
+  showResult(null);
   let c;
   try {
     c = await api(`/v1/models/${m.name}/calibration`);
@@ -117,10 +119,8 @@ async function selectModel() {
   slider.step = "any"; // so that it can sit exactly on T
   slider.value = calib.threshold;
   $("threshold").textContent = fmt(calib.threshold);
-  last = null;
-  showResult(null);
+  document.body.dataset.model = m.name; // the page is ready for this model
   updateWhatIf();
-  drawDistribution();
   pollLive();
 }
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from playwright.sync_api import Browser, Request, sync_playwright
+from playwright.sync_api import Browser, Request, expect, sync_playwright
 from playwright.sync_api import Page as BrowserPage
 
 from service.config import Settings
@@ -92,9 +92,9 @@ def tab(browser: Browser, server: LiveServer) -> Iterator[Page]:
     """A fresh tab that has loaded /ui, listed the models and picked the default one."""
     for t in open_page(browser, server.url):
         t.page.goto(f"{server.url}/ui")
-        t.page.wait_for_function(
-            "document.querySelector('[data-testid=model-select]').options.length > 0"
-        )
-        t.page.get_by_test_id("model-select").select_option(DEFAULT)
-        t.page.wait_for_function("document.getElementById('threshold').textContent !== '–'")
+        # (expect, not wait_for_function: the page's CSP forbids the eval that one polls with)
+        select = t.page.get_by_test_id("model-select")
+        expect(select.locator("option")).to_have_count(len(MODELS))
+        select.select_option(DEFAULT)
+        expect(t.page.locator("body")).to_have_attribute("data-model", DEFAULT)
         yield t

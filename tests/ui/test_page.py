@@ -247,6 +247,7 @@ def test_with_api_keys_the_page_asks_for_one_and_sends_it(
         by(tab, "api-key-submit").click()
         expect(by(tab, "model-select").locator("option")).to_have_count(2)
         by(tab, "model-select").select_option(DEFAULT)
+        expect(tab.page.locator("body")).to_have_attribute("data-model", DEFAULT)
         upload(tab, "digit.png", DIGIT.read_bytes())
         expect(by(tab, "result-label")).to_have_text("7")
         api = [r for r in tab.requests if "/v1/" in r.url]
