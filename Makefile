@@ -35,11 +35,12 @@ install-dev: venv
 	$(PIP) install -q -r requirements/lock-dev.txt
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 
-# Debian packages the tests use as real peers: Prometheus + promtool, and haproxy (the balancer
-# in front of several replicas). Needs root; skipped when they are already present. The
+# Debian packages the tests use as real peers: Prometheus + promtool, haproxy (the balancer
+# in front of several replicas) and chromium (the browser the page's tests drive). Needs root;
+# skipped when they are already present. The
 # manifest checks also need kustomize (or kubectl, which embeds it); Debian's kubectl is too old
 # (kustomize v2), so that one is only checked for.
-SYSTEM_DEPS := promtool:prometheus haproxy:haproxy
+SYSTEM_DEPS := promtool:prometheus haproxy:haproxy chromium:chromium
 system-deps:
 	@missing=""; for dep in $(SYSTEM_DEPS); do \
 		command -v "$${dep%%:*}" >/dev/null 2>&1 || missing="$$missing $${dep#*:}"; \

@@ -99,4 +99,5 @@ async def infer(
     state.monitor.observe(model, call, x, outcome)
     if stamps is not None and state.tracing is not None:
         state.tracing.record(call, model, stamps, len(scores), len(scores) - n_acc)
+    state.recent.record(model.name, scores.score, outcome.accepted)
     return outcome

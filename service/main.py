@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from service.api import handlers
-from service.api.routes import health, native, v2
+from service.api.routes import health, native, ui, v2
 from service.batching import ArrivalTracker
 from service.config import Settings, get_settings
 from service.errors import ServeError
@@ -101,6 +101,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(native.router)
     app.include_router(v2.router)
+    app.include_router(ui.router)
+    app.include_router(ui.page)
     app.add_exception_handler(ServeError, handlers.serve_error)
     app.add_exception_handler(RequestValidationError, handlers.validation_error)
     app.add_exception_handler(HTTPException, handlers.http_error)

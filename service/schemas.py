@@ -32,6 +32,9 @@ class PredictRequest(BaseModel):
         "only honoured when the server allows it.",
     )
     resize: bool = Field(default=False, description="Resize images to the model's input size.")
+    probabilities: bool = Field(
+        default=False, description="Include each image's class probabilities in the answer."
+    )
     id: str | None = Field(default=None, max_length=128, description="Echoed in the response.")
 
 
@@ -46,6 +49,9 @@ class Prediction(BaseModel):
         description="the score T applies to: j_score, confidence, energy or k_density"
     )
     score: float = Field(description="its value; accepted iff score >= threshold")
+    probabilities: list[float] | None = Field(
+        default=None, description="the softmax over the classes, when the request asked for it"
+    )
 
 
 class PredictResponse(BaseModel):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from service.batching import ArrivalTracker
 from service.config import Settings
 from service.metrics import Metrics
 from service.monitor import Monitor
+from service.recent import RecentDecisions
 from service.repository import Repository
 from service.security import KeyRing
 from service.tracing import Tracing
@@ -25,3 +26,5 @@ class AppState:
     monitor: Monitor
     tracing: Tracing | None = None  # the `tracing` setting's spans
     draining: bool = False
+    # The last decisions of each model, for the page's live panel (this process only).
+    recent: RecentDecisions = field(default_factory=RecentDecisions)
