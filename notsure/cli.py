@@ -14,6 +14,7 @@ import typer
 from rich.logging import RichHandler
 
 from notsure.attack_cli import register as register_attack
+from notsure.audit_cli import register as register_audit
 from notsure.repro_cli import app as repro_app
 from notsure.validate_cli import app as validate_app
 
@@ -21,6 +22,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.add_typer(repro_app, name="repro")
 app.add_typer(validate_app, name="validate")
 register_attack(app)
+register_audit(app)
 
 
 def _setup_logging(verbose: bool) -> None:
