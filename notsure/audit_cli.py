@@ -26,7 +26,7 @@ def audit(
         str | None,
         Opt(
             help="headline, secondary, worst-case, k-density (attacks); checks, transfer, live, "
-            "figures (on the saved results) [headline]"
+            "figures (on the saved results) (default: headline)"
         ),
     ] = None,
     model: Annotated[list[str] | None, Opt(help="model name(s); repeat or comma-separate")] = None,
@@ -36,9 +36,9 @@ def audit(
     ] = None,
     data_dir: Annotated[Path | None, Opt(help="folder in torchvision's layout")] = None,
     models_dir: Annotated[Path | None, Opt(help="model repository")] = None,
-    work_dir: Annotated[Path | None, Opt(help="resume state [runs/audit]")] = None,
+    work_dir: Annotated[Path | None, Opt(help="resume state (default: runs/audit)")] = None,
     json_out: Annotated[
-        Path | None, Opt("--json", help="result rows [docs/robustness/adaptive.json]")
+        Path | None, Opt("--json", help="result rows (default: docs/robustness/adaptive.json)")
     ] = None,
     chunk: Annotated[int | None, Opt(help="images saved together (the resume unit)")] = None,
     threads: Annotated[int | None, Opt(help="torch/onnxruntime threads")] = None,

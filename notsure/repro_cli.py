@@ -3,7 +3,8 @@
 Each command writes `<experiment>.json` and `.png` into docs/reproduction/ and rewrites its
 section of docs/reproduction.md. `--dry-run` runs the same code on the tiny synthetic set in
 seconds and writes into runs/repro-dry-run/ instead, leaving the committed report alone.
-Options default to None: each config is `replace(Cfg(), **given)`, or `Cfg.tiny()` for a dry run.
+Options default to None: each config is `replace(Cfg(), **given)`, or `Cfg.tiny()` for a dry run,
+so an option not given takes its config's default (`training/repro/*.py`).
 """
 
 from __future__ import annotations
@@ -19,15 +20,15 @@ from notsure.options import given
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 Opt = typer.Option
 
-OutDir = Annotated[Path | None, Opt(help="JSON + PNG folder [docs/reproduction]")]
-Report = Annotated[Path | None, Opt(help="markdown report [docs/reproduction.md]")]
-DataDir = Annotated[Path | None, Opt(help="folder holding MNIST/raw (torchvision layout) [data]")]
-RunsDir = Annotated[Path | None, Opt(help="training run folders (resumable) [runs/repro]")]
-Seed = Annotated[int | None, Opt(help="seed of the data order, the weights and the attack [0]")]
-Threads = Annotated[int | None, Opt(help="torch CPU threads (0: torch's default) [1]")]
+OutDir = Annotated[Path | None, Opt(help="JSON + PNG folder")]
+Report = Annotated[Path | None, Opt(help="markdown report")]
+DataDir = Annotated[Path | None, Opt(help="folder holding MNIST/raw (torchvision layout)")]
+RunsDir = Annotated[Path | None, Opt(help="training run folders (resumable)")]
+Seed = Annotated[int | None, Opt(help="seed of the data order, the weights and the attack")]
+Threads = Annotated[int | None, Opt(help="torch CPU threads (0: torch's default)")]
 DryRun = Annotated[bool, Opt(help="tiny synthetic data, seconds; writes to runs/")]
-Steps = Annotated[int | None, Opt(help="Adam steps of batch 100 [3000 = 5 epochs]")]
-Eps = Annotated[list[float] | None, Opt(help="FGSM eps, pixel units [0.05 0.1 0.2 0.3]")]
+Steps = Annotated[int | None, Opt(help="Adam steps of batch 100")]
+Eps = Annotated[list[float] | None, Opt(help="FGSM eps, pixel units")]
 
 
 def _cnn_pair(
@@ -56,7 +57,7 @@ def table4(
     eps: Eps = None,
     dataset: Annotated[
         str | None,
-        Opt(help="mnist (the paper's Table 4) or cifar10 (Table 2's CIFAR CNN) [mnist]"),
+        Opt(help="mnist (the paper's Table 4) or cifar10 (Table 2's CIFAR CNN)"),
     ] = None,
     seed: Seed = None,
     threads: Threads = None,
@@ -96,8 +97,8 @@ def tsne(
     out_dir: OutDir = None,
     report: Report = None,
     data_dir: DataDir = None,
-    samples: Annotated[int | None, Opt(help="MNIST training images embedded [1000]")] = None,
-    perplexity: Annotated[float | None, Opt(help="t-SNE perplexity [30]")] = None,
+    samples: Annotated[int | None, Opt(help="MNIST training images embedded")] = None,
+    perplexity: Annotated[float | None, Opt(help="t-SNE perplexity")] = None,
     seed: Seed = None,
     threads: Threads = None,
     dry_run: DryRun = False,
@@ -130,14 +131,14 @@ def bnn(
     report: Report = None,
     data_dir: DataDir = None,
     runs_dir: RunsDir = None,
-    eps: Annotated[float | None, Opt(help="FGSM eps, pixel units [0.1]")] = None,
-    sgnht_lr: Annotated[float | None, Opt(help="SGNHT step size h [3e-4]")] = None,
-    diffusion: Annotated[float | None, Opt(help="SGNHT diffusion A (= friction) [100]")] = None,
-    burn_in: Annotated[int | None, Opt(help="SGNHT steps before the first sample [6000]")] = None,
-    num_samples: Annotated[int | None, Opt(help="posterior samples averaged [40]")] = None,
-    sample_every: Annotated[int | None, Opt(help="SGNHT steps between samples [150]")] = None,
+    eps: Annotated[float | None, Opt(help="FGSM eps, pixel units")] = None,
+    sgnht_lr: Annotated[float | None, Opt(help="SGNHT step size h")] = None,
+    diffusion: Annotated[float | None, Opt(help="SGNHT diffusion A (= friction)")] = None,
+    burn_in: Annotated[int | None, Opt(help="SGNHT steps before the first sample")] = None,
+    num_samples: Annotated[int | None, Opt(help="posterior samples averaged")] = None,
+    sample_every: Annotated[int | None, Opt(help="SGNHT steps between samples")] = None,
     prior_precision: Annotated[
-        float | None, Opt(help="precision of the Gaussian prior on every weight [1]")
+        float | None, Opt(help="precision of the Gaussian prior on every weight")
     ] = None,
     seed: Seed = None,
     threads: Threads = None,
@@ -165,10 +166,8 @@ def bnn(
 
 @app.command()
 def table1(
-    models_dir: Annotated[Path | None, Opt(help="model repository [models]")] = None,
-    attack_dir: Annotated[
-        Path | None, Opt(help="the validator's report folder [docs/attack]")
-    ] = None,
+    models_dir: Annotated[Path | None, Opt(help="model repository")] = None,
+    attack_dir: Annotated[Path | None, Opt(help="the validator's report folder")] = None,
     out_dir: OutDir = None,
     report: Report = None,
     dry_run: DryRun = False,

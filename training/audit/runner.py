@@ -1,4 +1,4 @@
-"""`notsure attack --adaptive`: run the audit's jobs resumably and write the result rows.
+"""Run the audit's attack jobs resumably and write the result rows (`plans` says which).
 
 Each job attacks its images in chunks; every finished chunk is saved (`training.audit.store`:
 the adversarial images, which images were won, the steps spent), so a killed run resumes at the

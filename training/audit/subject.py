@@ -27,6 +27,8 @@ CALIBRATION = slice(5000, 10000)  # clean test images for other thresholds; atta
 
 @dataclass(frozen=True)
 class AuditConfig:
+    """One run of `notsure audit`: a plan (`training.audit.plans`) on some models."""
+
     plan: str = "headline"
     models: tuple[str, ...] = ("mnist-resnet32-rce", "mnist-resnet32-ce")
     models_dir: Path = Path("models")
@@ -35,7 +37,7 @@ class AuditConfig:
     out_json: Path = Path("docs/robustness/adaptive.json")
     chunk: int = 50
     threads: int = 1
-    # Per-job results without the images (see the module docstring); None: `results/` beside
+    # Per-job results without the images (`training.audit.store`); None: `results/` beside
     # out_json.
     results_dir: Path | None = None
     eps: tuple[float, ...] | None = None  # only the plan's jobs at these budgets (None: all)

@@ -92,8 +92,9 @@ class AttackRun:
 
 
 def effective(cfg: AttackRunConfig) -> AttackRunConfig:
-    """A dry run attacks the tiny models, built under out_dir on first use."""
-    if not cfg.dry_run:
+    """A dry run of the tiny models attacks them from out_dir, where they are built on first
+    use."""
+    if not cfg.dry_run or not set(cfg.models) <= set(TINY_MODELS):
         return cfg
     root = tiny_repo(cfg.out_dir / "dry-run-models", cfg.out_dir / "dry-run-runs")
     return replace(cfg, models_dir=root)
