@@ -24,9 +24,9 @@ import numpy as np
 import numpy.typing as npt
 
 from service.manifest import MANIFEST_FILE, Manifest
-from service.scoring import SCORE_NAMES, accept
+from service.scoring import NOT_SURE, SCORE_NAMES, accept
 from training import data as data_mod
-from training.clients import NOT_SURE, V2Client
+from training.clients import V2Client
 from training.progress import progress_bar
 from training.provenance import run_record
 
