@@ -66,7 +66,10 @@ def test_update_section_replaces_its_block_and_keeps_hand_written_text(tmp_path:
 
 def test_write_json_is_strict(tmp_path: Path) -> None:
     write_json(tmp_path / "x.json", {"a": float("nan"), "b": np.float32(0.5), "c": np.arange(3)})
-    assert _strict_json(tmp_path / "x.json") == {"a": None, "b": 0.5, "c": [0, 1, 2]}
+    saved = _strict_json(tmp_path / "x.json")
+    run = saved.pop("run")  # every results file says when and where it was measured
+    assert saved == {"a": None, "b": 0.5, "c": [0, 1, 2]}
+    assert set(run) == {"date", "machine"} and "CPU cores" in run["machine"]
 
 
 def test_roc_auc_is_the_pairwise_ordering_probability() -> None:
