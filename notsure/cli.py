@@ -14,6 +14,7 @@ import typer
 from rich.logging import RichHandler
 
 from notsure.attack_cli import register as register_attack
+from notsure.audit_cli import register as register_audit
 from notsure.import_cli import register as register_import
 from notsure.records_cli import app as records_app
 from notsure.repro_cli import app as repro_app
@@ -25,6 +26,7 @@ app.add_typer(validate_app, name="validate")
 app.add_typer(records_app, name="records")
 register_attack(app)
 register_import(app)
+register_audit(app)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -155,6 +157,7 @@ def train(
     """Train a network with CE or RCE (Eq. 4) on real data, optionally adversarially."""
     from dataclasses import replace
 
+    from notsure.options import given
     from training.adversarial import ADVERSARIAL_KINDS, AdversarialConfig
     from training.train import TrainConfig
     from training.train import train as run
@@ -170,9 +173,6 @@ def train(
     for hint, (value, allowed) in choices.items():
         if value is not None and value not in allowed:
             raise typer.BadParameter(f"use {', '.join(allowed)}", param_hint=hint)
-
-    def given(**kw: object) -> dict[str, object]:
-        return {k: v for k, v in kw.items() if v is not None}
 
     adv = replace(
         AdversarialConfig(),

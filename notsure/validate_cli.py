@@ -1,6 +1,7 @@
 """`notsure validate ood`: refusal of out-of-distribution images, through the live service.
 
 Registered on the main app by `notsure.cli`; numpy/sklearn/matplotlib load only when it runs.
+Options default to None: the config is `replace(OodConfig(), **given)`.
 """
 
 from __future__ import annotations
@@ -12,13 +13,10 @@ from typing import Annotated
 
 import typer
 
+from notsure.options import given, split
+
 app = typer.Typer(no_args_is_help=True, help="Validate a served model on shifted data.")
 Opt = typer.Option
-
-
-def _split(values: list[str] | None) -> tuple[str, ...]:
-    """Repeated options and comma-separated lists: ['a,b', 'c'] -> ('a', 'b', 'c')."""
-    return tuple(v.strip() for item in values or [] for v in item.split(",") if v.strip())
 
 
 @app.command("ood")
@@ -54,25 +52,17 @@ def ood(
     from training.ood import SHIFTS, OodConfig, run
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    shifts = _split(shift)
+    shifts = split(shift) or ()
     if bad := [s for s in shifts if s not in (*SHIFTS, "none")]:
         raise typer.BadParameter(
             f"{bad[0]!r}: use {', '.join(SHIFTS)} or none", param_hint="--shift"
         )
-    given = {
-        "models": _split(model) or None,
-        "ood": _split(ood) or None,
-        "id_data": id_data,
-        "shifts": tuple(s for s in shifts if s != "none") if shifts else None,
-        "url": url,
-        "data_dir": data_dir,
-        "models_dir": models_dir,
-        "n": n,
-        "batch_size": batch_size,
-        "out_dir": out,
-        "api_key": api_key,
-    }
-    cfg = replace(OodConfig(), **{k: v for k, v in given.items() if v is not None})  # type: ignore[arg-type]
+    cfg = replace(OodConfig(), **given(
+        models=split(model), ood=split(ood), id_data=id_data,
+        shifts=tuple(s for s in shifts if s != "none") if shifts else None, url=url,
+        data_dir=data_dir, models_dir=models_dir, n=n, batch_size=batch_size, out_dir=out,
+        api_key=api_key,
+    ))  # fmt: skip
     report = run(cfg)
     for m in report["models"]:
         for r in m["rows"]:

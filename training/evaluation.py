@@ -21,6 +21,7 @@ from service.scoring import (
 )
 
 F64 = npt.NDArray[np.float64]
+Z95 = 1.959964  # the two-sided 95% point of the standard normal distribution
 
 
 def fit_kernel(train_logits: npt.NDArray[np.floating], eta: float = 1.0) -> Kernel:
@@ -42,6 +43,16 @@ def roc_auc(normal: npt.ArrayLike, adversarial: npt.ArrayLike) -> float:
 
     y = np.concatenate([np.ones(c.size), np.zeros(a.size)])
     return float(roc_auc_score(y, np.concatenate([c, a])))
+
+
+def auc_se(auc: float, n_pos: int, n_neg: int) -> float:
+    """Standard error of a ROC-AUC from its value and the two sample sizes (Hanley & McNeil
+    1982, Eq. 2): for results kept as aggregates, where the per-sample scores a bootstrap would
+    resample are not kept. For well-separated normal scores it errs wide (about 1.3x the spread
+    at AUC 0.96), so intervals built on it are conservative."""
+    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
+    var = auc * (1 - auc) + (n_pos - 1) * (q1 - auc**2) + (n_neg - 1) * (q2 - auc**2)
+    return math.sqrt(max(var, 0.0) / (n_pos * n_neg))
 
 
 def refuse_at_clean_rate(clean: F64, adversarial: F64, clean_refuse: float) -> tuple[float, float]:

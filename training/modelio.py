@@ -1,4 +1,5 @@
-"""Load the PyTorch network that belongs to a model-repository entry (for white-box attacks).
+"""Find a model-repository entry, load the PyTorch network that belongs to it (for white-box
+attacks) and the test images of the data set it was trained on.
 
 The ONNX graph is what the service runs; gradients need the network itself, rebuilt from the
 manifest's architecture and the safetensors state dict next to it. The weights file is checked
@@ -15,11 +16,42 @@ from safetensors.torch import load_file
 from torch import nn
 
 from service.manifest import MANIFEST_FILE, WEIGHTS_FILE, Manifest, sha256_file
+from training import data as data_mod
 from training.nets import build_net
+
+# The dry run's synthetic test split: calibrate.py uses seed + 2 for the test split of seed 0.
+SYNTHETIC_TEST_SEED = 2
 
 
 class WeightsMismatch(RuntimeError):
     """The weights file next to a manifest is missing or is not the one the manifest names."""
+
+
+def model_version_dir(models_dir: Path, name: str, version: int | None = None) -> Path:
+    """models/<name>/<version>; the highest version that has a manifest unless one is given."""
+    if version is not None:
+        return models_dir / name / str(version)
+    folder = models_dir / name
+    versions = sorted(
+        int(p.name) for p in folder.glob("*") if p.name.isdigit() and (p / MANIFEST_FILE).exists()
+    )
+    if not versions:
+        raise FileNotFoundError(
+            f"no calibrated version of {name!r} in {models_dir}/ (expected "
+            f"{folder}/<version>/{MANIFEST_FILE}); check --models-dir and the model name"
+        )
+    return folder / str(versions[-1])
+
+
+def test_images(manifest: Manifest, data_dir: Path, n: int) -> data_mod.TensorData:
+    """The first n images of the test split of the data set the model was trained on."""
+    dataset = manifest.training.dataset if manifest.training else "mnist"
+    if dataset == "synthetic":
+        return data_mod.synthetic(n, seed=SYNTHETIC_TEST_SEED, shape=manifest.input_shape)
+    test = data_mod.load(dataset, data_dir, train=False)
+    if n > len(test):
+        raise ValueError(f"--n {n} is larger than the {dataset} test set ({len(test)} images)")
+    return test.subset(slice(0, n))
 
 
 def load_manifest(model_dir: Path) -> Manifest:

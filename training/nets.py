@@ -116,7 +116,7 @@ class SimpleCNNConfig:
 
 
 class SimpleCNN(nn.Module):
-    """conv-conv-pool-conv-conv-pool-fc-fc-fc with ReLU and dropout, as in appendix Table 2."""
+    """TRADES' SmallCNN: two 3x3 convs a block, ReLU, dropout; not the paper's Table 2 net."""
 
     def __init__(self, cfg: SimpleCNNConfig) -> None:
         super().__init__()

@@ -24,10 +24,11 @@ import numpy as np
 import numpy.typing as npt
 
 from service.manifest import MANIFEST_FILE, Manifest
-from service.scoring import SCORE_NAMES, accept
+from service.scoring import NOT_SURE, SCORE_NAMES, accept
 from training import data as data_mod
-from training.attack.service_client import NOT_SURE, V2Client
+from training.clients import V2Client
 from training.progress import progress_bar
+from training.provenance import run_record
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +235,7 @@ def run(cfg: OodConfig) -> dict[str, Any]:
     from training.ood_report import write_report
 
     report = {
+        "run": run_record(),
         "protocol": "ID = the model's test set, positive class; higher score = more ID; "
         "FPR@95 = share of OOD accepted at the T that accepts 95% of ID; refuse rate at the "
         "served T (served score) or the manifest's score_thresholds (others); live service",

@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from training.attack.audit import attack_chunk
-from training.attack.plan import all_jobs
-from training.attack.store import results_path
-from training.attack.subject import MODELS, AuditConfig, load_model, served_scores
+from training.audit.jobs import all_jobs
+from training.audit.runner import attack_chunk
+from training.audit.store import results_path
+from training.audit.subject import AuditConfig, Models
 
 OUT = Path("service/ui/gallery")
 # (model, eps): the default model and the adversarially trained CE model, which the README
@@ -50,13 +50,12 @@ def main() -> None:
     args = ap.parse_args()
     names = tuple(sorted({m for m, _ in CASES}))
     cfg = AuditConfig(models=names, data_dir=args.data_dir, threads=2)
-    for name in names:
-        MODELS.setdefault(name, load_model(cfg, name))
-    jobs = all_jobs(names, served=served_scores())
+    models = Models(cfg)
+    jobs = all_jobs(names, served=models.served())
     OUT.mkdir(parents=True, exist_ok=True)
     entries: list[dict[str, object]] = []
     for name, eps in CASES:
-        model = MODELS[name]
+        model = models[name]
         job = next(
             j for j in jobs
             if j.model == name and j.attack.attack == "lagrangian" and j.attack.loss == "margin"

@@ -22,8 +22,8 @@ from typer.testing import CliRunner
 from notsure.attack_cli import register
 from service.config import Settings
 from service.server import uvicorn_config
-from training.attack.run import AttackRunConfig, run
-from training.attack.service_client import OUTPUTS, ServiceError
+from training.clients import OUTPUTS, ServiceError
+from training.validator.run import AttackRunConfig, run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MODELS = ("tiny-rce", "tiny-ce")
@@ -142,26 +142,28 @@ def test_a_dead_service_fails_within_the_bounds(model_repo: Path, tmp_path: Path
 def test_audit_images_replayed_through_the_live_service_get_the_offline_decisions(
     live_url: str, model_repo: Path, tmp_path: Path
 ) -> None:
-    """`notsure attack --adaptive --plan live`: every saved adversarial image goes to the
+    """`notsure audit --plan live`: every saved adversarial image goes to the
     running service over KServe V2, and the wins read from its answers must be the ones the
     audit counted offline: its own decision at the served T, its K-density and predicted
     class at the K-density jobs' T. A replayed row replaces its earlier one; others are kept."""
     from dataclasses import replace
 
-    from training.attack import audit
+    from training.audit import plans
+    from training.audit.subject import AuditConfig, Models
 
-    cfg = audit.AuditConfig(plan="headline", models=MODELS, models_dir=model_repo,
-                            work_dir=tmp_path / "work", out_json=tmp_path / "adaptive.json",
-                            chunk=4, dry_run=True, url=live_url)  # fmt: skip
-    rows = audit.run(cfg)
-    audit.run(replace(cfg, plan="k-density"))
-    audit.run(replace(cfg, plan="secondary"))  # T for 1%, confidence T, L2 and C&W jobs
+    cfg = AuditConfig(plan="headline", models=MODELS, models_dir=model_repo,
+                      work_dir=tmp_path / "work", out_json=tmp_path / "adaptive.json",
+                      chunk=4, dry_run=True, url=live_url)  # fmt: skip
+    models = Models(cfg)
+    rows = plans.run(cfg, models)
+    plans.run(replace(cfg, plan="k-density"), models)
+    plans.run(replace(cfg, plan="secondary"), models)  # T for 1%, confidence T, L2 and C&W jobs
     earlier = {"model": "another-model", "attack": "lagrangian", "eps": 0.1, "n": 5,
                "offline_wins": 1, "live_wins": 1, "disagree": 0}  # fmt: skip
     stale = {**earlier, "model": MODELS[0], "eps": 0.3, "live_wins": 0, "disagree": 1}
     live_json = tmp_path / "live.json"
     live_json.write_text(json.dumps([earlier, stale]))
-    audit.run(replace(cfg, plan="live"))
+    plans.run(replace(cfg, plan="live"), models)
     live = json.loads(live_json.read_text())
     assert live[0] == earlier and stale not in live
     replayed = live[1:]

@@ -21,11 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.attack.classic import AttackConfig, attack
+from training.attacks.classic import AttackConfig, attack
 from training.evaluation import fit_kernel, num, pct, roc_auc, table
 from training.export import load_run
 from training.losses import Objective
 from training.repro.common import (
+    DRY_RUN_RUNS,
     Output,
     adam_run,
     load_splits,
@@ -47,7 +48,7 @@ OPERATING_POINTS = (0.01, 0.05, 0.10)  # clean refuse rates at which T is read o
 @dataclass(frozen=True)
 class BnnConfig:
     dataset: str = "mnist"
-    data_dir: Path = Path("../shared/data")
+    data_dir: Path = Path("data")
     val_size: int = 0
     batch_size: int = 100
     steps: int = 3000  # CE/RCE with Adam lr 1e-3: 5 epochs of 60,000
@@ -70,6 +71,7 @@ class BnnConfig:
             sampler=sampler,
             attack_samples=128,
             sigma_samples=256,
+            runs_dir=DRY_RUN_RUNS,
             dry_run=True,
         )
         return replace(base, **overrides)

@@ -15,14 +15,16 @@ import torch
 from torch import nn
 
 from training import data as data_mod
-from training.attack.classic import served_predictions
+from training.attacks.classic import served_predictions
 from training.losses import Objective
+from training.provenance import run_record
 from training.train import TrainConfig
 
 DEFAULT_OUT = Path("docs/reproduction")
 DEFAULT_REPORT = Path("docs/reproduction.md")
 # Dry runs never touch the committed report: they write here unless told otherwise.
 DRY_RUN_OUT = Path("runs/repro-dry-run")
+DRY_RUN_RUNS = DRY_RUN_OUT / "runs"  # the dry runs' training runs
 
 REPORT_HEADER = """# Reproducing the RCE paper at CPU scale
 
@@ -79,8 +81,9 @@ _NUMBER_LIST = re.compile(r"\[\s+([-+0-9.eE,\snul]+?)\s+\]")
 
 
 def write_json(path: Path, obj: dict[str, object]) -> None:
-    """Strict JSON, indented, with each innermost list of numbers on one line (small files)."""
-    text = json.dumps(_finite(obj), indent=1, allow_nan=False)
+    """Strict JSON, indented, with each innermost list of numbers on one line (small files),
+    stamped with the date and machine of the run (`"run"`)."""
+    text = json.dumps(_finite({"run": run_record(), **obj}), indent=1, allow_nan=False)
     text = _NUMBER_LIST.sub(lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text)
     path.write_text(text + "\n", encoding="utf-8")
 

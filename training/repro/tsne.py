@@ -34,7 +34,7 @@ class TsneConfig:
         Path("models/mnist-resnet32-rce/1"),
     )
     dataset: str = "mnist"
-    data_dir: Path = Path("../shared/data")
+    data_dir: Path = Path("data")
     samples: int = 1000
     perplexity: float = 30.0
     seed: int = 0
