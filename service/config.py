@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     model_repository: Path = Path("models")
     # Serve only these model names (empty: every model in the repository).
     models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # The model the page at /ui opens on and the README's examples call (`GET /v1/models` names
+    # it as `default_model` when it is served; otherwise the page takes the first ready one).
+    default_model: str = "mnist-resnet32-rce"
     device: Literal["auto", "cuda", "cpu"] = "auto"
     intra_op_threads: int = Field(
         default=0, ge=0, description="threads per onnxruntime run; 0: cores / inference_threads"

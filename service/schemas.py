@@ -78,6 +78,8 @@ class ModelSummary(BaseModel):
 
 class ModelList(BaseModel):
     models: list[ModelSummary]
+    # The `default_model` setting when a version of it is ready, else null.
+    default_model: str | None = None
 
 
 class ErrorBody(BaseModel):

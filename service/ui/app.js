@@ -6,6 +6,7 @@ const SVG = "http://www.w3.org/2000/svg";
 
 let apiKey = null; // typed by the user when keys are on; lives in this variable only
 let models = [];
+let defaultModel = null; // the service's default_model setting, when it is served
 let calib = null; // GET /v1/models/{name}/calibration of the selected model
 let last = null; // the last prediction shown
 let sliderTimer = null;
@@ -80,14 +81,17 @@ $("key-form").addEventListener("submit", (ev) => {
 
 async function loadModels() {
   try {
-    models = (await api("/v1/models")).models.filter((m) => m.ready);
+    const listed = await api("/v1/models");
+    models = listed.models.filter((m) => m.ready);
+    defaultModel = listed.default_model;
   } catch (err) {
     showError(err);
     return;
   }
   clearError();
   const select = $("model");
-  const wanted = new URLSearchParams(location.search).get("model") || select.value;
+  const wanted =
+    new URLSearchParams(location.search).get("model") || select.value || defaultModel;
   select.replaceChildren(...models.map((m) => new Option(`${m.name} v${m.version}`, m.name)));
   if (models.some((m) => m.name === wanted)) select.value = wanted;
   await selectModel();

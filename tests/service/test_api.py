@@ -62,6 +62,15 @@ def test_health_and_server_metadata(client: TestClient) -> None:
     assert meta["name"] == "notsure" and "binary_tensor_data" in meta["extensions"]
 
 
+def test_the_model_list_names_the_default_model_only_when_it_is_served(model_repo: Path) -> None:
+    listed = {}
+    for default in ("tiny-rce", "mnist-resnet32-rce"):  # the second is not in this repository
+        settings = Settings(model_repository=model_repo, default_model=default)
+        with TestClient(create_app(settings)) as c:
+            listed[default] = c.get("/v1/models").json()["default_model"]
+    assert listed == {"tiny-rce": "tiny-rce", "mnist-resnet32-rce": None}
+
+
 def test_model_list_and_v2_metadata(client: TestClient) -> None:
     models = {(m["name"], m["version"]): m for m in client.get("/v1/models").json()["models"]}
     assert set(models) == {("tiny-ce", 1), ("tiny-rce", 1)}

@@ -22,7 +22,7 @@ from tests.conftest import LiveServer
 
 # The default model and the adversarially trained CE model the gallery also shows.
 MODELS = ["mnist-resnet32-rce", "mnist-cnn-ce-at"]
-DEFAULT = "mnist-resnet32-rce"
+DEFAULT = Settings().default_model
 TIMEOUT_MS = 15_000
 
 
@@ -89,12 +89,13 @@ def open_page(browser: Browser, base_url: str) -> Iterator[Page]:
 
 @pytest.fixture
 def tab(browser: Browser, server: LiveServer) -> Iterator[Page]:
-    """A fresh tab that has loaded /ui, listed the models and picked the default one."""
+    """A fresh tab that has loaded /ui, listed the models and opened on the default one (the
+    service's `default_model`, not the first in the list: that is mnist-cnn-ce-at)."""
     for t in open_page(browser, server.url):
         t.page.goto(f"{server.url}/ui")
         # (expect, not wait_for_function: the page's CSP forbids the eval that one polls with)
         select = t.page.get_by_test_id("model-select")
         expect(select.locator("option")).to_have_count(len(MODELS))
-        select.select_option(DEFAULT)
+        expect(select).to_have_value(DEFAULT)
         expect(t.page.locator("body")).to_have_attribute("data-model", DEFAULT)
         yield t

@@ -257,4 +257,6 @@ async def list_models(state: StateDep) -> dict[str, Any]:
                 error=found.error,
             )
         )
-    return {"models": out}
+    default = state.settings.default_model
+    ready = any(s.name == default and s.ready for s in out)
+    return {"models": out, "default_model": default if ready else None}
