@@ -63,18 +63,24 @@ def input_box(x: torch.Tensor, eps: float | torch.Tensor) -> Box:
     return (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0)
 
 
+# Affine layers take u + l and u - l (twice the centre and the radius) and halve the weights
+# instead: W/2 and |W|/2 are constants that onnxruntime folds once, which saves two divisions a
+# layer in the exported graph. Halving is exact in floating point.
+
+
 def _conv(m: nn.Conv2d, box: Box) -> Box:
     lower, upper = box
-    centre, radius = (upper + lower) / 2, (upper - lower) / 2
-    centre = m(centre)
-    radius = F.conv2d(radius, m.weight.abs(), None, m.stride, m.padding, m.dilation, m.groups)
+    centre = F.conv2d(upper + lower, m.weight * 0.5, m.bias, m.stride, m.padding, m.dilation,
+                      m.groups)  # fmt: skip
+    radius = F.conv2d(upper - lower, m.weight.abs() * 0.5, None, m.stride, m.padding,
+                      m.dilation, m.groups)  # fmt: skip
     return centre - radius, centre + radius
 
 
 def _linear(m: nn.Linear, box: Box) -> Box:
     lower, upper = box
-    centre, radius = (upper + lower) / 2, (upper - lower) / 2
-    centre, radius = m(centre), F.linear(radius, m.weight.abs())
+    centre = F.linear(upper + lower, m.weight * 0.5, m.bias)
+    radius = F.linear(upper - lower, m.weight.abs() * 0.5)
     return centre - radius, centre + radius
 
 
@@ -168,14 +174,15 @@ def served_sign(objective: Objective) -> float:
 def head_bounds(fc: nn.Linear, box: Box, sign: float) -> Bounds:
     """Margin and logit bounds of the served logits s = sign * (W h + b) over the box of h."""
     lower, upper = box
-    centre, radius = (upper + lower) / 2, (upper - lower) / 2  # (B, D)
+    centre2, radius2 = upper + lower, upper - lower  # (B, D), twice the centre and radius
     weight, bias = fc.weight, fc.bias  # (L, D), (L,)
     n = weight.shape[0]
     # Rows differenced before the interval step: (L, 1, D) - (1, L, D) -> (L*L, D)
-    diff_w = (sign * (weight[:, None, :] - weight[None, :, :])).reshape(n * n, -1)
+    diff_w = (sign * 0.5 * (weight[:, None, :] - weight[None, :, :])).reshape(n * n, -1)
     diff_b = (sign * (bias[:, None] - bias[None, :])).reshape(n * n)
-    margins = centre @ diff_w.T + diff_b - radius @ diff_w.abs().T  # (B, L*L)
-    z_centre, z_radius = centre @ weight.T + bias, radius @ weight.abs().T  # (B, L)
+    margins = centre2 @ diff_w.T + diff_b - radius2 @ diff_w.abs().T  # (B, L*L)
+    half = weight * 0.5
+    z_centre, z_radius = centre2 @ half.T + bias, radius2 @ half.abs().T  # (B, L)
     s_centre = sign * z_centre
     return Bounds(
         margins=margins.reshape(-1, n, n), lower=s_centre - z_radius, upper=s_centre + z_radius
