@@ -14,12 +14,14 @@ import typer
 from rich.logging import RichHandler
 
 from notsure.attack_cli import register as register_attack
+from notsure.certify_cli import app as certify_app
 from notsure.repro_cli import app as repro_app
 from notsure.validate_cli import app as validate_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.add_typer(repro_app, name="repro")
 app.add_typer(validate_app, name="validate")
+app.add_typer(certify_app, name="certify")
 register_attack(app)
 
 

@@ -110,3 +110,22 @@ def check_parity(
         )
     log.info("%s: parity with torch %.2e (relative) at eps %g", path, worst, eps)
     return worst
+
+
+def export_model(model_dir: Path, parity_images: int = 64) -> tuple[Path, float]:
+    """Write models/<name>/<version>/certify.onnx from the version's weights and check it
+    against torch at eps 0, 0.1 and 0.3 on synthetic images. Returns (path, worst parity)."""
+    from training.data import synthetic
+    from training.modelio import load_torch_model
+
+    net, manifest = load_torch_model(model_dir)
+    objective: Objective = manifest.objective
+    path = model_dir / CERTIFY_FILE
+    export_certify_graph(net, objective, manifest.input_shape, path)
+    x = synthetic(parity_images, seed=11, shape=manifest.input_shape).x
+    try:
+        worst = max(check_parity(net, objective, path, x, eps) for eps in (0.0, 0.1, 0.3))
+    except ParityError:
+        path.unlink(missing_ok=True)  # never leave a graph behind that disagrees with torch
+        raise
+    return path, worst
