@@ -77,10 +77,14 @@ def train(
     result = run(cfg)
     state = "done" if result.finished else "stopped (resume with the same command)"
     best = result.best
+    kept = (
+        f"kept epoch {best['epoch']:.0f}: held-out clean {best['val_clean']:.4f}, verified at "
+        f"{cfg.eval_eps:g} {best['val_verified']:.4f}"
+        if best
+        else "no epoch finished yet"
+    )
     typer.echo(
-        f"{state}: {result.steps} steps in {result.wall_time_s:.0f} s; kept epoch "
-        f"{best.get('epoch', float('nan')):.0f}: held-out clean {best.get('val_clean', 0):.4f}, "
-        f"verified at {cfg.eval_eps:g} {best.get('val_verified', 0):.4f} ({cfg.out_dir})"
+        f"{state}: {result.steps} steps in {result.wall_time_s:.0f} s; {kept} ({cfg.out_dir})"
     )
 
 

@@ -3,6 +3,7 @@ certificates of the trained network stand against PGD."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -33,8 +34,8 @@ def test_smoothed_ramp_is_continuous_monotone_and_ends_at_eps() -> None:
     s = Schedule(eps=0.4, warmup_steps=100, ramp_steps=1000, shape="smoothed")
     values = [s.eps_at(t) for t in range(0, 1300)]
     assert values[100] == 0.0 and values[1100] == pytest.approx(0.4)
-    assert all(b >= a for a, b in zip(values, values[1:], strict=False))
-    assert max(abs(b - a) for a, b in zip(values, values[1:], strict=False)) < 0.4 / 1000 * 1.5
+    assert all(b >= a for a, b in itertools.pairwise(values))
+    assert max(abs(b - a) for a, b in itertools.pairwise(values)) < 0.4 / 1000 * 1.5
     # Polynomial start: at a tenth of the way to the mid point, (1/10)^4 of the mid value.
     mid = 100 + 250
     assert s.eps_at(100 + 25) == pytest.approx(s.eps_at(mid) * 1e-4, rel=1e-6)
