@@ -23,7 +23,7 @@ def _given(**values: object) -> dict[str, object]:
 @app.command("train")
 def train(
     dataset: Annotated[str | None, Opt(help="mnist, fashion-mnist, cifar10 or synthetic")] = None,
-    arch: Annotated[str | None, Opt(help="cnn, mlp or resnet* (cnn: the tested shape)")] = None,
+    arch: Annotated[str | None, Opt(help="cnn or mlp [default: cnn]")] = None,
     objective: Annotated[str | None, Opt(help="ce, or rce (RCE clean term)")] = None,
     data_dir: Annotated[Path | None, Opt(help="folder in torchvision's layout")] = None,
     out: Annotated[Path | None, Opt(help="run folder (checkpoint, log, weights)")] = None,

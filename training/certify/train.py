@@ -139,6 +139,11 @@ def train(cfg: CertifyTrainConfig) -> CertifyTrainResult:
     """Train one network with IBP; resumes from out_dir/checkpoint.pt when present."""
     from training.train import pick_device
 
+    if cfg.arch.startswith("resnet"):
+        raise ValueError(
+            f"--arch {cfg.arch}: certified training supports cnn and mlp; a ResNet's BatchNorm "
+            "normalises each training batch with its own statistics, which IBP cannot bound"
+        )
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

@@ -98,3 +98,8 @@ def test_trained_certificates_stand_against_pgd(tmp_path: Path) -> None:
         assert float((adv - x[cert]).abs().max()) <= cfg.eval_eps + 1e-6
         with torch.no_grad():
             assert (net(adv).argmax(1) == y[cert]).all(), "PGD flipped a certified image"
+
+
+def test_resnets_are_refused_with_the_reason(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="BatchNorm"):
+        train(CertifyTrainConfig.tiny(arch="resnet8", out_dir=tmp_path))
