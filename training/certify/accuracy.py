@@ -215,10 +215,11 @@ def run(cfg: EvalConfig) -> list[CertifiedResult]:
     from training.modelio import load_manifest
 
     manifest = load_manifest(cfg.model_dir)
+    name = cfg.dataset or (manifest.training.dataset if manifest.training else "mnist")
     if cfg.dry_run:
+        name = "synthetic"
         test = data_mod.synthetic(256, seed=2, shape=manifest.input_shape)
     else:
-        name = cfg.dataset or (manifest.training.dataset if manifest.training else "mnist")
         test = data_mod.load(name, cfg.data_dir, train=False)
     n = cfg.limit or len(test)
     x = test.x[:n].numpy().astype(np.float32)
@@ -228,7 +229,7 @@ def run(cfg: EvalConfig) -> list[CertifiedResult]:
         meta = {
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU",
-            "dataset": "synthetic" if cfg.dry_run else (cfg.dataset or "manifest"),
+            "dataset": name,
         }
         cfg.out.parent.mkdir(parents=True, exist_ok=True)
         rows = [asdict(r) for r in results]
