@@ -11,6 +11,7 @@ per image. Outputs, all over the ball cut to [0, 1] (see bounds.py):
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,16 +57,19 @@ def export_certify_graph(
     bound_net = BoundNet(net.eval(), objective).eval()
     dummy = (torch.rand((2, *input_shape)), torch.full((2,), 0.1))
     batch = torch.export.Dim("batch", min=1, max=65536)
-    program = torch.onnx.export(
-        bound_net,
-        dummy,
-        input_names=list(INPUTS),
-        output_names=list(OUTPUTS),
-        dynamic_shapes=({0: batch}, {0: batch}),
-        opset_version=opset,
-        dynamo=True,
-        verbose=False,
-    )
+    with warnings.catch_warnings():
+        # Both inputs share the batch axis on purpose; the exporter says so once per export.
+        warnings.filterwarnings("ignore", message=".*axis name: batch will not be used.*")
+        program = torch.onnx.export(
+            bound_net,
+            dummy,
+            input_names=list(INPUTS),
+            output_names=list(OUTPUTS),
+            dynamic_shapes=({0: batch}, {0: batch}),
+            opset_version=opset,
+            dynamo=True,
+            verbose=False,
+        )
     if program is None:
         raise RuntimeError("torch.onnx.export returned no program")
     tmp = path.with_suffix(".tmp")
