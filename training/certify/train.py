@@ -152,7 +152,9 @@ def train(cfg: CertifyTrainConfig) -> CertifyTrainResult:
     net = build_net(cfg.arch, splits.train.input_shape, len(splits.train.classes)).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.out_dir / CONFIG_FILE).write_text(json.dumps(asdict(cfg), default=str, indent=2))
+    # Plus the optimiser keys `notsure calibrate` records in the manifest (Adam, no decay).
+    written = {**asdict(cfg), "optimizer": "adam", "momentum": 0.0, "weight_decay": 0.0}
+    (cfg.out_dir / CONFIG_FILE).write_text(json.dumps(written, default=str, indent=2))
 
     gen = torch.Generator().manual_seed(cfg.seed)
     step, elapsed = 0, 0.0

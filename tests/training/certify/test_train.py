@@ -103,3 +103,21 @@ def test_trained_certificates_stand_against_pgd(tmp_path: Path) -> None:
 def test_resnets_are_refused_with_the_reason(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="BatchNorm"):
         train(CertifyTrainConfig.tiny(arch="resnet8", out_dir=tmp_path))
+
+
+def test_a_certified_run_exports_and_calibrates_like_any_other(tmp_path: Path) -> None:
+    from service.manifest import MANIFEST_FILE, Manifest
+    from training.calibrate import CalibrateConfig, calibrate
+    from training.certify.graph import export_model
+    from training.export import ExportConfig, export
+
+    run = tmp_path / "run"
+    train(CertifyTrainConfig.tiny(steps=8, out_dir=run))
+    export(ExportConfig(run_dir=run, name="certified", models_dir=tmp_path / "models",
+                        parity_samples=16))  # fmt: skip
+    model = tmp_path / "models" / "certified" / "1"
+    calibrate(CalibrateConfig(model_dir=model))
+    manifest = Manifest.load(model / MANIFEST_FILE)
+    assert manifest.architecture == "mlp" and manifest.objective == "ce"
+    path, worst = export_model(model, parity_images=8)
+    assert path.exists() and worst < 1e-5
