@@ -15,6 +15,7 @@ from rich.logging import RichHandler
 
 from notsure.attack_cli import register as register_attack
 from notsure.audit_cli import register as register_audit
+from notsure.certify_cli import app as certify_app
 from notsure.import_cli import register as register_import
 from notsure.records_cli import app as records_app
 from notsure.repro_cli import app as repro_app
@@ -24,6 +25,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.add_typer(repro_app, name="repro")
 app.add_typer(validate_app, name="validate")
 app.add_typer(records_app, name="records")
+app.add_typer(certify_app, name="certify")
 register_attack(app)
 register_import(app)
 register_audit(app)

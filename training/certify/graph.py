@@ -1,0 +1,135 @@
+"""The certificate as a second ONNX graph, `certify.onnx` beside `model.onnx`, so that
+onnxruntime computes it without torch.
+
+Inputs: `input` (B, C, H, W) float32 pixels in [0, 1] and `eps` (B,) float32, one L-inf radius
+per image. Outputs, all over the ball cut to [0, 1] (see bounds.py):
+  `margins` (B, L, L): [b, c, j] a lower bound of s_c - s_j of the served logits s; the answer
+      c is certified on the ball iff margins[b, c, j] > 0 for every j != c;
+  `lower`, `upper` (B, L): bounds of each served logit.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+
+from training.certify.bounds import BoundNet
+from training.losses import Objective
+
+log = logging.getLogger(__name__)
+
+CERTIFY_FILE = "certify.onnx"
+INPUTS = ("input", "eps")
+OUTPUTS = ("margins", "lower", "upper")
+# Parity tolerance, relative to the largest bound: the graph sums the same terms in another
+# order than torch, so the two differ by float32 rounding only.
+PARITY_TOLERANCE = 1e-5
+
+
+class ParityError(RuntimeError):
+    """The exported bound graph does not compute what the torch bounds compute."""
+
+
+@dataclass(frozen=True)
+class GraphBounds:
+    margins: npt.NDArray[np.float32]  # (B, L, L)
+    lower: npt.NDArray[np.float32]  # (B, L)
+    upper: npt.NDArray[np.float32]  # (B, L)
+
+
+def export_certify_graph(
+    net: nn.Module,
+    objective: Objective,
+    input_shape: tuple[int, int, int],
+    path: Path,
+    opset: int = 18,
+) -> None:
+    """Export the IBP bound computation of net (eval mode) with a dynamic batch axis."""
+    import onnx
+
+    bound_net = BoundNet(net.eval(), objective).eval()
+    dummy = (torch.rand((2, *input_shape)), torch.full((2,), 0.1))
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with warnings.catch_warnings():
+        # Both inputs share the batch axis on purpose; the exporter says so once per export.
+        warnings.filterwarnings("ignore", message=".*axis name: batch will not be used.*")
+        program = torch.onnx.export(
+            bound_net,
+            dummy,
+            input_names=list(INPUTS),
+            output_names=list(OUTPUTS),
+            dynamic_shapes=({0: batch}, {0: batch}),
+            opset_version=opset,
+            dynamo=True,
+            verbose=False,
+        )
+    if program is None:
+        raise RuntimeError("torch.onnx.export returned no program")
+    tmp = path.with_suffix(".tmp")
+    program.save(str(tmp), external_data=False)  # one self-contained file, like model.onnx
+    onnx.checker.check_model(onnx.load(str(tmp)), full_check=True)
+    tmp.replace(path)
+
+
+def session(path: Path) -> object:
+    """An onnxruntime CPU session of a bound graph."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def run_graph(sess: object, x: npt.NDArray[np.float32], eps: float) -> GraphBounds:
+    """Bounds from the ONNX graph for images x (B, C, H, W) at one radius."""
+    feeds = {"input": x.astype(np.float32), "eps": np.full((x.shape[0],), eps, np.float32)}
+    margins, lower, upper = sess.run(list(OUTPUTS), feeds)  # type: ignore[attr-defined]
+    return GraphBounds(np.asarray(margins), np.asarray(lower), np.asarray(upper))
+
+
+def check_parity(
+    net: nn.Module, objective: Objective, path: Path, x: torch.Tensor, eps: float
+) -> float:
+    """Largest difference between the graph's and torch's bounds, relative to the largest bound;
+    raises ParityError above PARITY_TOLERANCE."""
+    from training.certify.bounds import ibp
+
+    with torch.no_grad():
+        want = ibp(net.eval(), x, eps, objective)
+    got = run_graph(session(path), x.numpy(), eps)
+    worst = 0.0
+    for name in OUTPUTS:
+        ref = getattr(want, name).numpy()
+        scale = max(float(np.abs(ref).max()), 1.0)
+        worst = max(worst, float(np.abs(getattr(got, name) - ref).max()) / scale)
+    if worst > PARITY_TOLERANCE:
+        raise ParityError(
+            f"{path}: bounds differ from torch's by {worst:.2e} of the largest bound "
+            f"(> {PARITY_TOLERANCE}); re-export with `notsure certify export`"
+        )
+    log.info("%s: parity with torch %.2e (relative) at eps %g", path, worst, eps)
+    return worst
+
+
+def export_model(model_dir: Path, parity_images: int = 64) -> tuple[Path, float]:
+    """Write models/<name>/<version>/certify.onnx from the version's weights and check it
+    against torch at eps 0, 0.1 and 0.3 on synthetic images. Returns (path, worst parity)."""
+    from training.data import synthetic
+    from training.modelio import load_torch_model
+
+    net, manifest = load_torch_model(model_dir)
+    objective: Objective = manifest.objective
+    path = model_dir / CERTIFY_FILE
+    export_certify_graph(net, objective, manifest.input_shape, path)
+    x = synthetic(parity_images, seed=11, shape=manifest.input_shape).x
+    try:
+        worst = max(check_parity(net, objective, path, x, eps) for eps in (0.0, 0.1, 0.3))
+    except ParityError:
+        path.unlink(missing_ok=True)  # never leave a graph behind that disagrees with torch
+        raise
+    return path, worst
