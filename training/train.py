@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -139,6 +139,26 @@ def batch_accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: 
     return acc
 
 
+def resume_state(
+    path: Path,
+    net: nn.Module,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    device: torch.device,
+) -> dict[str, Any] | None:
+    """Load a run's checkpoint into the net, the optimiser and the data-order generator, and
+    return it for the rest (step, elapsed time, a recipe's own state); None when there is none."""
+    if not path.exists():
+        return None
+    # weights_only=True: nothing but tensors and plain containers is unpickled.
+    ckpt: dict[str, Any] = torch.load(path, map_location=device, weights_only=True)
+    net.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    gen.set_state(ckpt["generator"])
+    log.info("resumed from %s at step %d", path, int(ckpt["step"]))
+    return ckpt
+
+
 def _make_optimizer(cfg: TrainConfig, net: nn.Module) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
@@ -164,16 +184,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     adversary = Adversary(adv, cfg.objective, cfg.seed) if adv.enabled else None
     step, elapsed = 0, 0.0
     ckpt_path = cfg.out_dir / CHECKPOINT_FILE
-    if cfg.resume and ckpt_path.exists():
-        # weights_only=True: nothing but tensors and plain containers is unpickled.
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        net.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        gen.set_state(ckpt["generator"])
+    ckpt = resume_state(ckpt_path, net, opt, gen, device) if cfg.resume else None
+    if ckpt is not None:
         step, elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
         if adversary is not None and "adversary" in ckpt:
             adversary.load_state_dict(ckpt["adversary"])
-        log.info("resumed from %s at step %d", ckpt_path, step)
 
     n_train = len(splits.train)
     log.info(

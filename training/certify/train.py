@@ -137,7 +137,7 @@ def _better(record: dict[str, float], best: dict[str, float]) -> bool:
 
 def train(cfg: CertifyTrainConfig) -> CertifyTrainResult:
     """Train one network with IBP; resumes from out_dir/checkpoint.pt when present."""
-    from training.train import pick_device
+    from training.train import pick_device, resume_state
 
     if cfg.arch.startswith("resnet"):
         raise ValueError(
@@ -160,14 +160,9 @@ def train(cfg: CertifyTrainConfig) -> CertifyTrainResult:
     step, elapsed = 0, 0.0
     best: dict[str, float] = {}
     ckpt_path = cfg.out_dir / CHECKPOINT_FILE
-    if cfg.resume and ckpt_path.exists():
-        # weights_only=True: nothing but tensors and plain containers is unpickled.
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        net.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        gen.set_state(ckpt["generator"])
+    ckpt = resume_state(ckpt_path, net, opt, gen, device) if cfg.resume else None
+    if ckpt is not None:
         step, elapsed, best = int(ckpt["step"]), float(ckpt["elapsed"]), dict(ckpt["best"])
-        log.info("resumed from %s at step %d", ckpt_path, step)
 
     n_train = len(splits.train)
     per_epoch = _epoch_steps(n_train, cfg.batch_size)
