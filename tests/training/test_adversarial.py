@@ -279,7 +279,9 @@ def test_keep_best_writes_the_weights_of_the_best_check(tmp_path: Path) -> None:
     result = train(replace(cfg, out_dir=tmp_path / "run"))
     checks = [c["guard_pgd_accuracy"] for c in result.guard_checks]
     assert len(checks) == 4
-    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").open()]
+    log = [
+        json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()
+    ]
     flagged = [r for r in log if r.get("best")]
     assert flagged and flagged[-1]["guard_pgd_accuracy"] == max(checks)
     assert all(
