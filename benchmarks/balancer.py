@@ -16,9 +16,12 @@ from typing import Any
 
 import httpx
 import yaml
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from benchmarks import ROOT
 from benchmarks.serve_process import ServeProcess, free_port
+from service.config import PROMETHEUS_DIR_VARIABLE
 
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 
@@ -91,8 +94,13 @@ class Fleet:
     """n replicas, haproxy in front on `url`, Prometheus scraping every replica each second."""
 
     def __init__(self, repo: Path, workdir: Path, replicas: int = 3,
-                 settings: dict[str, str] | None = None) -> None:  # fmt: skip
+                 settings: dict[str, str] | None = None,
+                 counter_files: bool = False) -> None:  # fmt: skip
+        """`counter_files`: each replica instance keeps its metrics in files of its own
+        (prometheus_client's multiprocess store), so that its counters can still be read after
+        it was killed: /metrics answers the same series, and no scrape reaches a dead process."""
         self.repo, self.workdir, self.settings = repo, workdir, settings or {}
+        self.counter_files = counter_files
         self.ports = [free_port() for _ in range(replicas)]
         self.replicas: list[ServeProcess | None] = [None] * replicas
         self.starts = [0] * replicas
@@ -127,7 +135,14 @@ class Fleet:
     def start_replica(self, i: int) -> ServeProcess:
         self.starts[i] += 1
         log = self.workdir / f"replica-{i}-{self.starts[i]}.log"
-        server = ServeProcess(self.repo, log, self.settings, port=self.ports[i]).start()
+        settings = dict(self.settings)
+        if self.counter_files:
+            folder = self.metrics_dir(i, self.starts[i])
+            folder.mkdir()
+            settings.update(
+                {"NOTSURE_METRICS_DIR": str(folder), PROMETHEUS_DIR_VARIABLE: str(folder)}
+            )
+        server = ServeProcess(self.repo, log, settings, port=self.ports[i]).start()
         self.replicas[i] = server
         return server
 
@@ -137,6 +152,29 @@ class Fleet:
         assert server is not None
         self.replicas[i] = None
         return server.terminate()
+
+    def kill_replica(self, i: int) -> int:
+        """SIGKILL: no drain; returns the exit code (-9)."""
+        server = self.replicas[i]
+        assert server is not None
+        self.replicas[i] = None
+        return server.kill()
+
+    def metrics_dir(self, i: int, start: int) -> Path:
+        """Where instance `start` (1, 2, ...) of replica i keeps its counters (counter_files)."""
+        return self.workdir / f"metrics-r{i}-{start}"
+
+    def counters_left(self, i: int, start: int) -> list[tuple[str, dict[str, str], float]]:
+        """The counter samples (name, labels, value) an instance left in its files, read the
+        way its /metrics would have read them; complete even after a SIGKILL, since every
+        increment is written to the shared memory map of the file at once."""
+        if not self.counter_files:
+            raise RuntimeError("the fleet was started without counter_files=True")
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(self.metrics_dir(i, start)))  # type: ignore[no-untyped-call]
+        return [(s.name, s.labels, s.value) for metric in registry.collect()
+                if metric.type == "counter" for s in metric.samples
+                if s.name.endswith("_total")]  # fmt: skip
 
     def __enter__(self) -> Fleet:
         try:
