@@ -27,6 +27,8 @@ import argparse
 import asyncio
 import itertools
 import json
+import os
+import platform
 import re
 import signal
 import sys
@@ -74,6 +76,8 @@ class FleetSoakResult:
     concurrency: int
     victim: int
     signal: str = "term"
+    date: str = ""  # UTC start of the run
+    machine: str = ""
     traffic_s: float = 0.0  # how long traffic really ran (past duration_s after a slow restart)
     requests: int = 0
     ok: int = 0
@@ -292,6 +296,8 @@ def run_fleet_soak(cfg: FleetSoakConfig) -> FleetSoakResult:
     if cfg.signal not in ("term", "kill"):
         raise ValueError(f"signal must be 'term' or 'kill', got {cfg.signal!r}")
     res = FleetSoakResult(cfg.replicas, cfg.duration_s, cfg.concurrency, cfg.victim, cfg.signal)
+    res.date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    res.machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU"
     with Fleet(cfg.repo, cfg.workdir, cfg.replicas, dict(cfg.settings),
                counter_files=cfg.signal == "kill") as fleet:  # fmt: skip
         started = time.time()
