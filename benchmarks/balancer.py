@@ -153,6 +153,13 @@ class Fleet:
         self.replicas[i] = None
         return server.terminate()
 
+    def freeze_replica(self, i: int) -> None:
+        """SIGSTOP: the replica hangs; the kernel still accepts connections and requests for it,
+        and nothing answers them."""
+        server = self.replicas[i]
+        assert server is not None and server.proc is not None
+        server.proc.send_signal(signal.SIGSTOP)
+
     def kill_replica(self, i: int) -> int:
         """SIGKILL: no drain; returns the exit code (-9)."""
         server = self.replicas[i]

@@ -59,6 +59,9 @@ class FleetSoakConfig:
     concurrency: int = 8
     victim: int = 1  # the replica sent the signal
     signal: str = "term"  # "term": SIGTERM, drained; "kill": SIGKILL, nothing drained
+    # SIGKILL only: SIGSTOP the victim this long first (a hung replica, then killed, as a
+    # liveness probe does), so that the kill surely finds requests it has not answered.
+    freeze_s: float = 0.0
     kill_at: float = 0.3  # fractions of the duration
     restart_at: float = 0.55
     # Traffic goes on at least this long after the restarted replica is back in rotation (a
@@ -207,6 +210,10 @@ async def _drive(cfg: FleetSoakConfig, fleet: Fleet, res: FleetSoakResult) -> fl
 
     async def fault() -> None:
         await asyncio.sleep(cfg.kill_at * cfg.duration_s)
+        if cfg.signal == "kill" and cfg.freeze_s > 0:
+            event(f"SIGSTOP r{cfg.victim}")
+            fleet.freeze_replica(cfg.victim)
+            await asyncio.sleep(cfg.freeze_s)
         event(f"SIG{cfg.signal.upper()} r{cfg.victim}")
         stop = fleet.kill_replica if cfg.signal == "kill" else fleet.terminate_replica
         res.victim_exit_code = await asyncio.to_thread(stop, cfg.victim)
@@ -332,12 +339,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replicas", type=int, default=3)
     p.add_argument("--signal", choices=("term", "kill"), default="term",
                    help="SIGTERM the victim (it drains) or SIGKILL it")  # fmt: skip
+    p.add_argument("--freeze", type=float, default=0.0,
+                   help="with --signal kill: SIGSTOP the victim this long first (s)")  # fmt: skip
     p.add_argument("--out", type=Path, help="write the result as JSON here")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="fleet-soak-") as work:
         cfg = FleetSoakConfig(repo=a.repo.resolve(), workdir=Path(work), replicas=a.replicas,
                               duration_s=a.duration, concurrency=a.concurrency,
-                              signal=a.signal)  # fmt: skip
+                              signal=a.signal, freeze_s=a.freeze)  # fmt: skip
         res = run_fleet_soak(cfg)
     text = json.dumps(asdict(res), indent=2)
     if a.out:
