@@ -28,17 +28,30 @@ PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 HAPROXY_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
 
 
-def haproxy_config(port: int, replica_ports: list[int], stats_socket: Path) -> str:
-    """deploy/haproxy/haproxy.cfg with its listen address, stats socket and servers moved to
-    127.0.0.1 (every other setting as shipped)."""
+def haproxy_config(port: int, replica_ports: list[int], stats_socket: Path,
+                   grpc: tuple[int, list[int]] | None = None) -> str:  # fmt: skip
+    """deploy/haproxy/haproxy.cfg with its listen addresses, stats socket and servers moved to
+    127.0.0.1 (every other setting as shipped). `grpc`: the gRPC listen port and each replica's
+    gRPC port (in replica_ports' order); without it the gRPC listener gets a free port and its
+    servers point at the replicas' HTTP ports (never used)."""
     text = HAPROXY_CFG.read_text()
     text, binds = re.subn(r"(?m)^(\s*)bind \S+$", rf"\1bind 127.0.0.1:{port}", text)
+    grpc_port, grpc_ports = grpc or (free_port(), replica_ports)
+    text, h2_binds = re.subn(r"(?m)^(\s*)bind \S+ proto h2$",
+                             rf"\1bind 127.0.0.1:{grpc_port} proto h2", text)  # fmt: skip
     text, socks = re.subn(r"stats socket \S+", f"stats socket {stats_socket}", text)
-    servers = "\n".join(f"    server r{i} 127.0.0.1:{p} check" for i, p in enumerate(replica_ports))
-    text, n = re.subn(r"(?m)^\s*server r\d+ .*$\n?", "", text)
-    if (binds, socks) != (1, 1) or not n:
-        raise RuntimeError(f"{HAPROXY_CFG}: expected one bind, one stats socket, server lines")
-    return text.rstrip("\n") + "\n" + servers + "\n"
+    http = "".join(f"    server r{i} 127.0.0.1:{p} check\n" for i, p in enumerate(replica_ports))
+    h2 = "".join(f"    server g{i} 127.0.0.1:{g} check port {p} check-proto h1 proto h2\n"
+                 for i, (p, g) in enumerate(zip(replica_ports, grpc_ports,
+                                                strict=True)))  # fmt: skip
+    # Each backend's server lines give way to the replicas', in place.
+    text = re.sub(r"(?m)^\s*server [rg][1-9]\d* .*\n", "", text)
+    text, n = re.subn(r"(?m)^\s*server r0 .*\n", lambda _: http, text)
+    text, n_h2 = re.subn(r"(?m)^\s*server g0 .*\n", lambda _: h2, text)
+    if (binds, h2_binds, socks, n, n_h2) != (1, 1, 1, 1, 1):
+        raise RuntimeError(f"{HAPROXY_CFG}: expected one HTTP and one h2 bind, one stats "
+                           "socket, servers r0... and g0...")  # fmt: skip
+    return text
 
 
 def _wait(what: str, probe: Callable[[], bool], timeout: float, proc: subprocess.Popen[bytes],
@@ -104,15 +117,22 @@ class Fleet:
         self.ports = [free_port() for _ in range(replicas)]
         self.replicas: list[ServeProcess | None] = [None] * replicas
         self.starts = [0] * replicas
-        self.port, self.prom_port = free_port(), free_port()
+        self.grpc_ports = [free_port() for _ in range(replicas)]
+        self.port, self.grpc_port, self.prom_port = free_port(), free_port(), free_port()
         cfg = workdir / "haproxy.cfg"
-        cfg.write_text(haproxy_config(self.port, self.ports, workdir / "haproxy.sock"))
+        cfg.write_text(haproxy_config(self.port, self.ports, workdir / "haproxy.sock",
+                                      (self.grpc_port, self.grpc_ports)))  # fmt: skip
         self.haproxy = Process([binary("haproxy"), "-f", str(cfg), "-db"], workdir / "haproxy.log")
         self.prometheus = Process(self._prometheus_argv(), workdir / "prometheus.log")
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def grpc_target(self) -> str:
+        """haproxy's gRPC (HTTP/2) listener."""
+        return f"127.0.0.1:{self.grpc_port}"
 
     @property
     def prom_url(self) -> str:
@@ -135,7 +155,7 @@ class Fleet:
     def start_replica(self, i: int) -> ServeProcess:
         self.starts[i] += 1
         log = self.workdir / f"replica-{i}-{self.starts[i]}.log"
-        settings = dict(self.settings)
+        settings = {**self.settings, "NOTSURE_GRPC_PORT": str(self.grpc_ports[i])}
         if self.counter_files:
             folder = self.metrics_dir(i, self.starts[i])
             folder.mkdir()
@@ -196,6 +216,8 @@ class Fleet:
             self.wait_until(lambda: self.targets_up() == len(self.ports), 30, "every target up")
             # Every replica in haproxy's rotation (rise 2 = two passing checks) before traffic.
             self.wait_until(lambda: self.servers_up() == len(self.ports), 30, "every server UP")
+            self.wait_until(lambda: self.servers_up("notsure_grpc") == len(self.ports), 30,
+                            "every gRPC server UP")  # fmt: skip
         except BaseException:
             self.__exit__()
             raise
@@ -241,13 +263,13 @@ class Fleet:
         header = lines[0].removeprefix("# ").split(",")
         return [dict(zip(header, line.split(","), strict=False)) for line in lines[1:]]
 
-    def servers_up(self) -> int:
-        """Replicas haproxy has in rotation."""
+    def servers_up(self, backend: str = "notsure") -> int:
+        """Replicas haproxy has in rotation (backend notsure_grpc: for gRPC)."""
         return sum(r["status"] == "UP" for r in self._stat()
-                   if r["pxname"] == "notsure" and r["svname"] != "BACKEND")  # fmt: skip
+                   if r["pxname"] == backend and r["svname"] != "BACKEND")  # fmt: skip
 
-    def backend_counters(self) -> dict[str, int]:
+    def backend_counters(self, backend: str = "notsure") -> dict[str, int]:
         """Retries, redispatches and responses by class of the backend, from haproxy itself."""
-        (row,) = [r for r in self._stat() if r["pxname"] == "notsure" and r["svname"] == "BACKEND"]
+        (row,) = [r for r in self._stat() if r["pxname"] == backend and r["svname"] == "BACKEND"]
         keys = ("stot", "wretr", "wredis", "econ", "eresp", "hrsp_2xx", "hrsp_4xx", "hrsp_5xx")
         return {k: int(row[k] or 0) for k in keys}

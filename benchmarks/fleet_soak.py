@@ -44,6 +44,7 @@ import numpy as np
 
 from benchmarks import ROOT
 from benchmarks.balancer import Fleet
+from benchmarks.fleet_grpc import grpc_calls, grpc_worker
 from benchmarks.soak import SERVER_CALLS, Call, build_calls, check
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "notsure.json"
@@ -62,6 +63,7 @@ class FleetSoakConfig:
     # SIGKILL only: SIGSTOP the victim this long first (a hung replica, then killed, as a
     # liveness probe does), so that the kill surely finds requests it has not answered.
     freeze_s: float = 0.0
+    protocol: str = "http"  # "http": the HTTP mix; "grpc": V2 ModelInfer through HTTP/2
     kill_at: float = 0.3  # fractions of the duration
     restart_at: float = 0.55
     # Traffic goes on at least this long after the restarted replica is back in rotation (a
@@ -79,6 +81,7 @@ class FleetSoakResult:
     concurrency: int
     victim: int
     signal: str = "term"
+    protocol: str = "http"
     date: str = ""  # UTC start of the run
     machine: str = ""
     traffic_s: float = 0.0  # how long traffic really ran (past duration_s after a slow restart)
@@ -200,6 +203,7 @@ async def _calls(url: str, seed: int) -> list[Call]:
 async def _drive(cfg: FleetSoakConfig, fleet: Fleet, res: FleetSoakResult) -> float:
     """Traffic for the whole duration; SIGTERM and restart of the victim meanwhile."""
     traffic = Traffic(cfg, res, await _calls(fleet.url, cfg.seed))
+    backend = "notsure_grpc" if cfg.protocol == "grpc" else "notsure"
     limits = httpx.Limits(max_connections=cfg.concurrency,
                           max_keepalive_connections=cfg.concurrency)  # fmt: skip
     t0 = time.monotonic()
@@ -229,16 +233,22 @@ async def _drive(cfg: FleetSoakConfig, fleet: Fleet, res: FleetSoakResult) -> fl
         event(f"restart r{cfg.victim}")
         await asyncio.to_thread(fleet.start_replica, cfg.victim)
         event(f"r{cfg.victim} ready")
-        await asyncio.to_thread(fleet.wait_until, lambda: fleet.servers_up() == cfg.replicas,
+        await asyncio.to_thread(fleet.wait_until,
+                                lambda: fleet.servers_up(backend) == cfg.replicas,
                                 30, "the restarted replica in rotation")  # fmt: skip
         event(f"r{cfg.victim} back in rotation")
         traffic.deadline = max(traffic.deadline, time.monotonic() + cfg.after_restart_s)
         traffic.restarted = True
 
-    async with httpx.AsyncClient(base_url=fleet.url, limits=limits,
-                                 timeout=cfg.timeout_s) as client:  # fmt: skip
-        await asyncio.gather(fault(), *(traffic.worker(i, client)
+    if cfg.protocol == "grpc":
+        calls = await grpc_calls(fleet.url, cfg.seed)
+        await asyncio.gather(fault(), *(grpc_worker(traffic, i, fleet.grpc_target, calls)
                                         for i in range(cfg.concurrency)))  # fmt: skip
+    else:
+        async with httpx.AsyncClient(base_url=fleet.url, limits=limits,
+                                     timeout=cfg.timeout_s) as client:  # fmt: skip
+            await asyncio.gather(fault(), *(traffic.worker(i, client)
+                                            for i in range(cfg.concurrency)))  # fmt: skip
     elapsed = time.monotonic() - t0
     res.traffic_s = round(elapsed, 1)
     res.req_per_s = round(res.requests / elapsed, 1)
@@ -268,8 +278,9 @@ def _scraped(fleet: Fleet, port: int, gone: bool = False) -> Tally:
     return tally
 
 
-# The inference routes (native predict, V2 infer), as their templates label the request counter.
-INFER_ENDPOINTS = ".*/(predict|infer).*"
+# The inference routes (native predict, V2 infer; gRPC ModelInfer), as the request counter
+# labels them.
+INFER_ENDPOINTS = ".*/(predict|infer).*|.*/ModelInfer"
 
 
 def _scraped_requests(fleet: Fleet, port: int, gone: bool = False) -> int:
@@ -302,14 +313,19 @@ def dashboard_refuse_expr(window_s: int) -> str:
 def run_fleet_soak(cfg: FleetSoakConfig) -> FleetSoakResult:
     if cfg.signal not in ("term", "kill"):
         raise ValueError(f"signal must be 'term' or 'kill', got {cfg.signal!r}")
-    res = FleetSoakResult(cfg.replicas, cfg.duration_s, cfg.concurrency, cfg.victim, cfg.signal)
+    if cfg.protocol not in ("http", "grpc"):
+        raise ValueError(f"protocol must be 'http' or 'grpc', got {cfg.protocol!r}")
+    res = FleetSoakResult(cfg.replicas, cfg.duration_s, cfg.concurrency, cfg.victim, cfg.signal,
+                          cfg.protocol)  # fmt: skip
     res.date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     res.machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU"
     with Fleet(cfg.repo, cfg.workdir, cfg.replicas, dict(cfg.settings),
                counter_files=cfg.signal == "kill") as fleet:  # fmt: skip
         started = time.time()
         asyncio.run(_drive(cfg, fleet, res))
-        res.balancer = fleet.backend_counters()
+        res.balancer = fleet.backend_counters(
+            "notsure_grpc" if cfg.protocol == "grpc" else "notsure"
+        )
         # Three more scrapes of the final counters, then read them.
         time.sleep(3.5)
         for i, port in enumerate(fleet.ports):
@@ -341,12 +357,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="SIGTERM the victim (it drains) or SIGKILL it")  # fmt: skip
     p.add_argument("--freeze", type=float, default=0.0,
                    help="with --signal kill: SIGSTOP the victim this long first (s)")  # fmt: skip
+    p.add_argument("--protocol", choices=("http", "grpc"), default="http",
+                   help="the HTTP mix, or V2 gRPC ModelInfer over HTTP/2")  # fmt: skip
     p.add_argument("--out", type=Path, help="write the result as JSON here")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="fleet-soak-") as work:
         cfg = FleetSoakConfig(repo=a.repo.resolve(), workdir=Path(work), replicas=a.replicas,
                               duration_s=a.duration, concurrency=a.concurrency,
-                              signal=a.signal, freeze_s=a.freeze)  # fmt: skip
+                              signal=a.signal, freeze_s=a.freeze,
+                              protocol=a.protocol)  # fmt: skip
         res = run_fleet_soak(cfg)
     text = json.dumps(asdict(res), indent=2)
     if a.out:
