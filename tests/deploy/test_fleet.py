@@ -180,3 +180,39 @@ def test_the_accounting_catches_an_uncounted_answer_of_the_killed_replica(
     problems = "\n".join(accounting_problems(bad))
     assert "r1#1: answered more than its own counters say" in problems
     assert "r1#1: counted" in problems
+
+
+# --- gRPC through haproxy's HTTP/2 listener, one replica hung then SIGKILLed ----------------
+
+
+@pytest.fixture(scope="module")
+def killed_grpc(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> FleetSoakResult:
+    tool("haproxy"), tool("prometheus")
+    cfg = FleetSoakConfig(repo=model_repo, workdir=tmp_path_factory.mktemp("fleet-grpc"),
+                          duration_s=KILL_DURATION_S, concurrency=8, kill_at=0.25,
+                          restart_at=0.4, signal="kill", freeze_s=FREEZE_S,
+                          protocol="grpc")  # fmt: skip
+    res = run_fleet_soak(cfg)
+    print(f"\ngRPC fleet soak with SIGKILL, {KILL_DURATION_S} s: {res.requests} calls, {res.ok} "
+          f"ok, errors {res.errors}, haproxy {res.balancer}, events {res.events}, images run "
+          f"twice {res.duplicated_inference_images}")  # fmt: skip
+    return res
+
+
+def test_grpc_calls_survive_a_killed_replica(killed_grpc: FleetSoakResult) -> None:
+    res = killed_grpc
+    assert res.requests > 50
+    assert (res.lost, res.duplicated, res.errors) == (0, 0, {})
+    assert res.ok == res.requests
+    assert res.victim_exit_code == -9
+    assert set(res.by_replica) == {"r0", "r1", "r2"}
+    assert {"r0#1", "r1#1", "r1#2", "r2#1"} <= set(res.client_by_instance)
+    assert res.balancer["wretr"] >= 1, res.balancer  # haproxy resent calls r1 held
+    assert res.balancer["hrsp_5xx"] == 0
+    # The replicas' request counters (protocol grpc) and images add up to the client's.
+    assert accounting_problems(res) == []
+    for inst in ("r0#1", "r2#1", "r1#2"):
+        assert res.scraped_requests[inst] == res.client_requests[inst], inst
+        assert res.scraped_by_instance[inst] == res.client_by_instance[inst], inst
+    assert res.killed_requests <= res.client_requests["r1#1"]
+    assert 0 <= res.duplicated_inference_images <= 128 * res.balancer["wretr"]
