@@ -4,6 +4,7 @@ and later restarted on its port.
 
     python -m benchmarks.fleet_soak --repo models --duration 120 --concurrency 16 --out fleet.json
     python -m benchmarks.fleet_soak --signal kill --duration 60 --concurrency 8
+    python -m benchmarks.fleet_soak --signal kill --protocol grpc --duration 60
 
 Every request carries a unique X-Request-ID; a response counts as correct only when it is a 200
 that echoes that id with one prediction per image (benchmarks/soak.py's check). "lost" is a
@@ -19,6 +20,8 @@ once. No scrape reaches a dead process, so in this mode every replica instance k
 in files of its own (prometheus_client's multiprocess store, the same /metrics series) and the
 killed one's are read from them after the kill. Its images counted there but not answered by it
 to the client are duplicated inferences: images it had run when it died, run again elsewhere.
+`--protocol grpc` sends KServe V2 ModelInfer calls through haproxy's HTTP/2 listener instead
+(benchmarks/fleet_grpc.py), counted the same way.
 """
 
 from __future__ import annotations
