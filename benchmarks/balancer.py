@@ -16,26 +16,42 @@ from typing import Any
 
 import httpx
 import yaml
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from benchmarks import ROOT
 from benchmarks.serve_process import ServeProcess, free_port
+from service.config import PROMETHEUS_DIR_VARIABLE
 
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 
 HAPROXY_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
 
 
-def haproxy_config(port: int, replica_ports: list[int], stats_socket: Path) -> str:
-    """deploy/haproxy/haproxy.cfg with its listen address, stats socket and servers moved to
-    127.0.0.1 (every other setting as shipped)."""
+def haproxy_config(port: int, replica_ports: list[int], stats_socket: Path,
+                   grpc: tuple[int, list[int]] | None = None) -> str:  # fmt: skip
+    """deploy/haproxy/haproxy.cfg with its listen addresses, stats socket and servers moved to
+    127.0.0.1 (every other setting as shipped). `grpc`: the gRPC listen port and each replica's
+    gRPC port (in replica_ports' order); without it the gRPC listener gets a free port and its
+    servers point at the replicas' HTTP ports (never used)."""
     text = HAPROXY_CFG.read_text()
     text, binds = re.subn(r"(?m)^(\s*)bind \S+$", rf"\1bind 127.0.0.1:{port}", text)
+    grpc_port, grpc_ports = grpc or (free_port(), replica_ports)
+    text, h2_binds = re.subn(r"(?m)^(\s*)bind \S+ proto h2$",
+                             rf"\1bind 127.0.0.1:{grpc_port} proto h2", text)  # fmt: skip
     text, socks = re.subn(r"stats socket \S+", f"stats socket {stats_socket}", text)
-    servers = "\n".join(f"    server r{i} 127.0.0.1:{p} check" for i, p in enumerate(replica_ports))
-    text, n = re.subn(r"(?m)^\s*server r\d+ .*$\n?", "", text)
-    if (binds, socks) != (1, 1) or not n:
-        raise RuntimeError(f"{HAPROXY_CFG}: expected one bind, one stats socket, server lines")
-    return text.rstrip("\n") + "\n" + servers + "\n"
+    http = "".join(f"    server r{i} 127.0.0.1:{p} check\n" for i, p in enumerate(replica_ports))
+    h2 = "".join(f"    server g{i} 127.0.0.1:{g} check port {p} check-proto h1 proto h2\n"
+                 for i, (p, g) in enumerate(zip(replica_ports, grpc_ports,
+                                                strict=True)))  # fmt: skip
+    # Each backend's server lines give way to the replicas', in place.
+    text = re.sub(r"(?m)^\s*server [rg][1-9]\d* .*\n", "", text)
+    text, n = re.subn(r"(?m)^\s*server r0 .*\n", lambda _: http, text)
+    text, n_h2 = re.subn(r"(?m)^\s*server g0 .*\n", lambda _: h2, text)
+    if (binds, h2_binds, socks, n, n_h2) != (1, 1, 1, 1, 1):
+        raise RuntimeError(f"{HAPROXY_CFG}: expected one HTTP and one h2 bind, one stats "
+                           "socket, servers r0... and g0...")  # fmt: skip
+    return text
 
 
 def _wait(what: str, probe: Callable[[], bool], timeout: float, proc: subprocess.Popen[bytes],
@@ -91,20 +107,32 @@ class Fleet:
     """n replicas, haproxy in front on `url`, Prometheus scraping every replica each second."""
 
     def __init__(self, repo: Path, workdir: Path, replicas: int = 3,
-                 settings: dict[str, str] | None = None) -> None:  # fmt: skip
+                 settings: dict[str, str] | None = None,
+                 counter_files: bool = False) -> None:  # fmt: skip
+        """`counter_files`: each replica instance keeps its metrics in files of its own
+        (prometheus_client's multiprocess store), so that its counters can still be read after
+        it was killed: /metrics answers the same series, and no scrape reaches a dead process."""
         self.repo, self.workdir, self.settings = repo, workdir, settings or {}
+        self.counter_files = counter_files
         self.ports = [free_port() for _ in range(replicas)]
         self.replicas: list[ServeProcess | None] = [None] * replicas
         self.starts = [0] * replicas
-        self.port, self.prom_port = free_port(), free_port()
+        self.grpc_ports = [free_port() for _ in range(replicas)]
+        self.port, self.grpc_port, self.prom_port = free_port(), free_port(), free_port()
         cfg = workdir / "haproxy.cfg"
-        cfg.write_text(haproxy_config(self.port, self.ports, workdir / "haproxy.sock"))
+        cfg.write_text(haproxy_config(self.port, self.ports, workdir / "haproxy.sock",
+                                      (self.grpc_port, self.grpc_ports)))  # fmt: skip
         self.haproxy = Process([binary("haproxy"), "-f", str(cfg), "-db"], workdir / "haproxy.log")
         self.prometheus = Process(self._prometheus_argv(), workdir / "prometheus.log")
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def grpc_target(self) -> str:
+        """haproxy's gRPC (HTTP/2) listener."""
+        return f"127.0.0.1:{self.grpc_port}"
 
     @property
     def prom_url(self) -> str:
@@ -127,7 +155,14 @@ class Fleet:
     def start_replica(self, i: int) -> ServeProcess:
         self.starts[i] += 1
         log = self.workdir / f"replica-{i}-{self.starts[i]}.log"
-        server = ServeProcess(self.repo, log, self.settings, port=self.ports[i]).start()
+        settings = {**self.settings, "NOTSURE_GRPC_PORT": str(self.grpc_ports[i])}
+        if self.counter_files:
+            folder = self.metrics_dir(i, self.starts[i])
+            folder.mkdir()
+            settings.update(
+                {"NOTSURE_METRICS_DIR": str(folder), PROMETHEUS_DIR_VARIABLE: str(folder)}
+            )
+        server = ServeProcess(self.repo, log, settings, port=self.ports[i]).start()
         self.replicas[i] = server
         return server
 
@@ -137,6 +172,36 @@ class Fleet:
         assert server is not None
         self.replicas[i] = None
         return server.terminate()
+
+    def freeze_replica(self, i: int) -> None:
+        """SIGSTOP: the replica hangs; the kernel still accepts connections and requests for it,
+        and nothing answers them."""
+        server = self.replicas[i]
+        assert server is not None and server.proc is not None
+        server.proc.send_signal(signal.SIGSTOP)
+
+    def kill_replica(self, i: int) -> int:
+        """SIGKILL: no drain; returns the exit code (-9)."""
+        server = self.replicas[i]
+        assert server is not None
+        self.replicas[i] = None
+        return server.kill()
+
+    def metrics_dir(self, i: int, start: int) -> Path:
+        """Where instance `start` (1, 2, ...) of replica i keeps its counters (counter_files)."""
+        return self.workdir / f"metrics-r{i}-{start}"
+
+    def counters_left(self, i: int, start: int) -> list[tuple[str, dict[str, str], float]]:
+        """The counter samples (name, labels, value) an instance left in its files, read the
+        way its /metrics would have read them; complete even after a SIGKILL, since every
+        increment is written to the shared memory map of the file at once."""
+        if not self.counter_files:
+            raise RuntimeError("the fleet was started without counter_files=True")
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(self.metrics_dir(i, start)))  # type: ignore[no-untyped-call]
+        return [(s.name, s.labels, s.value) for metric in registry.collect()
+                if metric.type == "counter" for s in metric.samples
+                if s.name.endswith("_total")]  # fmt: skip
 
     def __enter__(self) -> Fleet:
         try:
@@ -151,6 +216,8 @@ class Fleet:
             self.wait_until(lambda: self.targets_up() == len(self.ports), 30, "every target up")
             # Every replica in haproxy's rotation (rise 2 = two passing checks) before traffic.
             self.wait_until(lambda: self.servers_up() == len(self.ports), 30, "every server UP")
+            self.wait_until(lambda: self.servers_up("notsure_grpc") == len(self.ports), 30,
+                            "every gRPC server UP")  # fmt: skip
         except BaseException:
             self.__exit__()
             raise
@@ -196,13 +263,13 @@ class Fleet:
         header = lines[0].removeprefix("# ").split(",")
         return [dict(zip(header, line.split(","), strict=False)) for line in lines[1:]]
 
-    def servers_up(self) -> int:
-        """Replicas haproxy has in rotation."""
+    def servers_up(self, backend: str = "notsure") -> int:
+        """Replicas haproxy has in rotation (backend notsure_grpc: for gRPC)."""
         return sum(r["status"] == "UP" for r in self._stat()
-                   if r["pxname"] == "notsure" and r["svname"] != "BACKEND")  # fmt: skip
+                   if r["pxname"] == backend and r["svname"] != "BACKEND")  # fmt: skip
 
-    def backend_counters(self) -> dict[str, int]:
+    def backend_counters(self, backend: str = "notsure") -> dict[str, int]:
         """Retries, redispatches and responses by class of the backend, from haproxy itself."""
-        (row,) = [r for r in self._stat() if r["pxname"] == "notsure" and r["svname"] == "BACKEND"]
+        (row,) = [r for r in self._stat() if r["pxname"] == backend and r["svname"] == "BACKEND"]
         keys = ("stot", "wretr", "wredis", "econ", "eresp", "hrsp_2xx", "hrsp_4xx", "hrsp_5xx")
         return {k: int(row[k] or 0) for k in keys}

@@ -104,6 +104,13 @@ class ServeProcess:
             self.proc.wait(timeout=10)
             return -9
 
+    def kill(self) -> int:
+        """SIGKILL, as the OOM killer or a lost node ends a process: no drain, the kernel
+        closes its connections as they stand; the exit code (-9)."""
+        assert self.proc is not None
+        self.proc.kill()
+        return self.proc.wait(timeout=30)
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.terminate()

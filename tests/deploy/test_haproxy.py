@@ -42,6 +42,23 @@ def test_slow_client_bounds_are_set() -> None:
         assert setting in text, setting
 
 
+def test_the_rendered_config_points_both_backends_at_the_replicas(tmp_path: Path) -> None:
+    text = haproxy_config(8080, [9000, 9001], tmp_path / "s.sock", (8001, [9100, 9101]))
+    servers = [line.split() for line in text.splitlines() if line.strip().startswith("server ")]
+    assert servers == [
+        ["server", "r0", "127.0.0.1:9000", "check"],
+        ["server", "r1", "127.0.0.1:9001", "check"],
+        ["server", "g0", "127.0.0.1:9100", "check", "port", "9000", "check-proto", "h1",
+         "proto", "h2"],
+        ["server", "g1", "127.0.0.1:9101", "check", "port", "9001", "check-proto", "h1",
+         "proto", "h2"],
+    ]  # fmt: skip
+    assert "bind 127.0.0.1:8080\n" in text
+    assert "bind 127.0.0.1:8001 proto h2\n" in text
+    # A killed replica's requests are resent: a reset or closed connection, a cut-off head.
+    assert "retry-on conn-failure empty-response junk-response" in text
+
+
 @pytest.fixture
 def haproxy(tmp_path: Path) -> Iterator[int]:
     """haproxy with the shipped settings, its one server a closed port (not needed here)."""
