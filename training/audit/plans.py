@@ -62,7 +62,7 @@ PLANS: dict[str, Plan] = {
         partial(run_attacks, plan="secondary"),
     ),
     "worst-case": Plan(
-        "the other L-inf attacks (APGD, Square too) on the images the headline did not win",
+        "the other L-inf attacks (APGD, Square, targeted) on what the headline did not win",
         partial(run_attacks, plan="worst-case"),
     ),
     "k-density": Plan(
