@@ -25,8 +25,9 @@ def audit(
     plan: Annotated[
         str | None,
         Opt(
-            help="headline, secondary, worst-case, k-density (attacks); checks, transfer, live, "
-            "figures (on the saved results) (default: headline)"
+            help="headline, secondary, worst-case, k-density (attacks); autoattack (robust "
+            "accuracy, no abstention); checks, transfer, live, figures (on the saved results) "
+            "(default: headline)"
         ),
     ] = None,
     model: Annotated[list[str] | None, Opt(help="model name(s); repeat or comma-separate")] = None,
@@ -62,6 +63,16 @@ def audit(
         rows = run(cfg)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--plan") from None
+    if cfg.plan == "autoattack":
+        from training.audit.autoattack import autoattack_json
+
+        for r in rows:
+            typer.echo(
+                f"{r['model']} AutoAttack eps {r['eps']:g}: robust accuracy "
+                f"{r['robust_accuracy']:.3f}, clean {r['clean_accuracy']:.3f} (n {r['n']})"
+            )
+        typer.echo(f"rows: {autoattack_json(cfg)}")
+        return
     for r in rows:
         if r["attack"] == "worst-case" or r["attack"] == "none":
             typer.echo(

@@ -134,7 +134,8 @@ def secondary(models: tuple[str, ...] = (RCE, CE)) -> list[AuditJob]:
 
 
 def worst_case_fill(models: tuple[str, ...] = (RCE, CE)) -> list[AuditJob]:
-    """The other L-inf attacks on the images the headline attack did not win."""
+    """The other L-inf attacks on the images the headline attack did not win, the targeted
+    attack on every wrong class last."""
     n = 1000
     jobs = []
     for e in (e for eps in HEADLINE_EPS for e in eps):  # the headline's order: cheap first
@@ -149,6 +150,14 @@ def worst_case_fill(models: tuple[str, ...] = (RCE, CE)) -> list[AuditJob]:
                 AuditJob(
                     m,
                     replace(base, attack="square", steps=1000, restarts=1, lambdas=(1.0,)),
+                    n,
+                    cascade=True,
+                ),
+                # Every wrong class in turn, its log-probability and served score pushed up:
+                # 9 classes x 2 restarts (lambda 1, 10) x 50 steps.
+                AuditJob(
+                    m,
+                    replace(base, attack="targeted", loss="ce", steps=50, restarts=2),
                     n,
                     cascade=True,
                 ),

@@ -1,7 +1,8 @@
 """`notsure audit`: every plan of the adaptive audit in one table, and `run` to run one.
 
-Four plans attack (their jobs are in `training.audit.jobs`, in order of value); four attack
-nothing new and work on the results those saved: sanity checks against independent attacks,
+Four plans attack (their jobs are in `training.audit.jobs`, in order of value), and
+`autoattack` measures robust accuracy without abstention (`training.audit.autoattack`); four
+attack nothing new and work on the results those saved: sanity checks against independent attacks,
 transfer from other models, a replay through the live service, and the figures and tables.
 Every plan ends by rebuilding the result rows from everything saved and writing them.
 """
@@ -14,6 +15,7 @@ from functools import partial
 
 import torch
 
+from training.audit.autoattack import run_autoattack
 from training.audit.checks import run_checks
 from training.audit.figures import write_figures
 from training.audit.live import live_check
@@ -62,12 +64,16 @@ PLANS: dict[str, Plan] = {
         partial(run_attacks, plan="secondary"),
     ),
     "worst-case": Plan(
-        "the other L-inf attacks (APGD, Square too) on the images the headline did not win",
+        "the other L-inf attacks (APGD, Square, targeted) on what the headline did not win",
         partial(run_attacks, plan="worst-case"),
     ),
     "k-density": Plan(
         "the K-density detector at the T refusing 5% of clean images",
         partial(run_attacks, plan="k-density"),
+    ),
+    "autoattack": Plan(
+        "AutoAttack (standard) robust accuracy of the served argmax, no abstention, eps 0.3",
+        run_autoattack,
     ),
     "checks": Plan("reference PGD, gradient alignment, Square against the white-box wins", _checks),
     "transfer": Plan("images crafted on other models, sent to each model", _transfer),

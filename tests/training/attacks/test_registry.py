@@ -16,7 +16,7 @@ from training.attacks.threat import AdaptiveConfig, Result, Threat
 from training.modelio import load_torch_model
 from training.torch_scoring import served_kind
 
-ADAPTIVE = {"lagrangian", "selective", "orthogonal", "pgd", "cw-l2", "apgd", "square"}
+ADAPTIVE = {"lagrangian", "selective", "orthogonal", "pgd", "cw-l2", "apgd", "square", "targeted"}
 CLASSIC = {"fgsm", "bim", "pgd", "illc"}
 
 

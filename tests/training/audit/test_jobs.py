@@ -46,3 +46,15 @@ def test_k_density_plan_checks_convergence_with_one_restart_of_1000_steps() -> N
     assert {(j.model, j.attack.attack, j.attack.restarts, j.attack.eps) for j in long} == {
         (m, "lagrangian", 1, 0.1) for m in (RCE, CE)
     }
+
+
+def test_worst_case_ends_each_budget_with_the_targeted_cascade_at_the_served_t() -> None:
+    jobs = JOB_PLANS["worst-case"]((RCE, CE))
+    targeted = [j for j in jobs if j.attack.attack == "targeted"]
+    assert {(j.model, j.attack.eps) for j in targeted} == {
+        (m, e) for m in (RCE, CE) for e in (0.3, 0.1, 0.2, 0.05)
+    }
+    assert all(j.cascade and j.clean_refusal is None and j.n == 1000 for j in targeted)
+    for j in targeted:  # after the other cascades of its group: it attacks what they left
+        group = [o for o in jobs if o.group == j.group]
+        assert group[-1] == j
