@@ -11,7 +11,8 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from collections import Counter
+from typing import Any, Protocol
 
 import grpc
 import httpx
@@ -21,8 +22,26 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from service import v2codec
 
-if TYPE_CHECKING:
-    from benchmarks.fleet_soak import Traffic
+Tally = dict[str, dict[str, int]]  # model -> decision -> images
+
+
+def add(tally: Tally, model: str, decision: str, n: int = 1) -> None:
+    """Count n images of a model answered with this decision."""
+    by = tally.setdefault(model, {})
+    by[decision] = by.get(decision, 0) + n
+
+
+class Traffic(Protocol):
+    """What a gRPC caller reads and counts on the soak's traffic (fleet_soak.Traffic)."""
+
+    cfg: Any
+    res: Any
+    seen: Counter[str]
+    latencies: list[float]
+    generation: list[int]
+    deadline: float
+    restarted: bool
+
 
 BATCHES = (1, 32, 128)  # images per call, as in the HTTP mix
 
@@ -59,8 +78,6 @@ async def grpc_worker(traffic: Traffic, wid: int, target: str,
                       calls: list[tuple[str, int, Any]]) -> None:  # fmt: skip
     """One caller, each call sent as soon as the last one is answered, on its own channel (one
     HTTP/2 connection, as a client process would have)."""
-    from benchmarks.fleet_soak import _add
-
     cfg, res = traffic.cfg, traffic.res
     rng = np.random.default_rng(cfg.seed * 1000 + wid)
     async with grpc.aio.insecure_channel(target) as channel:
@@ -102,5 +119,5 @@ async def grpc_worker(traffic: Traffic, wid: int, target: str,
             res.client_requests[instance] = res.client_requests.get(instance, 0) + 1
             for label in labels:
                 d = "not_sure" if label == -1 else "accepted"
-                _add(res.client_images, model, d)
-                _add(res.client_by_instance.setdefault(instance, {}), model, d)
+                add(res.client_images, model, d)
+                add(res.client_by_instance.setdefault(instance, {}), model, d)

@@ -47,11 +47,10 @@ import numpy as np
 
 from benchmarks import ROOT
 from benchmarks.balancer import Fleet
-from benchmarks.fleet_grpc import grpc_calls, grpc_worker
+from benchmarks.fleet_grpc import Tally, add, grpc_calls, grpc_worker
 from benchmarks.soak import SERVER_CALLS, Call, build_calls, check
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "notsure.json"
-Tally = dict[str, dict[str, int]]  # model -> decision -> images
 
 
 @dataclass(frozen=True)
@@ -134,11 +133,6 @@ def decisions(call: Call, r: httpx.Response) -> list[str]:
     return ["not_sure" if label == -1 else "accepted" for label in labels]
 
 
-def _add(tally: Tally, model: str, decision: str, n: int = 1) -> None:
-    by = tally.setdefault(model, {})
-    by[decision] = by.get(decision, 0) + n
-
-
 class Traffic:
     """Workers sending the soak's mix through the balancer, counting every answer."""
 
@@ -189,8 +183,8 @@ class Traffic:
             if call.images:
                 res.client_requests[instance] = res.client_requests.get(instance, 0) + 1
             for d in decisions(call, r):
-                _add(res.client_images, model, d)
-                _add(res.client_by_instance.setdefault(instance, {}), model, d)
+                add(res.client_images, model, d)
+                add(res.client_by_instance.setdefault(instance, {}), model, d)
 
 
 async def _calls(url: str, seed: int) -> list[Call]:
@@ -277,7 +271,7 @@ def _scraped(fleet: Fleet, port: int, gone: bool = False) -> Tally:
     expr = _selector("notsure_predictions_total", port, gone)
     for labels, value in fleet.query(expr):
         if value:
-            _add(tally, labels["model"], labels["decision"], int(value))
+            add(tally, labels["model"], labels["decision"], int(value))
     return tally
 
 
@@ -299,7 +293,7 @@ def _read_killed(fleet: Fleet, victim: int, res: FleetSoakResult) -> None:
     endpoints = re.compile(INFER_ENDPOINTS)
     for name, labels, value in fleet.counters_left(victim, 1):
         if name == "notsure_predictions_total" and value:
-            _add(res.killed_counters, labels["model"], labels["decision"], int(value))
+            add(res.killed_counters, labels["model"], labels["decision"], int(value))
         elif (name == "notsure_requests_total" and labels["code"] == "200"
               and endpoints.fullmatch(labels["endpoint"])):  # fmt: skip
             res.killed_requests += int(value)

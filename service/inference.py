@@ -3,8 +3,6 @@ arriving), queue its images, decide."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import numpy.typing as npt
 
@@ -12,7 +10,7 @@ from service.batching import Stamps
 from service.call import Call
 from service.errors import DeadlineExceeded, Overloaded, ShuttingDown
 from service.runner import LoadedModel
-from service.scoring import NOT_SURE, Scores, decide
+from service.scoring import Outcome, decide
 from service.state import AppState
 
 # notsure_shed_requests_total{reason}: requests shed before inference (the dashboard's
@@ -20,20 +18,6 @@ from service.state import AppState
 SHED = {Overloaded: "queue_full", DeadlineExceeded: "timeout", ShuttingDown: "shutting_down"}
 # The highest version number a request may name, on every protocol.
 VERSION_MAX = 1_000_000
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """A request's scores, the T applied to them and the decision: label or NOT_SURE (-1)."""
-
-    scores: Scores
-    threshold: float
-    labels: npt.NDArray[np.int64]
-
-    @property
-    def accepted(self) -> npt.NDArray[np.bool_]:
-        accepted: npt.NDArray[np.bool_] = self.labels != NOT_SURE
-        return accepted
 
 
 def resolve(state: AppState, call: Call, name: str, version: int | None) -> LoadedModel:

@@ -38,9 +38,9 @@ from service.records import RecordWriter, refused_records
 from service.scoring import ScoreName, accept
 
 if TYPE_CHECKING:
-    from service.inference import Outcome
     from service.repository import Repository
     from service.runner import LoadedModel
+    from service.scoring import Outcome
 
 log = logging.getLogger(__name__)
 F64 = npt.NDArray[np.float64]

@@ -37,8 +37,8 @@ from service.config import Settings
 from service.metrics import Metrics
 
 if TYPE_CHECKING:
-    from service.inference import Outcome
     from service.runner import LoadedModel
+    from service.scoring import Outcome
 
 log = logging.getLogger(__name__)
 SCHEMA = 1

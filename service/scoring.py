@@ -236,3 +236,17 @@ def threshold_for_refuse_rate(j_scores: Array, refuse_rate: float) -> float:
     # Refuse exactly the k lowest scores: T is the (k+1)-th smallest score.
     k = math.floor(refuse_rate * j.size)
     return float(j[min(k, j.size - 1)])
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A request's scores, the T applied to them and the decision: label or NOT_SURE (-1)."""
+
+    scores: Scores
+    threshold: float
+    labels: npt.NDArray[np.int64]
+
+    @property
+    def accepted(self) -> npt.NDArray[np.bool_]:
+        accepted: npt.NDArray[np.bool_] = self.labels != NOT_SURE
+        return accepted

@@ -105,8 +105,7 @@ def test_a_full_queue_drops_and_counts(tmp_path: Path) -> None:
     with TestClient(create_app(settings(tmp_path / "unused"))) as c:
         state = c.app.state.notsure  # type: ignore[attr-defined]
         model = state.repository.get(MODEL)
-        from service.inference import Outcome
-        from service.scoring import decide
+        from service.scoring import Outcome, decide
 
         x = noise(5, 3).astype(np.float32)[:, None]
         scores = model.scorer(x, [5])[0]

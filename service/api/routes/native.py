@@ -19,7 +19,7 @@ from service.call import Call
 from service.errors import InvalidInput, PayloadTooLarge, invalid_input_from
 from service.fastjson import validate_json
 from service.imaging import EncodedImage, Shape, decode, open_image, open_instance
-from service.inference import Outcome, admit, infer
+from service.inference import admit, infer
 from service.preprocess import upload_resize
 from service.runner import LoadedModel
 from service.schemas import (
@@ -30,6 +30,7 @@ from service.schemas import (
     PredictResponse,
     body_schema,
 )
+from service.scoring import Outcome
 from service.state import AppState
 from service.thresholds import threshold_in_force
 
