@@ -12,7 +12,8 @@ go one after another at most `rate` a second, so a count of requests maps to a t
 - per request, z of the service's window (the client knows each decision, and the window is
   the last `window` answers), hence how many phase-2 requests the test needs to cross 4;
 - the alert's state in Prometheus (polled every 0.25 s): never firing in phase 1, and the
-  request count when it first fires in phase 2 (this adds the scrape and rule intervals);
+  request count when it first fires in phase 2 (this adds the scrape and rule intervals; a phase
+  that has sent everything first waits up to 30 s for it and gives its full count);
 - the exported PSI of each score at the end of each phase (a full window of either kind).
 """
 
@@ -44,6 +45,7 @@ from service.manifest import MANIFEST_FILE, Manifest
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 ALERT = "NotSureRefuseRateAboveCalibrated"
+ALERT_GRACE_S = 30.0  # how long a finished phase waits for the alert before saying "never"
 Z_ALERT, MIN_EXPECTED = 4.0, 10.0  # the alert's z and its N p0 guard (alerts.yml)
 
 
@@ -257,6 +259,13 @@ def _phase(name: str, images: np.ndarray, cfg: ReplayConfig, client: httpx.Clien
         elif ph.test_crossed_at is not None and name == "mixed":
             stop_at = min(stop_at, ph.test_crossed_at + cfg.window)
     time.sleep(2.5)  # the monitor refreshes every second: let it see the last requests
+    if watch is not None and ph.alert_fired_at is None and ph.test_crossed_at is not None:
+        # The phase sent everything before Prometheus's scrape and rule intervals caught up (a
+        # short phase on a busy machine): the window still holds the mix, so the alert is due.
+        deadline = time.monotonic() + ALERT_GRACE_S
+        while watch.fired_at is None and time.monotonic() < deadline:
+            time.sleep(0.25)
+        ph.alert_fired_at = watch.fired_at
     g = _gauges(url, cfg.model)
     ph.psi = g["psi"]
     ph.window_refuse_rate = round(g.get("notsure_window_not_sure", 0) /
