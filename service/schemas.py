@@ -52,6 +52,11 @@ class Prediction(BaseModel):
     probabilities: list[float] | None = Field(
         default=None, description="the softmax over the classes, when the request asked for it"
     )
+    certified: bool | None = Field(
+        default=None,
+        description="whether every image within certify_eps (L-inf) of this one gets the same "
+        "label, proven by interval bound propagation; null when the model has no bound graph",
+    )
 
 
 class PredictResponse(BaseModel):
@@ -59,6 +64,12 @@ class PredictResponse(BaseModel):
     model: str
     version: int
     threshold: float = Field(description="the T that was applied")
+    certify_eps: float | None = Field(
+        default=None, description="the L-inf radius the answers are certified at, if any"
+    )
+    certificate_required: bool = Field(
+        default=False, description="true: an answer is accepted only when it is also certified"
+    )
     predictions: list[Prediction]
 
 

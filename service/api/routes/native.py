@@ -57,13 +57,15 @@ def _response(
     classes = model.manifest.classes
     preds = []
     name = s.score_name
-    for label, acc, j, c, nme, v in zip(
+    certified = [None] * len(s) if s.certified is None else s.certified.tolist()
+    for label, acc, j, c, nme, v, cert in zip(
         s.label.tolist(),
         outcome.accepted.tolist(),
         s.j_score.tolist(),
         s.confidence.tolist(),
         s.non_me.tolist(),
         s.score.tolist(),
+        certified,
         strict=True,
     ):
         shown = acc or reveal
@@ -77,6 +79,7 @@ def _response(
                 "non_me": nme,
                 "score_name": name,
                 "score": v,
+                "certified": cert,
             }
         )
     if probabilities:
@@ -87,6 +90,8 @@ def _response(
         "model": model.name,
         "version": model.version,
         "threshold": outcome.threshold,
+        "certify_eps": s.certify_eps,
+        "certificate_required": s.certificate_required,
         "predictions": preds,
     }
     return Response(orjson.dumps(body), media_type="application/json")
