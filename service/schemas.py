@@ -55,7 +55,10 @@ class Prediction(BaseModel):
     certified: bool | None = Field(
         default=None,
         description="whether every image within certify_eps (L-inf) of this one gets the same "
-        "label, proven by interval bound propagation; null when the model has no bound graph",
+        "label, proven by interval bound propagation; absent when the model has no bound graph",
+    )
+    certify_eps: float | None = Field(
+        default=None, description="the L-inf radius of the certificate; absent without one"
     )
 
 
@@ -64,11 +67,10 @@ class PredictResponse(BaseModel):
     model: str
     version: int
     threshold: float = Field(description="the T that was applied")
-    certify_eps: float | None = Field(
-        default=None, description="the L-inf radius the answers are certified at, if any"
-    )
-    certificate_required: bool = Field(
-        default=False, description="true: an answer is accepted only when it is also certified"
+    certificate_required: bool | None = Field(
+        default=None,
+        description="true: an answer is accepted only when it is also certified; absent when "
+        "the model has no bound graph",
     )
     predictions: list[Prediction]
 

@@ -56,7 +56,9 @@ def _torch_certified(model_dir: Path, x: np.ndarray, eps: float) -> tuple[np.nda
 
 
 @pytest.fixture(scope="module")
-def certified_repo(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
+def certified_repo(
+    model_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, float]:
     """A copy of the tiny repository whose models have a bound graph, at a radius where some of
     the test images are certified and some are not: tiny-rce reports the certificate, tiny-ce
     requires it."""
@@ -92,8 +94,9 @@ def test_every_protocol_carries_the_certificate_the_torch_bounds_give(
                        json={"instances": x.tolist()}, timeout=30)  # fmt: skip
         r.raise_for_status()
         body = r.json()
-        assert body["certify_eps"] == pytest.approx(eps) and body["certificate_required"] is False
+        assert body["certificate_required"] is False
         preds = body["predictions"]
+        assert all(p["certify_eps"] == pytest.approx(eps) for p in preds)
         got = np.array([p["certified"] for p in preds])
         assert (got[sure] == want_cert[sure].astype(bool)).all()
         revealed = [p["label"] for p in preds]
@@ -223,3 +226,13 @@ def _with(s: object, cert: np.ndarray, required: bool) -> object:
     from dataclasses import replace
 
     return replace(s, certified=cert, certify_eps=0.1, certificate_required=required)  # type: ignore[type-var]
+
+
+def test_a_model_without_a_bound_graph_says_nothing_of_certificates(client: TestClient) -> None:
+    x = _images()[:2]
+    body = client.post("/v1/models/tiny-rce/predict", json={"instances": x.tolist()}).json()
+    assert "certificate_required" not in body
+    assert all("certified" not in p and "certify_eps" not in p for p in body["predictions"])
+    meta = client.get("/v2/models/tiny-rce").json()
+    assert "certified" not in {o["name"] for o in meta["outputs"]}
+    assert "certify_eps" not in meta["parameters"]
