@@ -83,7 +83,7 @@ def plan(
     return Plan(0, max_delay_s - oldest_wait_s)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BatchRun:
     """One batch the batcher ran: its size, and when (time.perf_counter_ns) each step began."""
 
