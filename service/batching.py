@@ -85,7 +85,8 @@ def plan(
 
 @dataclass(slots=True)
 class BatchRun:
-    """One batch the batcher ran: its size, and when (time.perf_counter_ns) each step began."""
+    """One batch the batcher ran: its size, and when (time.perf_counter_ns) each step began;
+    the last three are filled in when it ends (all `finished` when it failed)."""
 
     images: int
     requests: int
@@ -93,7 +94,7 @@ class BatchRun:
     started: int  # taken from the queue; its inputs are then joined and handed to a thread
     ran: int  # the run function began
     inferred: int  # the model returned (`note_inferred`; the run's end when it never says)
-    finished: int  # the results were back on the event loop (`started` onwards if it failed)
+    finished: int  # the results were back on the event loop
 
 
 class BatchObserver(Protocol):
@@ -299,9 +300,10 @@ class Batcher(Generic[R]):
         sizes = [p.size for p in items]
         self._queued_images -= sum(sizes)
         x = items[0].x if len(items) == 1 else np.concatenate([p.x for p in items])
+        images = int(x.shape[0])
         waits = [now - p.enqueued for p in items]
         for observer in self._observers:
-            observer.on_dispatch(int(x.shape[0]), waits, self._queued_images)
+            observer.on_dispatch(images, waits, self._queued_images)
         loop = asyncio.get_running_loop()
         run = self._run_lone if lone and self._run_lone is not None else self._run
         stamps = [p.stamps for p in items if p.stamps is not None]
@@ -312,7 +314,7 @@ class Batcher(Generic[R]):
             ctx.run(_RUNNING.set, stamps)
             run = _in_context(ctx, run)
         fut: asyncio.Future[tuple[list[R], int, int]]
-        if quiet and x.shape[0] <= self.inline_max_images:
+        if quiet and images <= self.inline_max_images:
             fut = loop.create_future()
             try:
                 fut.set_result(_execute(run, x, sizes))
@@ -321,16 +323,16 @@ class Batcher(Generic[R]):
         else:
             fut = loop.run_in_executor(self._executor, _execute, run, x, sizes)
         self._running.add(fut)
-        wait_ns = int(sum(waits) * 1e9)
-        fut.add_done_callback(lambda f: self._finish(f, items, held, started, wait_ns))
+        # What the observers learn of the batch when it ends, besides its times.
+        batch = BatchRun(images, len(items), int(sum(waits) * 1e9), started, 0, 0, 0)
+        fut.add_done_callback(lambda f: self._finish(f, items, held, batch))
 
     def _finish(
         self,
         fut: asyncio.Future[tuple[list[R], int, int]],
         items: list[_Pending[R]],
         held: int,
-        started: int,
-        wait_ns: int,
+        batch: BatchRun,
     ) -> None:
         self._running.discard(fut)
         self._free_slots += held
@@ -344,8 +346,7 @@ class Batcher(Generic[R]):
             exc = InferenceFailed(
                 f"batch returned {len(results)} results for {len(items)} requests"
             )
-        images = sum(p.size for p in items)
-        batch = BatchRun(images, len(items), wait_ns, started, ran, inferred, done)
+        batch.ran, batch.inferred, batch.finished = ran, inferred, done
         for observer in self._observers:
             observer.on_complete(batch, exc is not None)
         if exc is not None and not isinstance(exc, ServeError):
