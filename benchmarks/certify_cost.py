@@ -78,7 +78,8 @@ def measure(
 
 
 def _certify_graph(model_dir: Path, tmp: Path) -> Path:
-    from training.certify.graph import CERTIFY_FILE, export_certify_graph
+    from service.manifest import CERTIFY_FILE
+    from training.certify.graph import export_certify_graph
     from training.modelio import load_torch_model
 
     beside = model_dir / CERTIFY_FILE

@@ -91,11 +91,24 @@ def train(
 @app.command("export")
 def export(
     model_dir: Annotated[Path, typer.Argument(help="models/<name>/<version>")],
+    eps: Annotated[
+        float | None,
+        Opt(help="L-inf radius the service certifies each answer at [default: the manifest's]"),
+    ] = None,
+    required: Annotated[
+        bool | None,
+        Opt(
+            "--required/--reported",
+            help="accept an answer only when it is certified, or only report the certificate "
+            "[default: the manifest's]",
+        ),
+    ] = None,
 ) -> None:
-    """Write certify.onnx (the bound graph) beside model.onnx and check it against torch."""
+    """Write certify.onnx (the bound graph) beside model.onnx, check it against torch and
+    record it in the manifest, so the service certifies every answer of this model."""
     from training.certify.graph import export_model
 
-    path, worst = export_model(model_dir)
+    path, worst = export_model(model_dir, eps=eps, required=required)
     typer.echo(f"{path}: parity with torch {worst:.1e} (relative to the largest bound)")
 
 

@@ -142,6 +142,8 @@ def _response(model_name: str, version: int, req: Any, answer: v2infer.Answer) -
     resp.parameters["threshold"].double_param = answer.threshold
     resp.parameters["score"].string_param = answer.score
     resp.parameters["calibrated"].bool_param = answer.calibrated
+    if answer.certify_eps is not None:
+        resp.parameters["certify_eps"].double_param = answer.certify_eps
     for name, arr in answer.outputs:
         resp.outputs.add(name=name, datatype=v2codec.DATATYPE_OF[arr.dtype], shape=list(arr.shape))
         resp.raw_output_contents.append(

@@ -82,6 +82,12 @@ async def infer(
         m.predictions_of(*labels, "accepted").inc(n_acc)
     if len(scores) - n_acc:
         m.predictions_of(*labels, "not_sure").inc(len(scores) - n_acc)
+    if scores.certified is not None:
+        n_cert = int(scores.certified.sum())
+        if n_cert:
+            m.certificates_of(*labels, "true").inc(n_cert)
+        if len(scores) - n_cert:
+            m.certificates_of(*labels, "false").inc(len(scores) - n_cert)
     state.monitor.observe(model, call, x, outcome)
     if stamps is not None and state.tracing is not None:
         state.tracing.record(call, model, stamps, len(scores), len(scores) - n_acc)

@@ -19,6 +19,8 @@ from service.scoring import UNIT_SCORES, Kernel, ScoreName, default_score
 
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
+# The bound graph beside model.onnx (interval bound propagation; `notsure certify export`).
+CERTIFY_FILE = "certify.onnx"
 WEIGHTS_FILE = "weights.safetensors"
 KERNEL_SET_FILE = "kernel_set.npy"
 
@@ -198,6 +200,12 @@ class Manifest(BaseModel):
     batch_size: int | None = Field(default=None, ge=1)
     # False when T was set by hand (`--threshold`): nothing measured says what it refuses.
     calibrated: bool = True
+    # The per-answer certificate (certify.onnx beside model.onnx): the L-inf radius each answer
+    # is certified at, around the input itself, and whether an answer needs it to be accepted.
+    # None: the model has no bound graph, and no answer is certified.
+    certify_eps: float | None = Field(default=None, gt=0.0, le=1.0)
+    certify_required: bool = False
+    certify_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
     @property
     def num_classes(self) -> int:
@@ -233,6 +241,22 @@ class Manifest(BaseModel):
             raise ValueError(
                 f"normalize gives {len(self.normalize.mean)} values per statistic for "
                 f"{self.input_shape[0]} channels; give one mean and one std a channel"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _certificate_complete(self) -> Manifest:
+        if self.certify_eps is not None and self.certify_sha256 is None:
+            raise ValueError(
+                "certify_eps needs certify_sha256, the checksum of certify.onnx: "
+                "run notsure certify export"
+            )
+        if self.certify_required and self.certify_eps is None:
+            raise ValueError("certify_required needs certify_eps (the radius to certify at)")
+        if self.certify_eps is not None and self.normalize is not None:
+            raise ValueError(
+                "a certificate needs a graph that takes pixels in [0, 1] (normalize: none); "
+                "only models notsure trained have a bound graph"
             )
         return self
 

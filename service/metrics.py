@@ -169,6 +169,13 @@ class Metrics:
             [*per_version, "decision"],
             registry=r,
         )
+        self.certificates = Counter(
+            "notsure_certificates",
+            "Images answered by a model with a bound graph, by whether the predicted label was "
+            "certified on the ball of the manifest's certify_eps (true or false).",
+            [*per_version, "certified"],
+            registry=r,
+        )
         # One histogram per score (notsure_j_score, notsure_confidence, notsure_energy,
         # notsure_k_density), each with its own buckets; K-density only where it is served.
         self.scores = {
@@ -269,6 +276,7 @@ class Metrics:
         self.requests_of = Children(self.requests)
         self.latency_of = Children(self.request_latency)
         self.predictions_of = Children(self.predictions)
+        self.certificates_of = Children(self.certificates)
         self.inflight_of = Children(self.inflight)
         self.shed_of = Children(self.shed)
 

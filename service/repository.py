@@ -16,6 +16,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from service.batching import ArrivalTracker
+from service.certify import CertifyLoadError, load_certifier
 from service.config import Settings
 from service.errors import ModelNotFound, ModelNotReady
 from service.kdensity import KernelSet, read_kernel_array
@@ -173,13 +174,18 @@ class Repository:
         _check_features(manifest, model)
         kernel_set = read_kernel_set(manifest, found.path)
         kernel, score = manifest.kernel.to_kernel(), manifest.score
-        scorer = Scorer(model, kernel, score, kernel_set)
+        device, threads = self.settings.device, self.settings.intra_threads()
+        try:
+            certifier = load_certifier(manifest, found.path, device, threads)
+        except CertifyLoadError as exc:
+            raise ModelLoadError(str(exc)) from exc
+        scorer = Scorer(model, kernel, score, kernel_set, certifier)
         lone_threads = self.settings.lone_batch_threads() if model.provider == CPU else 0
-        lone = (
-            Scorer(OnnxModel(graph, "cpu", lone_threads, io), kernel, score, kernel_set)
-            if lone_threads
-            else None
-        )
+        lone = None
+        if lone_threads:
+            lone_cert = certifier and load_certifier(manifest, found.path, "cpu", lone_threads)
+            lone_model = OnnxModel(graph, "cpu", lone_threads, io)
+            lone = Scorer(lone_model, kernel, score, kernel_set, lone_cert)
         batch_sizes = (1, max_batch_size(self.settings, found.name, manifest))
         for s in filter(None, (scorer, lone)):
             s.warm_up(manifest.input_shape, batch_sizes)
@@ -200,6 +206,9 @@ class Repository:
         # refusal instead of "no data".
         for decision in ("accepted", "not_sure"):
             self.metrics.predictions.labels(*labels, decision)
+        if model.certifier is not None:
+            for certified in ("true", "false"):
+                self.metrics.certificates.labels(*labels, certified)
         self.metrics.model_info.labels(
             *labels,
             model.provider,

@@ -10,11 +10,12 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from service.batching import INLINE_MAX_IMAGES, ArrivalTracker, Batcher, note_inferred
+from service.certify import CertifyGraph
 from service.config import Settings
 from service.errors import InferenceFailed
 from service.kdensity import KernelSet
@@ -33,6 +34,7 @@ class Scorer:
     kernel: Kernel
     score: ScoreName  # the score T applies to
     kernel_set: KernelSet | None  # K-density's training features, when the model has one
+    certifier: CertifyGraph | None = None  # the bound graph, when the model has one
 
     def __call__(self, x: np.ndarray, sizes: list[int]) -> list[Scores]:
         """Run one batch (B, C, H, W) (in a worker thread) and split the scores per request."""
@@ -42,6 +44,13 @@ class Scorer:
         if logits.shape[0] != x.shape[0] or (feats is not None and feats.shape[0] != x.shape[0]):
             raise InferenceFailed(f"model returned {logits.shape[0]} rows for {x.shape[0]} images")
         scores = score_logits(logits, self.kernel, self.score, feats, self.kernel_set)
+        if (cert := self.certifier) is not None:
+            scores = replace(
+                scores,
+                certified=cert.certify(x, scores.label),
+                certify_eps=cert.eps,
+                certificate_required=cert.required,
+            )
         bounds = [0, *itertools.accumulate(sizes)]
         return [scores.rows(a, b) for a, b in itertools.pairwise(bounds)]
 
@@ -55,6 +64,8 @@ class Scorer:
                 self.onnx.run_with_features(x)
             else:
                 self.onnx.run(x)
+            if self.certifier is not None:
+                self.certifier.certify(x, np.zeros(n, np.int64))
 
 
 @dataclass(frozen=True, eq=False)
@@ -80,6 +91,11 @@ class LoadedModel:
     @property
     def kernel_set(self) -> KernelSet | None:
         return self.scorer.kernel_set
+
+    @property
+    def certifier(self) -> CertifyGraph | None:
+        """The bound graph that certifies each answer, when the model has one."""
+        return self.scorer.certifier
 
     @property
     def provider(self) -> str:

@@ -70,6 +70,26 @@ def select_providers(device: Device, available: Sequence[str], driver: bool) -> 
     return [CPU]
 
 
+def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
+    """The options of every session the service builds (the model and its bound graph)."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # The batch axis varies with the load: with memory patterns on, onnxruntime caches a
+    # plan and its buffers for every batch size it meets, so resident memory grew with
+    # the traffic (tens of MiB in a 25 s soak after warm-up).
+    opts.enable_mem_pattern = False
+    # Nor the CPU memory arena: it grows in power-of-two steps whenever a run's tensors
+    # do not fit what it holds (a larger batch, or two batches at once), and never gives
+    # memory back, so resident memory kept stepping up under mixed traffic (ResNet-32
+    # repository, 90 s soak after warm-up: 511 -> 568 MiB, still rising; without it flat
+    # at about 340 MiB). Plain malloc costs nothing measurable here (single- and
+    # two-thread runs at batch 1 and 64 within noise of the arena's).
+    opts.enable_cpu_mem_arena = False
+    if intra_op_threads:
+        opts.intra_op_num_threads = intra_op_threads
+    return opts
+
+
 @dataclass(frozen=True)
 class GraphSignature:
     input_name: str
@@ -94,21 +114,7 @@ class OnnxModel:
         """`model`: an .onnx file, or its bytes (already verified by the caller); `io`: what the
         manifest says the graph takes and gives (normalisation, output kind, fixed batch),
         checked against the graph here (GraphMismatch) and applied on every run."""
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # The batch axis varies with the load: with memory patterns on, onnxruntime caches a
-        # plan and its buffers for every batch size it meets, so resident memory grew with
-        # the traffic (tens of MiB in a 25 s soak after warm-up).
-        opts.enable_mem_pattern = False
-        # Nor the CPU memory arena: it grows in power-of-two steps whenever a run's tensors
-        # do not fit what it holds (a larger batch, or two batches at once), and never gives
-        # memory back, so resident memory kept stepping up under mixed traffic (ResNet-32
-        # repository, 90 s soak after warm-up: 511 -> 568 MiB, still rising; without it flat
-        # at about 340 MiB). Plain malloc costs nothing measurable here (single- and
-        # two-thread runs at batch 1 and 64 within noise of the arena's).
-        opts.enable_cpu_mem_arena = False
-        if intra_op_threads:
-            opts.intra_op_num_threads = intra_op_threads
+        opts = session_options(intra_op_threads)
         providers = select_providers(device, ort.get_available_providers(), cuda_driver_present())
         source = model if isinstance(model, bytes) else str(model)
         self.session = ort.InferenceSession(source, sess_options=opts, providers=providers)

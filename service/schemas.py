@@ -52,6 +52,14 @@ class Prediction(BaseModel):
     probabilities: list[float] | None = Field(
         default=None, description="the softmax over the classes, when the request asked for it"
     )
+    certified: bool | None = Field(
+        default=None,
+        description="whether every image within certify_eps (L-inf) of this one gets the same "
+        "label, proven by interval bound propagation; absent when the model has no bound graph",
+    )
+    certify_eps: float | None = Field(
+        default=None, description="the L-inf radius of the certificate; absent without one"
+    )
 
 
 class PredictResponse(BaseModel):
@@ -59,6 +67,11 @@ class PredictResponse(BaseModel):
     model: str
     version: int
     threshold: float = Field(description="the T that was applied")
+    certificate_required: bool | None = Field(
+        default=None,
+        description="true: an answer is accepted only when it is also certified; absent when "
+        "the model has no bound graph",
+    )
     predictions: list[Prediction]
 
 

@@ -72,6 +72,12 @@ class Scores:
     features: Array | None = None
     kernel_set: KernelSet | None = None
     score_name: ScoreName = "j_score"
+    # (B,) whether each predicted label is certified on the ball of radius `certify_eps` around
+    # its input (`service.certify`); None when the model has no bound graph. With
+    # `certificate_required`, an uncertified answer is NOT SURE whatever its score (`decide`).
+    certified: npt.NDArray[np.bool_] | None = None
+    certify_eps: float | None = None
+    certificate_required: bool = False
 
     @cached_property
     def k_density(self) -> F64 | None:
@@ -108,6 +114,9 @@ class Scores:
             None if self.features is None else self.features[s],
             self.kernel_set,
             self.score_name,
+            None if self.certified is None else self.certified[s],
+            self.certify_eps,
+            self.certificate_required,
         )
 
     def __len__(self) -> int:
@@ -217,8 +226,14 @@ def score_logits(
 
 
 def decide(scores: Scores, threshold: float) -> I64:
-    """(B,) the decision at T: the predicted label, or NOT_SURE (-1) where score < T."""
-    return np.where(accept(scores.score, threshold), scores.label, NOT_SURE).astype(np.int64)
+    """(B,) the decision at T: the predicted label, or NOT_SURE (-1) where score < T, and where
+    the model requires a certificate, also where the label is not certified."""
+    ok = accept(scores.score, threshold)
+    if scores.certificate_required:
+        if scores.certified is None:
+            raise ValueError("the model requires a certificate but none was computed")
+        ok = ok & scores.certified
+    return np.where(ok, scores.label, NOT_SURE).astype(np.int64)
 
 
 def threshold_for_refuse_rate(j_scores: Array, refuse_rate: float) -> float:

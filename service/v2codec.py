@@ -34,6 +34,7 @@ DTYPES: dict[str, np.dtype[Any]] = {
     "UINT8": np.dtype("u1"),
     "INT32": np.dtype("<i4"),
     "INT64": np.dtype("<i8"),
+    "BOOL": np.dtype("?"),  # one byte per element, as Triton sends it
 }
 DATATYPE_OF = {dtype: name for name, dtype in DTYPES.items()}
 HEADER_LENGTH = "Inference-Header-Content-Length"

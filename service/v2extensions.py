@@ -52,6 +52,23 @@ def _tensor(t: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _parameters(model: LoadedModel) -> list[tuple[str, str]]:
+    """notsure's own, as Triton's parameters (strings): T in force on `score` (accepted iff
+    score >= T), whether T was calibrated on held-out data and, for a model with a bound graph,
+    the radius each answer is certified on and whether a decision requires the certificate."""
+    m = model.manifest
+    out = [("threshold", repr(model.threshold)), ("score", model.score),
+           ("calibrated", _bool(m.calibrated))]  # fmt: skip
+    if model.certifier is not None:
+        out += [("certify_eps", repr(m.certify_eps)),
+                ("certificate_required", _bool(m.certify_required))]  # fmt: skip
+    return out
+
+
+def _bool(value: bool) -> str:
+    return "true" if value else "false"
+
+
 def model_config(model: LoadedModel, settings: Settings) -> dict[str, Any]:
     """The version's configuration in Triton's terms (the JSON of model_config.proto)."""
     inputs, outputs = v2infer.tensors(model)
@@ -81,16 +98,7 @@ def model_config(model: LoadedModel, settings: Settings) -> dict[str, Any]:
             }
         ],
         "default_model_filename": MODEL_FILE,
-        # notsure's own: T in force on `score` (accepted iff score >= T), and whether T was
-        # calibrated on held-out data. Triton's parameters are strings.
-        "parameters": {
-            key: {"string_value": value}
-            for key, value in {
-                "threshold": repr(model.threshold),
-                "score": model.score,
-                "calibrated": "true" if model.manifest.calibrated else "false",
-            }.items()
-        },
+        "parameters": {key: {"string_value": value} for key, value in _parameters(model)},
         "model_transaction_policy": {"decoupled": False},  # one response per request
     }
     if settings.batching:

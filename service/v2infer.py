@@ -26,6 +26,8 @@ INPUT = "input"
 OUTPUTS = ("label", "j_score", "confidence", "non_me", "probabilities", "score", "energy")
 # Only for models whose graph has a features output and whose manifest has a kernel set.
 KD_OUTPUT = "k_density"
+# Only for models with a bound graph (certify.onnx): whether each answer is certified.
+CERTIFIED_OUTPUT = "certified"
 PLATFORM = "onnxruntime_onnx"
 
 
@@ -37,7 +39,10 @@ def server_metadata() -> dict[str, Any]:
 
 def outputs_of(model: LoadedModel) -> tuple[str, ...]:
     """The output tensors this model version can answer with, in metadata order."""
-    return (*OUTPUTS, KD_OUTPUT) if model.kernel_set is not None else OUTPUTS
+    extra = (KD_OUTPUT,) if model.kernel_set is not None else ()
+    if model.certifier is not None:
+        extra = (*extra, CERTIFIED_OUTPUT)
+    return (*OUTPUTS, *extra)
 
 
 def tensors(model: LoadedModel) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -50,7 +55,10 @@ def tensors(model: LoadedModel) -> tuple[list[dict[str, Any]], list[dict[str, An
         [{"name": "label", "datatype": "INT64", "shape": [-1]}]
         + [{"name": o, "datatype": "FP32", "shape": [-1]} for o in OUTPUTS[1:4]]
         + [{"name": "probabilities", "datatype": "FP32", "shape": [-1, n]}]
-        + [{"name": o, "datatype": "FP32", "shape": [-1]} for o in outputs_of(model)[5:]]
+        + [
+            {"name": o, "datatype": "BOOL" if o == CERTIFIED_OUTPUT else "FP32", "shape": [-1]}
+            for o in outputs_of(model)[5:]
+        ]
     )
     return inputs, outputs
 
@@ -65,10 +73,21 @@ def metadata(model: LoadedModel, state: AppState) -> dict[str, Any]:
         "platform": PLATFORM,
         # Not in the protocol's schema (HTTP only; gRPC's message has no such field, and its
         # infer responses carry `calibrated` instead): whether T was chosen on held-out data.
-        "parameters": {"calibrated": model.manifest.calibrated, "score": model.score},
+        "parameters": {
+            "calibrated": model.manifest.calibrated,
+            "score": model.score,
+            **_certificate_parameters(model),
+        },
         "inputs": inputs,
         "outputs": outputs,
     }
+
+
+def _certificate_parameters(model: LoadedModel) -> dict[str, Any]:
+    m = model.manifest
+    if model.certifier is None:
+        return {}
+    return {"certify_eps": m.certify_eps, "certificate_required": m.certify_required}
 
 
 @dataclass(frozen=True)
@@ -79,6 +98,7 @@ class Answer:
     threshold: float
     score: str
     calibrated: bool = True  # False: T was set by hand
+    certify_eps: float | None = None  # the radius answers are certified at, when they are
 
 
 def check_outputs(model: LoadedModel, wanted: Sequence[str]) -> list[str]:
@@ -143,5 +163,8 @@ async def run(
     }
     if s.k_density is not None:
         values[KD_OUTPUT] = s.k_density.astype(np.float32)
+    if s.certified is not None:
+        values[CERTIFIED_OUTPUT] = s.certified.astype(np.bool_)
     calibrated = model.manifest.calibrated
-    return Answer([(n, values[n]) for n in names], threshold, s.score_name, calibrated)
+    outputs = [(n, values[n]) for n in names]
+    return Answer(outputs, threshold, s.score_name, calibrated, s.certify_eps)

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from service.certify import certified_labels
 from training.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -51,14 +52,6 @@ class CertifiedResult:
     policy_accept_rate: float  # clean x accepted at T and certified at its predicted label
     policy_accepted_accuracy: float  # accuracy of those answers (nan when none)
     wall_time_s: float
-
-
-def certified_labels(margins: Margins) -> npt.NDArray[np.bool_]:
-    """(N, L): True where class c is the label of every point of the ball."""
-    m = margins.copy()
-    idx = np.arange(m.shape[1])
-    m[:, idx, idx] = np.inf  # the diagonal (c against itself, 0) does not count
-    return np.asarray(m.min(axis=2) > 0)
 
 
 def never_accepted(margins: Margins, threshold: float) -> npt.NDArray[np.bool_]:
@@ -210,8 +203,8 @@ def run(cfg: EvalConfig) -> list[CertifiedResult]:
     import os
     import platform
 
+    from service.manifest import CERTIFY_FILE
     from training import data as data_mod
-    from training.certify.graph import CERTIFY_FILE
     from training.modelio import load_manifest
 
     manifest = load_manifest(cfg.model_dir)

@@ -10,6 +10,7 @@ per image. Outputs, all over the ball cut to [0, 1] (see bounds.py):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import warnings
 from dataclasses import dataclass
@@ -20,12 +21,12 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
+from service.manifest import CERTIFY_FILE
 from training.certify.bounds import BoundNet
 from training.losses import Objective
 
 log = logging.getLogger(__name__)
 
-CERTIFY_FILE = "certify.onnx"
 INPUTS = ("input", "eps")
 OUTPUTS = ("margins", "lower", "upper")
 # Parity tolerance, relative to the largest bound: the graph sums the same terms in another
@@ -116,9 +117,18 @@ def check_parity(
     return worst
 
 
-def export_model(model_dir: Path, parity_images: int = 64) -> tuple[Path, float]:
-    """Write models/<name>/<version>/certify.onnx from the version's weights and check it
-    against torch at eps 0, 0.1 and 0.3 on synthetic images. Returns (path, worst parity)."""
+def export_model(
+    model_dir: Path,
+    parity_images: int = 64,
+    eps: float | None = None,
+    required: bool | None = None,
+) -> tuple[Path, float]:
+    """Write models/<name>/<version>/certify.onnx from the version's weights, check it against
+    torch at eps 0, 0.1 and 0.3 on synthetic images, and record it in the manifest: its sha256,
+    and, when given, the radius `eps` the service certifies each answer at and whether an
+    answer `required` the certificate to be accepted (else the manifest's values stay).
+    Returns (path, worst parity)."""
+    from service.manifest import MANIFEST_FILE, Manifest
     from training.data import synthetic
     from training.modelio import load_torch_model
 
@@ -128,8 +138,18 @@ def export_model(model_dir: Path, parity_images: int = 64) -> tuple[Path, float]
     export_certify_graph(net, objective, manifest.input_shape, path)
     x = synthetic(parity_images, seed=11, shape=manifest.input_shape).x
     try:
-        worst = max(check_parity(net, objective, path, x, eps) for eps in (0.0, 0.1, 0.3))
+        worst = max(check_parity(net, objective, path, x, e) for e in (0.0, 0.1, 0.3))
     except ParityError:
         path.unlink(missing_ok=True)  # never leave a graph behind that disagrees with torch
         raise
+    update = {"certify_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    if eps is not None:
+        update["certify_eps"] = eps
+    if required is not None:
+        update["certify_required"] = required
+    fields = {**manifest.model_dump(), **update}
+    new = Manifest.model_validate(fields)  # e.g. required without an eps is refused here
+    tmp = model_dir / (MANIFEST_FILE + ".tmp")
+    new.save(tmp)
+    tmp.replace(model_dir / MANIFEST_FILE)
     return path, worst

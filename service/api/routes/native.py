@@ -79,6 +79,10 @@ def _response(
                 "score": v,
             }
         )
+    if s.certified is not None:  # only models with a bound graph say anything of certificates
+        for pred, cert in zip(preds, s.certified.tolist(), strict=True):
+            pred["certified"] = cert
+            pred["certify_eps"] = s.certify_eps
     if probabilities:
         for pred, row in zip(preds, s.probabilities.tolist(), strict=True):
             pred["probabilities"] = row
@@ -89,6 +93,8 @@ def _response(
         "threshold": outcome.threshold,
         "predictions": preds,
     }
+    if s.certified is not None:
+        body["certificate_required"] = s.certificate_required
     return Response(orjson.dumps(body), media_type="application/json")
 
 

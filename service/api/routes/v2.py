@@ -131,6 +131,8 @@ async def handle_infer(
         "score": answer.score,
         "calibrated": answer.calibrated,
     }
+    if answer.certify_eps is not None:
+        header["parameters"]["certify_eps"] = answer.certify_eps
     content, hlen = v2codec.encode(header, answer.outputs, binary)
     if hlen is None:
         return Response(content, media_type="application/json")

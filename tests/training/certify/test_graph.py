@@ -14,9 +14,10 @@ import torch
 from typer.testing import CliRunner
 
 from notsure.cli import app
+from service.manifest import CERTIFY_FILE
 from training.certify import graph
 from training.certify.bounds import ibp
-from training.certify.graph import CERTIFY_FILE, ParityError, export_certify_graph, run_graph
+from training.certify.graph import ParityError, export_certify_graph, run_graph
 from training.data import synthetic
 from training.losses import Objective
 from training.nets import build_net
