@@ -20,10 +20,11 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 from google.protobuf.message import DecodeError
+from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from service import accesslog, v2codec, v2infer
+from service import accesslog, v2codec, v2extensions, v2infer
 from service.call import Call
 from service.errors import InvalidInput, ServeError, log_level, v2_status
 from service.inference import VERSION_MAX, admit, resolve
@@ -152,7 +153,8 @@ def _response(model_name: str, version: int, req: Any, answer: v2infer.Answer) -
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
-    """ServerLive/Ready/Metadata, ModelReady/Metadata, ModelInfer and ModelStreamInfer."""
+    """ServerLive/Ready/Metadata, ModelReady/Metadata, ModelInfer and ModelStreamInfer, and
+    Triton's ModelConfig and ModelStatistics."""
 
     def __init__(self, state: AppState) -> None:
         self.state = state
@@ -272,6 +274,28 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             return pb.ModelMetadataResponse(**meta)
 
         return await self._rpc("ModelMetadata", request, context, body)
+
+    # -- Triton's model configuration and statistics extensions ---------------------------------
+
+    async def ModelConfig(self, request: Any, context: Context) -> Any:
+        async def body(call: Call) -> Any:
+            version = self._version(request.version, "version")
+            model = resolve(self.state, call, request.name, version)
+            config = v2extensions.model_config(model, self.state.settings)
+            return pb.ModelConfigResponse(config=v2extensions.as_message(config, mc.ModelConfig()))
+
+        return await self._rpc("ModelConfig", request, context, body)
+
+    async def ModelStatistics(self, request: Any, context: Context) -> Any:
+        """Every ready version of every model (no name), of one model (no version), or one."""
+
+        async def body(call: Call) -> Any:
+            version = self._version(request.version, "version") if request.name else None
+            models = v2extensions.stats_versions(self.state, call, request.name, version)
+            stats = v2extensions.model_statistics(models)
+            return v2extensions.as_message(stats, pb.ModelStatisticsResponse())
+
+        return await self._rpc("ModelStatistics", request, context, body)
 
     async def _infer(self, request: Any, call: Call, timeout_s: float | None) -> Any:
         state = self.state

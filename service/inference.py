@@ -48,6 +48,7 @@ def admit(state: AppState, call: Call, name: str, version: int | None) -> Loaded
     version it is for (`resolve`), refused early when its queue is full, and the call marked as
     arriving (the batcher waits for it) until its images are queued by `infer`."""
     model = resolve(state, call, name, version)
+    call.admitted(model.stats)  # from here on the request counts as a success or a failure
     _shed_early(state, model)
     call.arrive(state.arrivals)
     return model
@@ -74,6 +75,7 @@ async def infer(
         _count_shed(state, model, exc)
         raise
     outcome = Outcome(scores, threshold, decide(scores, threshold))
+    call.answered(len(scores))
     n_acc = int(outcome.accepted.sum())
     m = state.metrics
     if n_acc:

@@ -150,6 +150,47 @@ class V2ModelMetadata(BaseModel):
     )
 
 
+class V2Duration(BaseModel):
+    count: int = Field(description="how many times the step happened")
+    ns: int = Field(description="their total duration in nanoseconds")
+
+
+class V2InferStats(BaseModel):
+    success: V2Duration
+    fail: V2Duration
+    queue: V2Duration
+    compute_input: V2Duration
+    compute_infer: V2Duration
+    compute_output: V2Duration
+    cache_hit: V2Duration
+    cache_miss: V2Duration
+
+
+class V2BatchStats(BaseModel):
+    batch_size: int
+    compute_input: V2Duration
+    compute_infer: V2Duration
+    compute_output: V2Duration
+
+
+class V2ModelStats(BaseModel):
+    name: str
+    version: str
+    last_inference: int = Field(description="ms since the epoch; 0 before the first request")
+    inference_count: int = Field(description="images answered")
+    execution_count: int = Field(description="batches run")
+    inference_stats: V2InferStats
+    batch_stats: list[V2BatchStats]
+    memory_usage: list[dict[str, Any]]
+    response_stats: dict[str, Any]
+
+
+class V2Statistics(BaseModel):
+    """Triton's statistics extension: cumulative counts per model version since it loaded."""
+
+    model_stats: list[V2ModelStats]
+
+
 class V2ServerMetadata(BaseModel):
     name: str
     version: str

@@ -106,6 +106,10 @@ def test_every_protocol_carries_the_certificate_the_torch_bounds_give(
         meta = http.get_model_metadata("tiny-rce")
         assert {"name": "certified", "datatype": "BOOL", "shape": [-1]} in meta["outputs"]
         assert meta["parameters"]["certify_eps"] == pytest.approx(eps)
+        config = http.get_model_config("tiny-rce")
+        assert {"name": "certified", "data_type": "TYPE_BOOL", "dims": [1],
+                "reshape": {"shape": []}, "is_shape_tensor": False} in config["output"]  # fmt: skip
+        assert float(config["parameters"]["certify_eps"]["string_value"]) == eps
         inp = triton_http.InferInput("input", list(x.shape), "FP32")
         inp.set_data_from_numpy(x, binary_data=True)
         for binary in (True, False):
