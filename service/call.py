@@ -2,17 +2,18 @@
 
 The transport that receives a request (the HTTP middleware, the gRPC servicer) creates its
 `Call`, hands it to the inference steps, and closes it when the answer has gone: closing gives
-back whatever the call still holds (its place among the arriving requests, its in-flight count),
-whichever way the request ended.
+back whatever the call still holds (its place among the arriving requests, its in-flight count,
+the model version it holds), whichever way the request ended.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import Gauge
 
-from service.batching import ArrivalTracker
+from service.batching import ArrivalTracker, Batcher
 
 
 @dataclass(slots=True, eq=False)
@@ -25,6 +26,8 @@ class Call:
     # Held until the body is in and the images are queued: the batcher waits for such calls.
     _arriving: ArrivalTracker | None = None
     _inflight: Gauge | None = None
+    # The batcher of the version that admitted it: unloading that version waits for the call.
+    _holding: Batcher[Any] | None = None
 
     def arrive(self, arrivals: ArrivalTracker) -> None:
         """The request's body is on its way: count it until `queued`."""
@@ -45,9 +48,18 @@ class Call:
             inflight.inc()
             self._inflight = inflight
 
+    def hold(self, batcher: Batcher[Any]) -> None:
+        """The request was admitted for this batcher's model version: hold it until `close`."""
+        if self._holding is None:
+            batcher.holders += 1
+            self._holding = batcher
+
     def close(self) -> None:
         """The answer has gone: give back everything the call still holds."""
         self.queued()
+        if self._holding is not None:
+            self._holding.holders -= 1
+            self._holding = None
         if self._inflight is not None:
             self._inflight.dec()
             self._inflight = None

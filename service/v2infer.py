@@ -29,8 +29,13 @@ KD_OUTPUT = "k_density"
 PLATFORM = "onnxruntime_onnx"
 
 
+# Protocol extensions served: binary tensors on infer, and the repository index/load/unload
+# (service.model_control; load and unload answer only with model_control=explicit).
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
+
+
 def server_metadata() -> dict[str, Any]:
-    return {"name": "notsure", "version": service_version(), "extensions": ["binary_tensor_data"]}
+    return {"name": "notsure", "version": service_version(), "extensions": EXTENSIONS}
 
 
 def outputs_of(model: LoadedModel) -> tuple[str, ...]:
