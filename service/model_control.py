@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -83,6 +83,7 @@ class ModelControl:
         self.settings, self.repository, self.monitor = settings, repository, monitor
         self._lock = asyncio.Lock()  # one change at a time
         self._task: asyncio.Task[None] | None = None
+        self._changes: set[asyncio.Task[None]] = set()  # requested loads and unloads under way
 
     def start(self) -> None:
         """Start polling the repository, in poll mode (after `load_all`)."""
@@ -90,9 +91,24 @@ class ModelControl:
             self._task = asyncio.get_running_loop().create_task(self._poll_forever())
 
     async def close(self) -> None:
+        """Stop polling; let requested changes under way finish."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        await asyncio.gather(*self._changes, return_exceptions=True)
+
+    async def _whole(self, change: Coroutine[Any, Any, None]) -> None:
+        """Run a requested change to its end even if the request is cancelled (a gRPC client's
+        deadline): a change stopped half-way would leave a replaced version undrained."""
+        task = asyncio.get_running_loop().create_task(change)
+        self._changes.add(task)
+        task.add_done_callback(self._done)
+        await asyncio.shield(task)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._changes.discard(task)
+        if not task.cancelled():
+            task.exception()  # marked read: its requester answers it, or is gone (the log has it)
 
     # -- the repository API -----------------------------------------------------------------------
 
@@ -114,6 +130,9 @@ class ModelControl:
         """Load every version folder of the model, reloading those that serve; unload its
         versions whose folder is gone. ModelLoadFailed names the versions refused."""
         self._allowed("load")
+        await self._whole(self._load(name))
+
+    async def _load(self, name: str) -> None:
         async with self._lock:
             on_disk = {
                 v: path for n, v, path in await asyncio.to_thread(scan, self._root) if n == name
@@ -139,6 +158,9 @@ class ModelControl:
     async def unload(self, name: str) -> None:
         """Unload every version of the model (requests in flight finish first)."""
         self._allowed("unload")
+        await self._whole(self._unload_model(name))
+
+    async def _unload_model(self, name: str) -> None:
         async with self._lock:
             known = self.repository.versions.get(name)
             if not known:

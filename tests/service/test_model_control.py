@@ -21,6 +21,7 @@ tritonclient_http = pytest.importorskip("tritonclient.http")
 tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
 import grpc  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
 from tritonclient.grpc import service_pb2 as pb  # noqa: E402
 from tritonclient.grpc import service_pb2_grpc as pb_grpc  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -112,6 +113,26 @@ def test_none_lists_the_repository_and_refuses_load_and_unload(live_server: Live
     finally:
         http.close()
         client.close()
+
+
+def test_the_repository_routes_want_the_api_key(model_repo: Path) -> None:
+    with serving(model_repo, api_keys=["s3cret"]) as (server, http, client):
+        for call in (http.get_model_repository_index, client.get_model_repository_index):
+            with pytest.raises(InferenceServerException, match="missing or unknown API key"):
+                call()
+        r = httpx.post(f"{server.url}/v2/repository/models/{RCE}/load")
+        assert r.status_code == 401 and r.json()["field"] == "Authorization"
+        keyed = http.get_model_repository_index(headers={"Authorization": "Bearer s3cret"})
+        assert [e["name"] for e in keyed] == [CE, RCE]
+        grpc_keyed = client.get_model_repository_index(headers={"x-api-key": "s3cret"})
+        assert [m.name for m in grpc_keyed.models] == [CE, RCE]
+
+
+def test_model_control_needs_one_worker_process() -> None:
+    for mode in ("poll", "explicit"):
+        with pytest.raises(ValidationError, match=f"model_control={mode} needs workers=1"):
+            Settings(model_control=mode, workers=2)
+    assert Settings(model_control="none", workers=2).workers == 2
 
 
 def test_explicit_load_serves_a_copied_version_and_unload_stops_the_model(
