@@ -203,7 +203,10 @@ class Batcher(Generic[R]):
         self._arrivals = arrivals or ArrivalTracker()
         self._running: set[asyncio.Future[tuple[list[R], int, int]]] = set()
         self._timer: asyncio.TimerHandle | None = None
-        self._closing = False
+        self._refusal: ServeError | None = None  # what submit raises once closed
+        # Requests admitted for this batcher whose answer has not gone yet (`Call.hold`): a
+        # version that is unloaded or replaced waits for them (`drain`).
+        self.holders = 0
         self._busy_at = -QUIET_S  # when two requests were last in the server at once
 
     # -- request side ---------------------------------------------------------------------------
@@ -223,8 +226,8 @@ class Batcher(Generic[R]):
     async def submit(self, x: F32, timeout_s: float, stamps: Stamps | None = None) -> R:
         """Queue (n, C, H, W) images and wait for their result; `stamps`, when given, receive
         the times of its way through the batcher."""
-        if self._closing:
-            raise ShuttingDown("the server is shutting down", fix="retry on another replica")
+        if self._refusal is not None:
+            raise self._refusal
         n = int(x.shape[0])
         self.admit(n)
         loop = asyncio.get_running_loop()
@@ -370,9 +373,22 @@ class Batcher(Generic[R]):
 
     async def close(self, timeout_s: float = 30.0) -> None:
         """Refuse new requests, then wait until every queued and running batch has finished."""
-        self._closing = True
+        self._refusal = ShuttingDown("the server is shutting down", fix="retry on another replica")
+        await self._settle(time.monotonic() + timeout_s, holders=False)
+
+    async def drain(self, refusal: ServeError, timeout_s: float) -> None:
+        """Wait until every request that holds this batcher (admitted, queued or running) has
+        its answer, then refuse new ones with `refusal` (past `timeout_s`, the stragglers get
+        it too): for a model version that no new request reaches (unloaded, or replaced)."""
         deadline = time.monotonic() + timeout_s
-        while (self._queue or self._running) and time.monotonic() < deadline:
+        await self._settle(deadline, holders=True)
+        self._refusal = refusal
+        await self._settle(deadline, holders=False)
+
+    async def _settle(self, deadline: float, *, holders: bool) -> None:
+        while (
+            self._queue or self._running or (holders and self.holders)
+        ) and time.monotonic() < deadline:
             self._dispatch()
             await asyncio.sleep(0.01)
 

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import grpc
@@ -30,6 +30,7 @@ from service.errors import InvalidInput, ServeError, log_level, v2_status
 from service.inference import VERSION_MAX, admit, resolve
 from service.metrics import observe_one
 from service.middleware import SAFE_ID, RequestIds
+from service.model_control import check_parameters
 from service.state import AppState
 from service.tracing import grpc_carrier
 
@@ -153,8 +154,8 @@ def _response(model_name: str, version: int, req: Any, answer: v2infer.Answer) -
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
-    """ServerLive/Ready/Metadata, ModelReady/Metadata, ModelInfer and ModelStreamInfer, and
-    Triton's ModelConfig and ModelStatistics."""
+    """ServerLive/Ready/Metadata, ModelReady/Metadata, the model repository's Index, Load and
+    Unload, Triton's ModelConfig and ModelStatistics, ModelInfer and ModelStreamInfer."""
 
     def __init__(self, state: AppState) -> None:
         self.state = state
@@ -275,6 +276,35 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
 
         return await self._rpc("ModelMetadata", request, context, body)
 
+    # -- model repository (service.model_control) ----------------------------------------------
+
+    async def RepositoryIndex(self, request: Any, context: Context) -> Any:
+        async def body(call: Call) -> Any:
+            _one_repository(request.repository_name)
+            entries = await self.state.control.index(ready_only=request.ready)
+            models = [pb.RepositoryIndexResponse.ModelIndex(**asdict(e)) for e in entries]
+            return pb.RepositoryIndexResponse(models=models)
+
+        return await self._rpc("RepositoryIndex", request, context, body)
+
+    async def RepositoryModelLoad(self, request: Any, context: Context) -> Any:
+        async def body(call: Call) -> Any:
+            _one_repository(request.repository_name)
+            check_parameters("load", request.parameters)
+            await self.state.control.load(request.model_name)
+            return pb.RepositoryModelLoadResponse()
+
+        return await self._rpc("RepositoryModelLoad", request, context, body)
+
+    async def RepositoryModelUnload(self, request: Any, context: Context) -> Any:
+        async def body(call: Call) -> Any:
+            _one_repository(request.repository_name)
+            check_parameters("unload", request.parameters)
+            await self.state.control.unload(request.model_name)
+            return pb.RepositoryModelUnloadResponse()
+
+        return await self._rpc("RepositoryModelUnload", request, context, body)
+
     # -- Triton's model configuration and statistics extensions ---------------------------------
 
     async def ModelConfig(self, request: Any, context: Context) -> Any:
@@ -334,6 +364,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             call.close()
             self._record("ModelStreamInfer", call, code, start)
             yield out
+
+
+def _one_repository(name: str) -> None:
+    """The server has one repository, unnamed: a request may name none."""
+    if name:
+        raise InvalidInput(
+            f"no repository named {name!r}: this server has one model repository",
+            field="repository_name",
+            fix="leave repository_name empty",
+        )
 
 
 def _text(value: str | bytes | None) -> str | None:

@@ -197,6 +197,32 @@ class V2ServerMetadata(BaseModel):
     extensions: list[str]
 
 
+# --- model repository extension (Triton's) ---------------------------------------------------
+
+
+class RepositoryIndexRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ready: bool = Field(default=False, description="true: only the versions ready to infer")
+
+
+class RepositoryIndexEntry(BaseModel):
+    name: str
+    version: str
+    state: Literal["READY", "UNAVAILABLE", "LOADING", "UNLOADING"]
+    reason: str = Field(description="why it is in this state (empty when it serves)")
+
+
+class RepositoryModelRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    parameters: dict[str, Any] = Field(
+        default_factory=dict,
+        description="unload: unload_dependents (no effect: models here have no dependents); "
+        "load: none (a model loads from its version folders' files)",
+    )
+
+
 API_ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
     for code, text in {

@@ -31,10 +31,14 @@ CERTIFIED_OUTPUT = "certified"
 PLATFORM = "onnxruntime_onnx"
 
 
+# Protocol extensions served: binary tensors on infer, the repository index/load/unload
+# (service.model_control; load and unload answer only with model_control=explicit), and
+# Triton's model configuration and statistics (service.v2extensions).
+EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics"]
+
+
 def server_metadata() -> dict[str, Any]:
-    # model_configuration and statistics: service.v2extensions.
-    extensions = ["binary_tensor_data", "model_configuration", "statistics"]
-    return {"name": "notsure", "version": service_version(), "extensions": extensions}
+    return {"name": "notsure", "version": service_version(), "extensions": EXTENSIONS}
 
 
 def outputs_of(model: LoadedModel) -> tuple[str, ...]:
