@@ -218,7 +218,7 @@ def test_statistics_count_what_was_sent(fresh: tuple[Any, Any]) -> None:
 
 
 def test_server_metadata_lists_the_extensions(http: Any, grpc: Any) -> None:
-    want = {"binary_tensor_data", "model_configuration", "statistics"}
+    want = {"binary_tensor_data", "model_repository", "model_configuration", "statistics"}
     assert set(http.get_server_metadata()["extensions"]) == want
     assert set(grpc.get_server_metadata().extensions) == want
 
