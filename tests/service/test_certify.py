@@ -56,7 +56,9 @@ def _torch_certified(model_dir: Path, x: np.ndarray, eps: float) -> tuple[np.nda
 
 
 @pytest.fixture(scope="module")
-def certified_repo(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
+def certified_repo(
+    model_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, float]:
     """A copy of the tiny repository whose models have a bound graph, at a radius where some of
     the test images are certified and some are not: tiny-rce reports the certificate, tiny-ce
     requires it."""
