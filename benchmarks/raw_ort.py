@@ -12,6 +12,15 @@ def raw_parallel(
     model_path: Path, shape: tuple[int, ...], batch: int, seconds: float, workers: int
 ) -> float:
     """In-process onnxruntime, `workers` threads each running batches (intra-op 1): img/s."""
+    return raw_parallel_cpu(model_path, shape, batch, seconds, workers)[0]
+
+
+def raw_parallel_cpu(
+    model_path: Path, shape: tuple[int, ...], batch: int, seconds: float, workers: int
+) -> tuple[float, float]:
+    """As `raw_parallel`: (img/s, CPU ms per image), the CPU time of this process (every
+    thread) over the runs: what onnxruntime itself costs per image at this batch size, the
+    floor a server's CPU per image is compared with."""
     import threading
 
     import onnxruntime as ort
@@ -29,13 +38,15 @@ def raw_parallel(
             sess.run(None, {"input": x})
             counts[i] += 1
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     threads = [threading.Thread(target=loop, args=(i,)) for i in range(workers)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return sum(counts) * batch / (time.perf_counter() - t0)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    images = sum(counts) * batch
+    return images / wall, 1000 * cpu / images if images else 0.0
 
 
 def raw_onnxruntime(

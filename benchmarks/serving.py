@@ -39,7 +39,7 @@ from benchmarks.loadgen import (
     wait_idle,
     wait_quiet,
 )
-from benchmarks.raw_ort import raw_onnxruntime, raw_parallel
+from benchmarks.raw_ort import raw_onnxruntime, raw_parallel, raw_parallel_cpu
 from benchmarks.serving_report import (
     SAME_REQUEST,
     Cell,
@@ -275,6 +275,15 @@ def start_servers(
     return running
 
 
+class Base(NamedTuple):
+    """Raw onnxruntime just before a cell: the ceiling at the cell's batch, and its own CPU time
+    per image at the batch the server could form."""
+
+    img_s: float
+    cpu_ms_per_img: float
+    cpu_batch: int
+
+
 @dataclass
 class Bench:
     """One run's inputs and the cells measured so far."""
@@ -293,17 +302,29 @@ class Bench:
         print(
             f"{c.server:20s} {c.api:12s} {c.images:3d} img  c={c.concurrency:3d}  "
             f"{c.req_s:8.1f} req/s {c.img_s:8.0f} img/s  p50 {c.p50_ms:7.2f} ms  "
-            f"p99 {c.p99_ms:7.2f} ms  cpu {c.cpu_ms:5.2f} ms/req  errors {c.errors}",
+            f"p99 {c.p99_ms:7.2f} ms  cpu {c.cpu_ms:5.2f} ms/req"
+            + (f" ({c.cpu_ratio:.2f}x onnxruntime's)" if c.cpu_ratio is not None else "")
+            + f"  errors {c.errors}",
             flush=True,
         )
 
-    def base_for(self, n: int) -> float:
-        """The ceiling just before a cell: the machine's free CPU drifts, so the raw baseline
-        is measured in the same minute as the cell it is compared with."""
+    def base_for(self, n: int, c: int) -> Base:
+        """The ceiling just before a cell, and onnxruntime's own CPU per image at the batch the
+        server could form (the request's images; for 1-image requests one per client, at most
+        64): the machine's free CPU drifts, so the raw baseline is measured in the same minute
+        as the cell it is compared with."""
         if self.args.skip_raw:
-            return 0.0
-        shape = self.manifest.input_shape
-        return raw_parallel(self.vdir / MODEL_FILE, shape, n, 1.5, os.cpu_count() or 1)
+            return Base(0.0, 0.0, 0)
+        shape, path, workers = (
+            self.manifest.input_shape,
+            self.vdir / MODEL_FILE,
+            os.cpu_count() or 1,
+        )
+        img_s, cpu = raw_parallel_cpu(path, shape, n, 1.5, workers)
+        batch = n if n > 1 else min(c, 64)
+        if batch != n:
+            cpu = raw_parallel_cpu(path, shape, batch, 1.5, workers)[1]
+        return Base(img_s, cpu, batch)
 
     def cell(
         self,
@@ -313,7 +334,7 @@ class Bench:
         n: int,
         c: int,
         target: str,
-        base: float,
+        base: Base,
         model: str,
         shape: list[int],
         grpc_input: tuple[str, str],
@@ -344,7 +365,8 @@ class Bench:
         cpu = server.cpu_seconds() - cpu0
         done = rps * args.duration
         cpu_ms = 1000 * cpu / done if done else 0.0
-        self.report(Cell(name, api, n, c, rps, rps * n, p50, p99, errs, base, cpu_ms))
+        self.report(Cell(name, api, n, c, rps, rps * n, p50, p99, errs, base.img_s, cpu_ms,
+                         base.cpu_ms_per_img, base.cpu_batch))  # fmt: skip
 
     def run_cells(self, running: list[tuple[str, Server, Other]]) -> None:
         """Each cell loads the servers one after another, the order reversed from one cell to
@@ -365,7 +387,7 @@ class Bench:
                         if (api if name == "notsure" else SAME_REQUEST.get(api, api)) == kind
                     ]
                     wait_quiet(servers)  # nothing left over from the last cell
-                    base = self.base_for(n)
+                    base = self.base_for(n, c)
                     for name, server, spec, api in reversed(group) if flip else group:
                         if name in ("notsure", "no-batching"):
                             wait_idle(server.url)

@@ -21,6 +21,18 @@ class Cell:
     errors: int
     raw_img_s: float = 0.0  # raw onnxruntime at the same batch size, measured just before
     cpu_ms: float = 0.0  # the server's CPU time (all its processes) per answered request
+    # onnxruntime's own CPU time per image, in-process, measured just before the cell at the
+    # batch the server could form: the request's images, or for 1-image requests one image per
+    # client in flight (at most 64, the batcher's default largest batch).
+    raw_cpu_ms_per_img: float = 0.0
+    raw_cpu_batch: int = 0
+
+    @property
+    def cpu_ratio(self) -> float | None:
+        """The server's CPU per image over onnxruntime's own (None: not measured)."""
+        if not self.raw_cpu_ms_per_img or not self.cpu_ms:
+            return None
+        return self.cpu_ms / self.images / self.raw_cpu_ms_per_img
 
 
 # The notsure body kind that carries the same request as a comparison server's body kind.
@@ -120,6 +132,18 @@ def targets(
                     on.req_s >= 1.5 * off.req_s,
                 )
             )
+    costed = [x for x in ours if x.concurrency >= 8 and x.cpu_ratio is not None]
+    if costed:
+        worst = max(costed, key=lambda x: x.cpu_ratio or 0.0)
+        out.append(
+            (
+                "server CPU per image <= 1.3x onnxruntime's own at c >= 8, every body kind",
+                f"worst {worst.cpu_ratio:.2f}x ({worst.api}, {worst.images}-image, "
+                f"c={worst.concurrency}: {worst.cpu_ms / worst.images:.3f} vs "
+                f"{worst.raw_cpu_ms_per_img:.3f} ms at batch {worst.raw_cpu_batch})",
+                all((x.cpu_ratio or 0.0) <= 1.3 for x in costed),
+            )
+        )
     batch1 = [v["ms_per_run"] for k, v in raw.items() if k.startswith("batch1-intra")]
     if batch1:
         raw1 = min(batch1)
@@ -169,14 +193,17 @@ def markdown(
     lines += [
         "",
         "| server | body | images/request | concurrency | req/s | img/s | p50 ms | p99 ms "
-        "| server CPU ms/request | non-2xx / socket errors | ceiling img/s just before |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| server CPU ms/request | server CPU ms/image | onnxruntime CPU ms/image (batch) "
+        "| server / onnxruntime CPU | non-2xx / socket errors | ceiling img/s just before |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cells:
+        ratio = "-" if c.cpu_ratio is None else f"{c.cpu_ratio:.2f}x"
+        raw_cpu = f"{c.raw_cpu_ms_per_img:.3f} ({c.raw_cpu_batch})" if c.raw_cpu_ms_per_img else "-"
         lines.append(
             f"| {c.server} | {c.api} | {c.images} | {c.concurrency} | {c.req_s:.1f} | "
-            f"{c.img_s:.0f} | {c.p50_ms:.2f} | {c.p99_ms:.2f} | {c.cpu_ms:.2f} | {c.errors} | "
-            f"{c.raw_img_s:.0f} |"
+            f"{c.img_s:.0f} | {c.p50_ms:.2f} | {c.p99_ms:.2f} | {c.cpu_ms:.2f} | "
+            f"{c.cpu_ms / c.images:.3f} | {raw_cpu} | {ratio} | {c.errors} | {c.raw_img_s:.0f} |"
         )
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     for name, measured, ok in targets(cells, raw, ab):

@@ -322,6 +322,12 @@ def serve(
         int | None,
         typer.Option(min=1, help="server processes sharing the ports (NOTSURE_WORKERS)"),
     ] = None,
+    model_control: Annotated[
+        str | None,
+        typer.Option(
+            help="none, poll or explicit: how models change while serving (NOTSURE_MODEL_CONTROL)"
+        ),
+    ] = None,
 ) -> None:
     """Serve the repository's models: HTTP (native, KServe V2, /metrics) and KServe V2 gRPC."""
     from service.config import Settings
@@ -337,6 +343,7 @@ def serve(
             "grpc_enabled": grpc,
             "grpc_port": grpc_port,
             "workers": workers,
+            "model_control": model_control,
         }.items()
         if v is not None
     }

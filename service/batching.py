@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -82,19 +83,26 @@ def plan(
     return Plan(0, max_delay_s - oldest_wait_s)
 
 
+@dataclass(slots=True)
+class BatchRun:
+    """One batch the batcher ran: its size, and when (time.perf_counter_ns) each step began;
+    the last three are filled in when it ends (all `finished` when it failed)."""
+
+    images: int
+    requests: int
+    wait_ns: int  # the requests' time in the queue, added up
+    started: int  # taken from the queue; its inputs are then joined and handed to a thread
+    ran: int  # the run function began
+    inferred: int  # the model returned (`note_inferred`; the run's end when it never says)
+    finished: int  # the results were back on the event loop
+
+
 class BatchObserver(Protocol):
-    """Receives batching events (the service turns them into Prometheus metrics)."""
+    """Receives batching events (the service turns them into Prometheus metrics and the
+    statistics of `service.stats`)."""
 
     def on_dispatch(self, batch_images: int, waits_s: Sequence[float], queued: int) -> None: ...
-    def on_complete(self, seconds: float, failed: bool) -> None: ...
-
-
-class NullObserver:
-    def on_dispatch(self, batch_images: int, waits_s: Sequence[float], queued: int) -> None:
-        pass
-
-    def on_complete(self, seconds: float, failed: bool) -> None:
-        pass
+    def on_complete(self, run: BatchRun, failed: bool) -> None: ...
 
 
 @dataclass(slots=True)
@@ -111,13 +119,16 @@ class Stamps:
 
 # The stamps of the batch a run function is running, for `note_inferred`.
 _RUNNING: contextvars.ContextVar[list[Stamps]] = contextvars.ContextVar("notsure_batch_stamps")
+# When the model of the batch running on this thread returned (0: not yet), for `_execute`.
+_THREAD = threading.local()
 
 
 def note_inferred() -> None:
-    """Called by a run function when the model has run (before scoring): stamps the batch."""
+    """Called by a run function when the model has run (before scoring): marks the batch's
+    time (and its traced requests' stamps)."""
+    now = _THREAD.inferred = time.perf_counter_ns()
     stamps = _RUNNING.get(None)
     if stamps:
-        now = time.perf_counter_ns()
         for s in stamps:
             s.inferred = now
 
@@ -136,6 +147,15 @@ class _Pending(Generic[R]):
 
 
 RunFn = Callable[[F32, list[int]], list[R]]
+
+
+def _execute(run: RunFn[R], x: F32, sizes: list[int]) -> tuple[list[R], int, int]:
+    """Run one batch on this thread: its results, when the run began and when its model
+    returned (perf_counter_ns)."""
+    _THREAD.inferred = 0
+    ran = time.perf_counter_ns()
+    results = run(x, sizes)
+    return results, ran, _THREAD.inferred or time.perf_counter_ns()
 
 
 def _in_context(ctx: contextvars.Context, run: RunFn[R]) -> RunFn[R]:
@@ -167,7 +187,7 @@ class Batcher(Generic[R]):
         max_queue_images: int,
         slots: int = 1,
         retry_after_s: int = 1,
-        observer: BatchObserver | None = None,
+        observers: Sequence[BatchObserver] = (),
         arrivals: ArrivalTracker | None = None,
         run_lone: RunFn[R] | None = None,
         inline_max_images: int = 0,
@@ -177,13 +197,16 @@ class Batcher(Generic[R]):
         self.max_batch, self.max_delay_s = max_batch, max_delay_s
         self.max_queue_images, self.retry_after_s = max_queue_images, retry_after_s
         self._free_slots = self._slots = slots
-        self._observer = observer or NullObserver()
+        self._observers = tuple(observers)
         self._queue: deque[_Pending[R]] = deque()
         self._queued_images = 0
         self._arrivals = arrivals or ArrivalTracker()
-        self._running: set[asyncio.Future[list[R]]] = set()
+        self._running: set[asyncio.Future[tuple[list[R], int, int]]] = set()
         self._timer: asyncio.TimerHandle | None = None
-        self._closing = False
+        self._refusal: ServeError | None = None  # what submit raises once closed
+        # Requests admitted for this batcher whose answer has not gone yet (`Call.hold`): a
+        # version that is unloaded or replaced waits for them (`drain`).
+        self.holders = 0
         self._busy_at = -QUIET_S  # when two requests were last in the server at once
 
     # -- request side ---------------------------------------------------------------------------
@@ -203,8 +226,8 @@ class Batcher(Generic[R]):
     async def submit(self, x: F32, timeout_s: float, stamps: Stamps | None = None) -> R:
         """Queue (n, C, H, W) images and wait for their result; `stamps`, when given, receive
         the times of its way through the batcher."""
-        if self._closing:
-            raise ShuttingDown("the server is shutting down", fix="retry on another replica")
+        if self._refusal is not None:
+            raise self._refusal
         n = int(x.shape[0])
         self.admit(n)
         loop = asyncio.get_running_loop()
@@ -270,6 +293,7 @@ class Batcher(Generic[R]):
         self._queue = keep
 
     def _start(self, items: list[_Pending[R]], now: float) -> None:
+        started = time.perf_counter_ns()
         if len(items) > 1 or self._queue or self._arrivals.count:
             self._busy_at = now
         quiet = self._free_slots == self._slots and now - self._busy_at >= QUIET_S
@@ -279,33 +303,39 @@ class Batcher(Generic[R]):
         sizes = [p.size for p in items]
         self._queued_images -= sum(sizes)
         x = items[0].x if len(items) == 1 else np.concatenate([p.x for p in items])
-        self._observer.on_dispatch(
-            int(x.shape[0]), [now - p.enqueued for p in items], self._queued_images
-        )
+        images = int(x.shape[0])
+        waits = [now - p.enqueued for p in items]
+        for observer in self._observers:
+            observer.on_dispatch(images, waits, self._queued_images)
         loop = asyncio.get_running_loop()
-        t0 = time.perf_counter()
         run = self._run_lone if lone and self._run_lone is not None else self._run
         stamps = [p.stamps for p in items if p.stamps is not None]
         if stamps:  # traced requests: the run function stamps them through the context
-            started = time.perf_counter_ns()
             for st in stamps:
                 st.started = started
             ctx = contextvars.copy_context()
             ctx.run(_RUNNING.set, stamps)
             run = _in_context(ctx, run)
-        if quiet and x.shape[0] <= self.inline_max_images:
+        fut: asyncio.Future[tuple[list[R], int, int]]
+        if quiet and images <= self.inline_max_images:
             fut = loop.create_future()
             try:
-                fut.set_result(run(x, sizes))
+                fut.set_result(_execute(run, x, sizes))
             except Exception as exc:  # reported by _finish, as from a worker thread
                 fut.set_exception(exc)
         else:
-            fut = loop.run_in_executor(self._executor, run, x, sizes)
+            fut = loop.run_in_executor(self._executor, _execute, run, x, sizes)
         self._running.add(fut)
-        fut.add_done_callback(lambda f: self._finish(f, items, t0, held))
+        # What the observers learn of the batch when it ends, besides its times.
+        batch = BatchRun(images, len(items), int(sum(waits) * 1e9), started, 0, 0, 0)
+        fut.add_done_callback(lambda f: self._finish(f, items, held, batch))
 
     def _finish(
-        self, fut: asyncio.Future[list[R]], items: list[_Pending[R]], t0: float, held: int
+        self,
+        fut: asyncio.Future[tuple[list[R], int, int]],
+        items: list[_Pending[R]],
+        held: int,
+        batch: BatchRun,
     ) -> None:
         self._running.discard(fut)
         self._free_slots += held
@@ -314,12 +344,14 @@ class Batcher(Generic[R]):
             if p.stamps is not None:
                 p.stamps.done = done
         exc = fut.exception()
-        results = None if exc else fut.result()
+        results, ran, inferred = (None, done, done) if exc else fut.result()
         if results is not None and len(results) != len(items):
             exc = InferenceFailed(
                 f"batch returned {len(results)} results for {len(items)} requests"
             )
-        self._observer.on_complete(time.perf_counter() - t0, exc is not None)
+        batch.ran, batch.inferred, batch.finished = ran, inferred, done
+        for observer in self._observers:
+            observer.on_complete(batch, exc is not None)
         if exc is not None and not isinstance(exc, ServeError):
             # Clients only see a generic InferenceFailed; the cause must reach the log.
             log.error("batch of %d requests failed", len(items), exc_info=exc)
@@ -341,9 +373,22 @@ class Batcher(Generic[R]):
 
     async def close(self, timeout_s: float = 30.0) -> None:
         """Refuse new requests, then wait until every queued and running batch has finished."""
-        self._closing = True
+        self._refusal = ShuttingDown("the server is shutting down", fix="retry on another replica")
+        await self._settle(time.monotonic() + timeout_s, holders=False)
+
+    async def drain(self, refusal: ServeError, timeout_s: float) -> None:
+        """Wait until every request that holds this batcher (admitted, queued or running) has
+        its answer, then refuse new ones with `refusal` (past `timeout_s`, the stragglers get
+        it too): for a model version that no new request reaches (unloaded, or replaced)."""
         deadline = time.monotonic() + timeout_s
-        while (self._queue or self._running) and time.monotonic() < deadline:
+        await self._settle(deadline, holders=True)
+        self._refusal = refusal
+        await self._settle(deadline, holders=False)
+
+    async def _settle(self, deadline: float, *, holders: bool) -> None:
+        while (
+            self._queue or self._running or (holders and self.holders)
+        ) and time.monotonic() < deadline:
             self._dispatch()
             await asyncio.sleep(0.01)
 

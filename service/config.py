@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -30,8 +30,16 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     model_repository: Path = Path("models")
-    # Serve only these model names (empty: every model in the repository).
+    # Serve only these model names (empty: every model in the repository). With
+    # model_control=explicit: the models loaded at start; the API may load any other.
     models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # How the served versions may change while the server runs, as Triton's
+    # --model-control-mode (service/model_control.py): "none", the repository is read once at
+    # start and load/unload requests are refused; "poll", it is rescanned every
+    # repository_poll_s (new version folders load, removed ones unload, changed files reload);
+    # "explicit", only POST /v2/repository/models/{name}/load|unload (and gRPC) change it.
+    model_control: Literal["none", "poll", "explicit"] = "none"
+    repository_poll_s: float = Field(default=15.0, gt=0)
     # The model the page at /ui opens on and the README's examples call (`GET /v1/models` names
     # it as `default_model` when it is served; otherwise the page takes the first ready one).
     default_model: str = "mnist-resnet32-rce"
@@ -123,6 +131,17 @@ class Settings(BaseSettings):
     # Every request as one JSON line on the notsure.access logger (errors always are).
     access_log: bool = False
 
+    @model_validator(mode="after")
+    def _one_process_for_model_control(self) -> Settings:
+        # Each worker holds its own copy of the models: a load or unload request would reach
+        # one of them, and the merged metrics of several processes cannot drop a series.
+        if self.model_control != "none" and self.workers > 1:
+            raise ValueError(
+                f"model_control={self.model_control} needs workers=1 (each worker loads its own "
+                "models); set NOTSURE_WORKERS=1 or NOTSURE_MODEL_CONTROL=none"
+            )
+        return self
+
     @field_validator("models", "api_keys", "cors_origins", mode="before")
     @classmethod
     def _split_commas(cls, v: object) -> object:
@@ -136,6 +155,11 @@ class Settings(BaseSettings):
         if self.intra_op_threads:
             return self.intra_op_threads
         return max(1, self.cores() // self.inference_threads)
+
+    def grace_s(self) -> float:
+        """How long requests in flight get to finish when the server drains or a model version
+        is unloaded or replaced: the request timeout, plus the time to send the answer."""
+        return self.request_timeout_s + 5
 
     def cores(self) -> int:
         """The cores one server process may use: the machine's, split between the workers."""

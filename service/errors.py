@@ -7,7 +7,11 @@ the gRPC servicer answers each with its `grpc_code`.
     │   │                           and the fix)
     │   ├── PayloadTooLarge         body or instance count over a limit    413    INVALID_ARGUMENT
     │   ├── Unauthorized            missing or unknown API key             401    UNAUTHENTICATED
-    │   └── ModelNotFound           unknown model name or version          404    NOT_FOUND
+    │   ├── ModelNotFound           unknown model name or version          404    NOT_FOUND
+    │   ├── ControlDisabled         a model load/unload request under      400    FAILED_
+    │   │                           model_control none or poll                    PRECONDITION
+    │   └── ModelLoadFailed         a requested load left a version of the 400    FAILED_
+    │                               model refused (its files say why)             PRECONDITION
     ├── ModelNotReady               known model that failed to load or is  503    UNAVAILABLE
     │                               not loaded yet
     ├── Overloaded                  the batching queue is full             503    RESOURCE_EXHAUSTED
@@ -79,6 +83,14 @@ class Unauthorized(ClientError):
 class ModelNotFound(ClientError):
     status_code = 404
     grpc_code = "NOT_FOUND"
+
+
+class ControlDisabled(ClientError):
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class ModelLoadFailed(ClientError):
+    grpc_code = "FAILED_PRECONDITION"
 
 
 class ModelNotReady(ServeError):

@@ -13,22 +13,24 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import grpc
 import numpy as np
 import numpy.typing as npt
 from google.protobuf.message import DecodeError
+from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from service import accesslog, v2codec, v2infer
+from service import accesslog, v2codec, v2extensions, v2infer
 from service.call import Call
 from service.errors import InvalidInput, ServeError, log_level, v2_status
 from service.inference import VERSION_MAX, admit, resolve
 from service.metrics import observe_one
 from service.middleware import SAFE_ID, RequestIds
+from service.model_control import check_parameters
 from service.state import AppState
 from service.tracing import grpc_carrier
 
@@ -152,7 +154,8 @@ def _response(model_name: str, version: int, req: Any, answer: v2infer.Answer) -
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
-    """ServerLive/Ready/Metadata, ModelReady/Metadata, ModelInfer and ModelStreamInfer."""
+    """ServerLive/Ready/Metadata, ModelReady/Metadata, the model repository's Index, Load and
+    Unload, Triton's ModelConfig and ModelStatistics, ModelInfer and ModelStreamInfer."""
 
     def __init__(self, state: AppState) -> None:
         self.state = state
@@ -273,6 +276,57 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
 
         return await self._rpc("ModelMetadata", request, context, body)
 
+    # -- model repository (service.model_control) ----------------------------------------------
+
+    async def RepositoryIndex(self, request: Any, context: Context) -> Any:
+        async def body(call: Call) -> Any:
+            _one_repository(request.repository_name)
+            entries = await self.state.control.index(ready_only=request.ready)
+            models = [pb.RepositoryIndexResponse.ModelIndex(**asdict(e)) for e in entries]
+            return pb.RepositoryIndexResponse(models=models)
+
+        return await self._rpc("RepositoryIndex", request, context, body)
+
+    async def RepositoryModelLoad(self, request: Any, context: Context) -> Any:
+        async def body(call: Call) -> Any:
+            _one_repository(request.repository_name)
+            check_parameters("load", request.parameters)
+            await self.state.control.load(request.model_name)
+            return pb.RepositoryModelLoadResponse()
+
+        return await self._rpc("RepositoryModelLoad", request, context, body)
+
+    async def RepositoryModelUnload(self, request: Any, context: Context) -> Any:
+        async def body(call: Call) -> Any:
+            _one_repository(request.repository_name)
+            check_parameters("unload", request.parameters)
+            await self.state.control.unload(request.model_name)
+            return pb.RepositoryModelUnloadResponse()
+
+        return await self._rpc("RepositoryModelUnload", request, context, body)
+
+    # -- Triton's model configuration and statistics extensions ---------------------------------
+
+    async def ModelConfig(self, request: Any, context: Context) -> Any:
+        async def body(call: Call) -> Any:
+            version = self._version(request.version, "version")
+            model = resolve(self.state, call, request.name, version)
+            config = v2extensions.model_config(model, self.state.settings)
+            return pb.ModelConfigResponse(config=v2extensions.as_message(config, mc.ModelConfig()))
+
+        return await self._rpc("ModelConfig", request, context, body)
+
+    async def ModelStatistics(self, request: Any, context: Context) -> Any:
+        """Every ready version of every model (no name), of one model (no version), or one."""
+
+        async def body(call: Call) -> Any:
+            version = self._version(request.version, "version") if request.name else None
+            models = v2extensions.stats_versions(self.state, call, request.name, version)
+            stats = v2extensions.model_statistics(models)
+            return v2extensions.as_message(stats, pb.ModelStatisticsResponse())
+
+        return await self._rpc("ModelStatistics", request, context, body)
+
     async def _infer(self, request: Any, call: Call, timeout_s: float | None) -> Any:
         state = self.state
         model = admit(state, call, request.model_name, self._version(request.model_version))
@@ -310,6 +364,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             call.close()
             self._record("ModelStreamInfer", call, code, start)
             yield out
+
+
+def _one_repository(name: str) -> None:
+    """The server has one repository, unnamed: a request may name none."""
+    if name:
+        raise InvalidInput(
+            f"no repository named {name!r}: this server has one model repository",
+            field="repository_name",
+            fix="leave repository_name empty",
+        )
 
 
 def _text(value: str | bytes | None) -> str | None:

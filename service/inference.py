@@ -46,10 +46,13 @@ def _shed_early(state: AppState, model: LoadedModel) -> None:
 def admit(state: AppState, call: Call, name: str, version: int | None) -> LoadedModel:
     """Admission, the first step of every inference request whatever its protocol: the model
     version it is for (`resolve`), refused early when its queue is full, and the call marked as
-    arriving (the batcher waits for it) until its images are queued by `infer`."""
+    arriving (the batcher waits for it) until its images are queued by `infer`, and holding the
+    version (its unload waits) until the call closes."""
     model = resolve(state, call, name, version)
+    call.admitted(model.stats)  # from here on the request counts as a success or a failure
     _shed_early(state, model)
     call.arrive(state.arrivals)
+    call.hold(model.batcher)  # an unload or reload of the version waits for this call
     return model
 
 
@@ -74,6 +77,7 @@ async def infer(
         _count_shed(state, model, exc)
         raise
     outcome = Outcome(scores, threshold, decide(scores, threshold))
+    call.answered(len(scores))
     n_acc = int(outcome.accepted.sum())
     m = state.metrics
     if n_acc:

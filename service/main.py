@@ -16,12 +16,13 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from service.api import handlers
-from service.api.routes import health, native, ui, v2
+from service.api.routes import health, native, repository, ui, v2
 from service.batching import ArrivalTracker
 from service.config import Settings, get_settings
 from service.errors import ServeError
 from service.metrics import Metrics
 from service.middleware import ServiceMiddleware
+from service.model_control import ModelControl
 from service.monitor import Monitor
 from service.repository import Repository
 from service.runtime import single_threaded_blas
@@ -56,13 +57,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = Metrics(multiprocess_dir=settings.metrics_dir)
     executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="infer")
     arrivals = ArrivalTracker()
+    repo = Repository(settings, metrics, executor, arrivals)
+    monitor = Monitor(settings, metrics)
     state = AppState(
         settings=settings,
         metrics=metrics,
-        repository=Repository(settings, metrics, executor, arrivals),
+        repository=repo,
+        control=ModelControl(settings, repo, monitor),
         keys=KeyRing(settings.api_keys, settings.api_keys_file),
         arrivals=arrivals,
-        monitor=Monitor(settings, metrics),
+        monitor=monitor,
         tracing=Tracing() if settings.tracing else None,
     )
 
@@ -71,10 +75,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         single_threaded_blas()
         await asyncio.to_thread(state.repository.load_all)
         state.monitor.start(state.repository)
+        state.control.start()
         yield
         # uvicorn has stopped accepting connections and let in-flight requests finish; drain
         # whatever is still queued before the process exits.
         state.draining = True
+        await state.control.close()
         await state.repository.close()
         await state.monitor.close()
         executor.shutdown(wait=True)
@@ -101,6 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(native.router)
     app.include_router(v2.router)
+    app.include_router(repository.router)
     app.include_router(ui.router)
     app.include_router(ui.page)
     app.add_exception_handler(ServeError, handlers.serve_error)

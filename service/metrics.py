@@ -26,6 +26,7 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from service.batching import BatchRun
 from service.procmetrics import WorkerProcessCollector
 from service.scoring import ScoreName
 from service.version import service_version
@@ -352,7 +353,7 @@ class BatchMetrics:
         observe_one(self._size, batch_images)
         self._depth.set(queued)
 
-    def on_complete(self, seconds: float, failed: bool) -> None:
-        observe_one(self._infer, seconds)
+    def on_complete(self, run: BatchRun, failed: bool) -> None:
+        observe_one(self._infer, (run.finished - run.started) / 1e9)
         if failed:
             self._failures.inc()

@@ -89,6 +89,7 @@ class Watch:
     hists: dict[ScoreName, Histogram]
     n_images: Gauge
     n_refused: Gauge
+    thresholds: tuple[ScoreName, ...]  # the scores whose T is exported
     psi: dict[ScoreName, Gauge] = field(default_factory=dict)
 
 
@@ -143,7 +144,8 @@ class Monitor:
     def _watch(self, lm: LoadedModel) -> Watch:
         labels = (lm.name, str(lm.version))
         man = lm.manifest
-        for score, t in {**man.score_thresholds, lm.score: lm.threshold}.items():
+        thresholds = {**man.score_thresholds, lm.score: lm.threshold}
+        for score, t in thresholds.items():
             self.metrics.threshold.labels(*labels, score).set(t)
         ref = man.reference
         if ref is not None:
@@ -168,9 +170,34 @@ class Monitor:
             hists={s: self.metrics.scores[s].labels(*labels) for s in scores},
             n_images=self.window_images.labels(*labels),
             n_refused=self.window_refused.labels(*labels),
+            thresholds=tuple(thresholds),
         )
         self._watches[(lm.name, lm.version)] = watch
         return watch
+
+    # -- model control ------------------------------------------------------------------------
+
+    def watch(self, lm: LoadedModel) -> None:
+        """A version that started serving, or whose new files replaced the old ones: gauges at
+        its T in force (the old version's series dropped first)."""
+        old = self._watches.get((lm.name, lm.version))
+        if old is not None:
+            self.forget(lm.name, lm.version, old)
+        self._watch(lm)
+
+    def forget(self, name: str, version: int, watch: Watch | None = None) -> None:
+        """Drop a version's gauges and window (it was unloaded)."""
+        watch = watch or self._watches.get((name, version))
+        if watch is None:
+            return
+        del self._watches[(name, version)]
+        labels = (name, str(version))
+        for score in watch.thresholds:
+            self.metrics.threshold.remove(*labels, score)
+        for gauge in (self.p0, self.n0, self.window_images, self.window_refused):
+            gauge.remove(*labels)
+        for score in watch.psi:
+            self.drift.remove(*labels, score)
 
     # -- the request path ---------------------------------------------------------------------
 

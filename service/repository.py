@@ -2,7 +2,8 @@
 
 Each version is verified before it serves: the manifest parses, its name/version match the
 folder, model.onnx has the manifest's sha256, and the graph's input and output shapes match the
-manifest. A version that fails stays listed with its error, and readiness reports it.
+manifest. A version that fails stays listed with its error, and readiness reports it. Changes
+while the server runs (load, unload, reload, polling) go through `service.model_control`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pydantic import ValidationError
 
@@ -34,10 +36,24 @@ class ModelLoadError(Exception):
     """A model version that cannot serve; the message says why, without file paths."""
 
 
+# (file name, size, mtime_ns) of each file in a version folder: its files changed when it does.
+Fingerprint = tuple[tuple[str, int, int], ...]
+State = Literal["READY", "UNAVAILABLE", "LOADING", "UNLOADING"]  # as Triton's repository index
+
+
+def fingerprint(folder: Path) -> Fingerprint:
+    try:
+        files = [(p.name, p.stat()) for p in folder.iterdir() if p.is_file()]
+    except FileNotFoundError:  # removed meanwhile
+        return ()
+    return tuple(sorted((name, st.st_size, st.st_mtime_ns) for name, st in files))
+
+
 @dataclass(eq=False)
 class ModelVersion:
     """One version found in the repository and how its load went: `loaded` when it serves,
-    else `error` says why not (one of the two, once `Repository.load_all` has run)."""
+    else `error` says why not. A version that serves may have an `error` too: its files
+    changed and the new ones were refused (it serves what it loaded before)."""
 
     name: str
     version: int
@@ -45,10 +61,25 @@ class ModelVersion:
     manifest: Manifest | None = None  # once it parsed, even if the version failed later
     loaded: LoadedModel | None = None
     error: str | None = None
+    files: Fingerprint = ()  # its folder's files when a load of it was last tried
+    change: Literal["LOADING", "UNLOADING"] | None = None  # under way (service.model_control)
+    unloaded: bool = False  # on request: readiness no longer waits for it
+    late: bool = False  # first found after start-up: its failure leaves readiness alone
 
     @property
     def ready(self) -> bool:
         return self.loaded is not None
+
+    @property
+    def state(self) -> State:
+        return self.change or ("READY" if self.loaded is not None else "UNAVAILABLE")
+
+    @property
+    def reason(self) -> str:
+        """Why it is in its state ("" when it serves as loaded)."""
+        if self.error:
+            return self.error
+        return "unloaded" if self.unloaded else (self.change or "").lower()
 
 
 def _check_graph(manifest: Manifest, model: OnnxModel) -> None:
@@ -94,6 +125,12 @@ def read_kernel_set(manifest: Manifest, folder: Path) -> KernelSet | None:
     return KernelSet(features=arr, sigma2=kd.sigma2)
 
 
+def _info_labels(model: LoadedModel) -> tuple[str, ...]:
+    """notsure_model_info's labels of a loaded version."""
+    m = model.manifest
+    return model.name, str(model.version), model.provider, m.objective, m.architecture, m.score
+
+
 def scan(root: Path) -> list[tuple[str, int, Path]]:
     """(name, version, folder) for every `<name>/<int>/` under root, sorted."""
     found = []
@@ -120,22 +157,31 @@ class Repository:
         for name, version, path in scan(self.settings.model_repository):
             if wanted and name not in wanted:
                 continue
-            found = ModelVersion(name, version, path)
+            found = ModelVersion(name, version, path, files=fingerprint(path))
             self.versions.setdefault(name, {})[version] = found
-            try:
-                loaded = self._load(found)
-                self._announce(loaded)
-                found.loaded = loaded
-            except ModelLoadError as exc:
-                found.error = str(exc)
-            except Exception as exc:  # onnxruntime and friends raise many types
-                found.error = f"{type(exc).__name__}: failed to load"
-                log.exception("model %s/%d failed to load", name, version)
-            self.metrics.model_ready.labels(name, str(version)).set(1 if found.ready else 0)
-            if found.error:
-                log.error("model %s version %d NOT loaded: %s", name, version, found.error)
+            found.loaded = self.try_load(found)
+            self.publish(found)
         if not self.versions:
             log.error("no models found in %s", self.settings.model_repository)
+
+    def try_load(self, found: ModelVersion) -> LoadedModel | None:
+        """`found` verified and serving (in a worker thread at run time: this takes seconds);
+        None, with `found.error` saying why, when it cannot serve."""
+        try:
+            return self._load(found)
+        except ModelLoadError as exc:
+            found.error = str(exc)
+        except Exception as exc:  # onnxruntime and friends raise many types
+            found.error = f"{type(exc).__name__}: failed to load"
+            log.exception("model %s/%d failed to load", found.name, found.version)
+        log.error("model %s version %d NOT loaded: %s", found.name, found.version, found.error)
+        return None
+
+    def publish(self, found: ModelVersion) -> None:
+        """Its metrics as it stands now: ready (with its info series) or not."""
+        if found.loaded is not None:
+            self._announce(found.loaded)
+        self.metrics.model_ready.labels(found.name, str(found.version)).set(int(found.ready))
 
     def _load(self, found: ModelVersion) -> LoadedModel:
         """Verify the version's files and start serving it; its manifest is noted on `found`
@@ -201,7 +247,7 @@ class Repository:
 
     def _announce(self, model: LoadedModel) -> None:
         """The metrics series and the log line of a version that is ready."""
-        manifest, labels = model.manifest, (model.name, str(model.version))
+        m, labels = model.manifest, (model.name, str(model.version))
         # Both decision series exist from load on, so a refuse rate reads 0 before the first
         # refusal instead of "no data".
         for decision in ("accepted", "not_sure"):
@@ -209,27 +255,18 @@ class Repository:
         if model.certifier is not None:
             for certified in ("true", "false"):
                 self.metrics.certificates.labels(*labels, certified)
-        self.metrics.model_info.labels(
-            *labels,
-            model.provider,
-            manifest.objective,
-            manifest.architecture,
-            manifest.score,
-        ).set(1)
-        lone = model.lone_scorer
+        self.metrics.model_info.labels(*_info_labels(model)).set(1)
+        s, lone = self.settings, model.lone_scorer
         log.info(
             "model %s version %d ready on %s (%s >= %.4g, %s, max batch %d, %d x %d threads%s)",
-            model.name,
-            model.version,
-            model.provider,
-            manifest.score,
-            model.threshold,
-            manifest.objective,
-            self.settings.batching_for(model.name).max_batch_size,
-            self.settings.inference_threads,
-            self.settings.intra_threads(),
-            f", {self.settings.lone_batch_threads()} for a lone batch" if lone else "",
-        )
+            model.name, model.version, model.provider, m.score, model.threshold, m.objective,
+            s.batching_for(model.name).max_batch_size, s.inference_threads, s.intra_threads(),
+            f", {s.lone_batch_threads()} for a lone batch" if lone else "",
+        )  # fmt: skip
+
+    def retract(self, model: LoadedModel) -> None:
+        """Drop the info series of a version whose files no longer serve (replaced, unloaded)."""
+        self.metrics.model_info.remove(*_info_labels(model))
 
     def get(self, name: str, version: int | None = None) -> LoadedModel:
         """A ready version; the highest ready one when version is None."""
@@ -253,7 +290,8 @@ class Repository:
                 fix=f"use one of: {', '.join(map(str, sorted(versions)))}",
             )
         if found.loaded is None:
-            raise ModelNotReady(f"model {name!r} version {version} is not ready: {found.error}")
+            why = found.reason or "not loaded"
+            raise ModelNotReady(f"model {name!r} version {version} is not ready: {why}")
         return found.loaded
 
     def all(self) -> list[ModelVersion]:
@@ -261,7 +299,8 @@ class Repository:
 
     @property
     def ready(self) -> bool:
-        return bool(self.versions) and all(found.ready for found in self.all())
+        """Every version found at start-up serves (and is not unloaded on request)."""
+        return bool(self.versions) and all(f.ready for f in self.all() if not f.unloaded | f.late)
 
     async def close(self) -> None:
         for found in self.all():

@@ -23,6 +23,7 @@ from service.manifest import Manifest
 from service.metrics import BatchMetrics, Metrics
 from service.runtime import OnnxModel
 from service.scoring import Kernel, ScoreName, Scores, score_logits
+from service.stats import ModelStats
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,6 +75,7 @@ class LoadedModel:
     # The same graph on every core, for a lone batch (None: not worth it on this host).
     lone_scorer: Scorer | None
     batcher: Batcher[Scores]
+    stats: ModelStats  # since it loaded (Triton's statistics extension)
 
     @property
     def score(self) -> ScoreName:
@@ -117,6 +119,7 @@ def start_serving(
     """The loaded version with its batcher: batches as the settings size them, run in the
     executor on `scorer`, or on `lone_scorer` (when given) for a lone batch."""
     cfg = settings.batching_for(name)
+    stats = ModelStats()
     batcher = Batcher(
         scorer,
         executor,
@@ -125,9 +128,9 @@ def start_serving(
         max_queue_images=settings.max_queue_images,
         slots=settings.inference_threads,
         retry_after_s=settings.retry_after_s,
-        observer=BatchMetrics(metrics, name, str(version)),
+        observers=(BatchMetrics(metrics, name, str(version)), stats),
         arrivals=arrivals,
         run_lone=lone_scorer,
         inline_max_images=INLINE_MAX_IMAGES,
     )
-    return LoadedModel(name, version, manifest, threshold, scorer, lone_scorer, batcher)
+    return LoadedModel(name, version, manifest, threshold, scorer, lone_scorer, batcher, stats)

@@ -55,7 +55,10 @@ class Prediction(BaseModel):
     certified: bool | None = Field(
         default=None,
         description="whether every image within certify_eps (L-inf) of this one gets the same "
-        "label, proven by interval bound propagation; null when the model has no bound graph",
+        "label, proven by interval bound propagation; absent when the model has no bound graph",
+    )
+    certify_eps: float | None = Field(
+        default=None, description="the L-inf radius of the certificate; absent without one"
     )
 
 
@@ -64,11 +67,10 @@ class PredictResponse(BaseModel):
     model: str
     version: int
     threshold: float = Field(description="the T that was applied")
-    certify_eps: float | None = Field(
-        default=None, description="the L-inf radius the answers are certified at, if any"
-    )
-    certificate_required: bool = Field(
-        default=False, description="true: an answer is accepted only when it is also certified"
+    certificate_required: bool | None = Field(
+        default=None,
+        description="true: an answer is accepted only when it is also certified; absent when "
+        "the model has no bound graph",
     )
     predictions: list[Prediction]
 
@@ -148,10 +150,77 @@ class V2ModelMetadata(BaseModel):
     )
 
 
+class V2Duration(BaseModel):
+    count: int = Field(description="how many times the step happened")
+    ns: int = Field(description="their total duration in nanoseconds")
+
+
+class V2InferStats(BaseModel):
+    success: V2Duration
+    fail: V2Duration
+    queue: V2Duration
+    compute_input: V2Duration
+    compute_infer: V2Duration
+    compute_output: V2Duration
+    cache_hit: V2Duration
+    cache_miss: V2Duration
+
+
+class V2BatchStats(BaseModel):
+    batch_size: int
+    compute_input: V2Duration
+    compute_infer: V2Duration
+    compute_output: V2Duration
+
+
+class V2ModelStats(BaseModel):
+    name: str
+    version: str
+    last_inference: int = Field(description="ms since the epoch; 0 before the first request")
+    inference_count: int = Field(description="images answered")
+    execution_count: int = Field(description="batches run")
+    inference_stats: V2InferStats
+    batch_stats: list[V2BatchStats]
+    memory_usage: list[dict[str, Any]]
+    response_stats: dict[str, Any]
+
+
+class V2Statistics(BaseModel):
+    """Triton's statistics extension: cumulative counts per model version since it loaded."""
+
+    model_stats: list[V2ModelStats]
+
+
 class V2ServerMetadata(BaseModel):
     name: str
     version: str
     extensions: list[str]
+
+
+# --- model repository extension (Triton's) ---------------------------------------------------
+
+
+class RepositoryIndexRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ready: bool = Field(default=False, description="true: only the versions ready to infer")
+
+
+class RepositoryIndexEntry(BaseModel):
+    name: str
+    version: str
+    state: Literal["READY", "UNAVAILABLE", "LOADING", "UNLOADING"]
+    reason: str = Field(description="why it is in this state (empty when it serves)")
+
+
+class RepositoryModelRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    parameters: dict[str, Any] = Field(
+        default_factory=dict,
+        description="unload: unload_dependents (no effect: models here have no dependents); "
+        "load: none (a model loads from its version folders' files)",
+    )
 
 
 API_ERRORS: dict[int | str, dict[str, Any]] = {

@@ -27,10 +27,6 @@ log = logging.getLogger(__name__)
 KEEP_ALIVE_S = 75
 
 
-def _grace_s(settings: Settings) -> float:
-    return settings.request_timeout_s + 5
-
-
 def uvicorn_config(settings: Settings) -> uvicorn.Config:
     return uvicorn.Config(
         create_app(settings),
@@ -38,7 +34,7 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,  # the service logs errors with request ids; metrics count the rest
-        timeout_graceful_shutdown=int(_grace_s(settings)),
+        timeout_graceful_shutdown=int(settings.grace_s()),
         # Idle keep-alive connections must outlive the clients' and proxies' own idle timeouts
         # (httpx 5 s, ALB 60 s): otherwise the server closes a connection just as a client sends
         # on it and the client sees a reset, not a response. 75 s is nginx's default.
@@ -95,7 +91,7 @@ class Server(uvicorn.Server):
         if self.grpc is None:
             await super().shutdown(sockets)
             return
-        grpc_stopped = asyncio.create_task(self.grpc.stop(_grace_s(self.settings)))
+        grpc_stopped = asyncio.create_task(self.grpc.stop(self.settings.grace_s()))
         lifespan_shutdown = self.lifespan.shutdown
 
         async def after_grpc() -> None:

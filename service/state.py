@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from service.batching import ArrivalTracker
 from service.config import Settings
 from service.metrics import Metrics
+from service.model_control import ModelControl
 from service.monitor import Monitor
 from service.recent import RecentDecisions
 from service.repository import Repository
@@ -21,6 +22,7 @@ class AppState:
     settings: Settings
     metrics: Metrics
     repository: Repository
+    control: ModelControl  # loads and unloads versions while the server runs
     keys: KeyRing
     arrivals: ArrivalTracker
     monitor: Monitor

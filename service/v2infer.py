@@ -31,8 +31,14 @@ CERTIFIED_OUTPUT = "certified"
 PLATFORM = "onnxruntime_onnx"
 
 
+# Protocol extensions served: binary tensors on infer, the repository index/load/unload
+# (service.model_control; load and unload answer only with model_control=explicit), and
+# Triton's model configuration and statistics (service.v2extensions).
+EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics"]
+
+
 def server_metadata() -> dict[str, Any]:
-    return {"name": "notsure", "version": service_version(), "extensions": ["binary_tensor_data"]}
+    return {"name": "notsure", "version": service_version(), "extensions": EXTENSIONS}
 
 
 def outputs_of(model: LoadedModel) -> tuple[str, ...]:
@@ -43,11 +49,28 @@ def outputs_of(model: LoadedModel) -> tuple[str, ...]:
     return (*OUTPUTS, *extra)
 
 
-def metadata(model: LoadedModel, state: AppState) -> dict[str, Any]:
-    """Model metadata: one FP32 image input, the decision outputs (label -1 is NOT SURE)."""
+def tensors(model: LoadedModel) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The model's input and output tensors as metadata lists them (name, datatype, shape with
+    the batch axis as -1); the model configuration is built from the same list."""
     c, h, w = model.manifest.input_shape
     n = model.manifest.num_classes
+    inputs = [{"name": INPUT, "datatype": "FP32", "shape": [-1, c, h, w]}]
+    outputs = (
+        [{"name": "label", "datatype": "INT64", "shape": [-1]}]
+        + [{"name": o, "datatype": "FP32", "shape": [-1]} for o in OUTPUTS[1:4]]
+        + [{"name": "probabilities", "datatype": "FP32", "shape": [-1, n]}]
+        + [
+            {"name": o, "datatype": "BOOL" if o == CERTIFIED_OUTPUT else "FP32", "shape": [-1]}
+            for o in outputs_of(model)[5:]
+        ]
+    )
+    return inputs, outputs
+
+
+def metadata(model: LoadedModel, state: AppState) -> dict[str, Any]:
+    """Model metadata: one FP32 image input, the decision outputs (label -1 is NOT SURE)."""
     versions = sorted(state.repository.versions.get(model.name, {}))
+    inputs, outputs = tensors(model)
     return {
         "name": model.name,
         "versions": [str(v) for v in versions],
@@ -59,14 +82,8 @@ def metadata(model: LoadedModel, state: AppState) -> dict[str, Any]:
             "score": model.score,
             **_certificate_parameters(model),
         },
-        "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, c, h, w]}],
-        "outputs": [{"name": "label", "datatype": "INT64", "shape": [-1]}]
-        + [{"name": o, "datatype": "FP32", "shape": [-1]} for o in OUTPUTS[1:4]]
-        + [{"name": "probabilities", "datatype": "FP32", "shape": [-1, n]}]
-        + [
-            {"name": o, "datatype": "BOOL" if o == CERTIFIED_OUTPUT else "FP32", "shape": [-1]}
-            for o in outputs_of(model)[5:]
-        ],
+        "inputs": inputs,
+        "outputs": outputs,
     }
 
 

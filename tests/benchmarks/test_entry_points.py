@@ -19,6 +19,7 @@ MODULES = [
     "overload",
     "profile_server",
     "grpc_load",
+    "model_control",
 ]
 
 

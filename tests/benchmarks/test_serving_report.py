@@ -96,3 +96,62 @@ def test_a_peer_cell_that_answered_nothing_is_behind_and_has_no_ratio() -> None:
     assert got["64-image v2-json c=64 ahead of pytriton (v2-json-u8)"] == ("11 vs 0 req/s", True)
     every = got["ahead of every compared server at every concurrency, every body kind"]
     assert every == ("closest: 650 vs 250 req/s (pytriton v2-json-u8, 1-image, c=1, 2.60x)", True)
+
+
+def test_cpu_per_image_against_onnxruntimes_own() -> None:
+    """Server CPU per image over onnxruntime's at the batch the server could form; the target
+    looks at c >= 8 only and names the worst cell."""
+    cells = [
+        # 2.4 ms of server CPU per 1-image request vs 2.0 ms/img at batch 32: 1.2x
+        Cell(
+            "notsure",
+            "native",
+            1,
+            32,
+            900.0,
+            900.0,
+            30.0,
+            80.0,
+            0,
+            cpu_ms=2.4,
+            raw_cpu_ms_per_img=2.0,
+            raw_cpu_batch=32,
+        ),
+        # 64 images: 140.8 ms of CPU per request = 2.2 ms/img vs 1.6: 1.375x, the worst
+        Cell(
+            "notsure",
+            "v2-binary",
+            64,
+            8,
+            30.0,
+            1920.0,
+            250.0,
+            280.0,
+            0,
+            cpu_ms=140.8,
+            raw_cpu_ms_per_img=1.6,
+            raw_cpu_batch=64,
+        ),
+        # c=1 is not held to the target (nothing to batch), however costly
+        Cell(
+            "notsure",
+            "native",
+            1,
+            1,
+            700.0,
+            700.0,
+            0.9,
+            2.0,
+            0,
+            cpu_ms=9.0,
+            raw_cpu_ms_per_img=2.5,
+            raw_cpu_batch=1,
+        ),
+    ]
+    assert cells[0].cpu_ratio == 1.2 and abs(cells[1].cpu_ratio - 1.375) < 1e-12  # type: ignore[operator]
+    got = {name: (measured, ok) for name, measured, ok in targets(cells, RAW)}
+    assert got["server CPU per image <= 1.3x onnxruntime's own at c >= 8, every body kind"] == (
+        "worst 1.38x (v2-binary, 64-image, c=8: 2.200 vs 1.600 ms at batch 64)",
+        False,
+    )
+    assert Cell("x", "native", 1, 8, 1.0, 1.0, 1.0, 1.0, 0).cpu_ratio is None  # not measured

@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 
 from service.batching import QUIET_S, ArrivalTracker, Batcher, Plan, RunFn, plan
-from service.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
+from service.errors import (
+    DeadlineExceeded,
+    InferenceFailed,
+    ModelNotReady,
+    Overloaded,
+    ShuttingDown,
+)
 
 
 def test_plan_empty_queue_waits_for_arrivals() -> None:
@@ -187,6 +193,34 @@ async def test_close_drains_then_refuses(executor: ThreadPoolExecutor) -> None:
     gate.set()
     await closing
     assert (await pending).tolist() == [3.0]
+
+
+async def test_drain_waits_for_admitted_requests_then_refuses_with_its_error(
+    executor: ThreadPoolExecutor,
+) -> None:
+    """A version being unloaded: a request admitted for it (a holder) but not yet queued, its
+    body still arriving, is answered; only then does the batcher refuse, with the given error."""
+    b = Batcher(_echo, executor, max_batch=8, max_delay_s=0.0, max_queue_images=10)
+    b.holders += 1  # admitted (`Call.hold`), nothing queued yet
+    gone = ModelNotReady("model 'm' version 1 was unloaded")
+    draining = asyncio.create_task(b.drain(gone, timeout_s=5))
+    await asyncio.sleep(0.05)
+    assert not draining.done()  # an empty queue is not enough: a holder is on its way
+    assert (await b.submit(_images(2.0), timeout_s=5)).tolist() == [2.0]
+    b.holders -= 1  # its answer has gone (`Call.close`)
+    await asyncio.wait_for(draining, 5)
+    with pytest.raises(ModelNotReady, match="was unloaded"):
+        await b.submit(_images(1.0), timeout_s=5)
+
+
+async def test_drain_gives_up_on_holders_after_its_timeout(executor: ThreadPoolExecutor) -> None:
+    b = Batcher(_echo, executor, max_batch=8, max_delay_s=0.0, max_queue_images=10)
+    b.holders += 1  # a request that never comes back
+    start = time.monotonic()
+    await b.drain(ModelNotReady("gone"), timeout_s=0.2)
+    assert 0.2 <= time.monotonic() - start < 2.0
+    with pytest.raises(ModelNotReady):
+        await b.submit(_images(1.0), timeout_s=5)
 
 
 async def test_lone_batch_takes_every_core_and_slot(executor: ThreadPoolExecutor) -> None:

@@ -94,8 +94,9 @@ def test_every_protocol_carries_the_certificate_the_torch_bounds_give(
                        json={"instances": x.tolist()}, timeout=30)  # fmt: skip
         r.raise_for_status()
         body = r.json()
-        assert body["certify_eps"] == pytest.approx(eps) and body["certificate_required"] is False
+        assert body["certificate_required"] is False
         preds = body["predictions"]
+        assert all(p["certify_eps"] == pytest.approx(eps) for p in preds)
         got = np.array([p["certified"] for p in preds])
         assert (got[sure] == want_cert[sure].astype(bool)).all()
         revealed = [p["label"] for p in preds]
@@ -105,6 +106,10 @@ def test_every_protocol_carries_the_certificate_the_torch_bounds_give(
         meta = http.get_model_metadata("tiny-rce")
         assert {"name": "certified", "datatype": "BOOL", "shape": [-1]} in meta["outputs"]
         assert meta["parameters"]["certify_eps"] == pytest.approx(eps)
+        config = http.get_model_config("tiny-rce")
+        assert {"name": "certified", "data_type": "TYPE_BOOL", "dims": [1],
+                "reshape": {"shape": []}, "is_shape_tensor": False} in config["output"]  # fmt: skip
+        assert float(config["parameters"]["certify_eps"]["string_value"]) == eps
         inp = triton_http.InferInput("input", list(x.shape), "FP32")
         inp.set_data_from_numpy(x, binary_data=True)
         for binary in (True, False):
@@ -225,3 +230,13 @@ def _with(s: object, cert: np.ndarray, required: bool) -> object:
     from dataclasses import replace
 
     return replace(s, certified=cert, certify_eps=0.1, certificate_required=required)  # type: ignore[type-var]
+
+
+def test_a_model_without_a_bound_graph_says_nothing_of_certificates(client: TestClient) -> None:
+    x = _images()[:2]
+    body = client.post("/v1/models/tiny-rce/predict", json={"instances": x.tolist()}).json()
+    assert "certificate_required" not in body
+    assert all("certified" not in p and "certify_eps" not in p for p in body["predictions"])
+    meta = client.get("/v2/models/tiny-rce").json()
+    assert "certified" not in {o["name"] for o in meta["outputs"]}
+    assert "certify_eps" not in meta["parameters"]

@@ -83,7 +83,16 @@ def test_v2_path_errors_are_400(client: TestClient) -> None:
 
 
 def test_v2_slash_is_the_server_metadata(client: TestClient) -> None:
-    want = {"name": "notsure", "version": __version__, "extensions": ["binary_tensor_data"]}
+    want = {
+        "name": "notsure",
+        "version": __version__,
+        "extensions": [
+            "binary_tensor_data",
+            "model_repository",
+            "model_configuration",
+            "statistics",
+        ],
+    }
     for path in ("/v2", "/v2/"):
         r = client.get(path, follow_redirects=False)
         assert r.status_code == 200, (path, r.status_code)

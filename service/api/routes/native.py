@@ -57,15 +57,13 @@ def _response(
     classes = model.manifest.classes
     preds = []
     name = s.score_name
-    certified = [None] * len(s) if s.certified is None else s.certified.tolist()
-    for label, acc, j, c, nme, v, cert in zip(
+    for label, acc, j, c, nme, v in zip(
         s.label.tolist(),
         outcome.accepted.tolist(),
         s.j_score.tolist(),
         s.confidence.tolist(),
         s.non_me.tolist(),
         s.score.tolist(),
-        certified,
         strict=True,
     ):
         shown = acc or reveal
@@ -79,9 +77,12 @@ def _response(
                 "non_me": nme,
                 "score_name": name,
                 "score": v,
-                "certified": cert,
             }
         )
+    if s.certified is not None:  # only models with a bound graph say anything of certificates
+        for pred, cert in zip(preds, s.certified.tolist(), strict=True):
+            pred["certified"] = cert
+            pred["certify_eps"] = s.certify_eps
     if probabilities:
         for pred, row in zip(preds, s.probabilities.tolist(), strict=True):
             pred["probabilities"] = row
@@ -90,10 +91,10 @@ def _response(
         "model": model.name,
         "version": model.version,
         "threshold": outcome.threshold,
-        "certify_eps": s.certify_eps,
-        "certificate_required": s.certificate_required,
         "predictions": preds,
     }
+    if s.certified is not None:
+        body["certificate_required"] = s.certificate_required
     return Response(orjson.dumps(body), media_type="application/json")
 
 

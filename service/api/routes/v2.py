@@ -1,4 +1,5 @@
-"""KServe V2 / Open Inference Protocol: metadata, readiness and infer (JSON or binary)."""
+"""KServe V2 / Open Inference Protocol: metadata, readiness and infer (JSON or binary), and
+Triton's model configuration and statistics extensions."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from service import v2codec, v2infer
+from service import v2codec, v2extensions, v2infer
 from service.api.deps import NAME, VERSION, CallDep, StateDep, require_key
 from service.api.routing import add_inference_route
 from service.call import Call
@@ -17,6 +18,7 @@ from service.schemas import (
     V2InferRequest,
     V2InferResponse,
     V2ModelMetadata,
+    V2Statistics,
     body_schema,
 )
 from service.state import AppState
@@ -45,6 +47,13 @@ INFER_BODY = {
 }
 
 
+# Before /models/{name}: "stats" here is not a model name.
+@router.get("/models/stats", response_model=V2Statistics)
+async def all_stats(call: CallDep, state: StateDep) -> dict[str, Any]:
+    """Statistics of every ready version of every model (Triton's statistics extension)."""
+    return v2extensions.model_statistics(v2extensions.stats_versions(state, call, None, None))
+
+
 @router.get("/models/{name}", response_model=V2ModelMetadata)
 async def model_metadata(name: NAME, call: CallDep, state: StateDep) -> dict[str, Any]:
     return v2infer.metadata(resolve(state, call, name, None), state)
@@ -67,6 +76,32 @@ async def model_ready(name: NAME, call: CallDep, state: StateDep) -> Response:
 async def version_ready(name: NAME, version: VERSION, call: CallDep, state: StateDep) -> Response:
     resolve(state, call, name, version)
     return Response(status_code=200)
+
+
+@router.get("/models/{name}/config")
+async def model_config(name: NAME, call: CallDep, state: StateDep) -> dict[str, Any]:
+    """The latest ready version's configuration in Triton's terms (model_config.proto)."""
+    return v2extensions.model_config(resolve(state, call, name, None), state.settings)
+
+
+@router.get("/models/{name}/versions/{version}/config")
+async def version_config(
+    name: NAME, version: VERSION, call: CallDep, state: StateDep
+) -> dict[str, Any]:
+    return v2extensions.model_config(resolve(state, call, name, version), state.settings)
+
+
+@router.get("/models/{name}/stats", response_model=V2Statistics)
+async def model_stats(name: NAME, call: CallDep, state: StateDep) -> dict[str, Any]:
+    """Statistics of every ready version of the model."""
+    return v2extensions.model_statistics(v2extensions.stats_versions(state, call, name, None))
+
+
+@router.get("/models/{name}/versions/{version}/stats", response_model=V2Statistics)
+async def version_stats(
+    name: NAME, version: VERSION, call: CallDep, state: StateDep
+) -> dict[str, Any]:
+    return v2extensions.model_statistics(v2extensions.stats_versions(state, call, name, version))
 
 
 async def handle_infer(
