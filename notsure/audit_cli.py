@@ -26,8 +26,8 @@ def audit(
         str | None,
         Opt(
             help="headline, secondary, worst-case, k-density (attacks); autoattack (robust "
-            "accuracy, no abstention); checks, transfer, live, figures (on the saved results) "
-            "(default: headline)"
+            "accuracy, no abstention); checks, transfer, live, certified, figures (on the saved "
+            "results) (default: headline)"
         ),
     ] = None,
     model: Annotated[list[str] | None, Opt(help="model name(s); repeat or comma-separate")] = None,
@@ -73,6 +73,9 @@ def audit(
             )
         typer.echo(f"rows: {autoattack_json(cfg)}")
         return
+    if cfg.plan == "certified":
+        _echo_certified(cfg.out_json.with_name("certified.json"))
+        return
     for r in rows:
         if r["attack"] == "worst-case" or r["attack"] == "none":
             typer.echo(
@@ -80,6 +83,26 @@ def audit(
                 f"{r['eps']:g}: success {r['attack_success']:.3f} (n {r['n']})"
             )
     typer.echo(f"rows: {cfg.out_json}")
+
+
+def _echo_certified(path: Path) -> None:
+    """One line per model and eps of the certified plan's rows."""
+    import json
+
+    def pct(v: object) -> str:
+        return "-" if v is None else f"{100 * float(v):.1f}%"  # type: ignore[arg-type]
+
+    rows = json.loads(path.read_text()) if path.exists() else []
+    for r in rows:
+        typer.echo(
+            f"{r['model']} eps {r['eps']:g}: certified handled {pct(r['certified_handled'])} "
+            f"(n {r['images']}), worst-case handled {pct(r['worst_case_handled'])} "
+            f"(n {r['worst_case_n'] or 0}), clean refusals the policy adds "
+            f"{pct(r['policy_clean_refusals'])}"
+        )
+    if not rows:
+        typer.echo("no model with a bound graph (notsure certify export)")
+    typer.echo(f"rows: {path} and {path.with_suffix('.md')}")
 
 
 def register(app: typer.Typer) -> None:

@@ -15,6 +15,7 @@ it is certified (`service.scoring.decide`); otherwise the certificate is reporte
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +24,12 @@ import numpy.typing as npt
 from service.manifest import CERTIFY_FILE, Manifest
 from service.preprocess import GraphMismatch
 from service.runtime import Device, cuda_driver_present, select_providers, session_options
+from service.scoring import Scores
 
 Margins = npt.NDArray[np.float32]  # (B, L, L): [b, c, j] a lower bound of s_c - s_j
 INPUTS = ("input", "eps")
 MARGINS = "margins"
+PIECE = 512  # images per run of the bound graph; a service batch is one piece
 
 
 class CertifyLoadError(ValueError):
@@ -58,6 +61,7 @@ class CertifyGraph:
             raise CertifyLoadError("the manifest names no certify_eps")
         self.eps = float(manifest.certify_eps)
         self.required = manifest.certify_required
+        self.num_classes = manifest.num_classes
         available = ort.get_available_providers()
         providers = select_providers(device, available, cuda_driver_present())
         self.session = ort.InferenceSession(
@@ -69,9 +73,34 @@ class CertifyGraph:
         self, x: npt.NDArray[np.float32], labels: npt.NDArray[np.int64]
     ) -> npt.NDArray[np.bool_]:
         """(B, C, H, W) pixels in [0, 1] and their answered labels -> (B,) certified."""
-        eps = np.full((x.shape[0],), self.eps, np.float32)
-        (margins,) = self.session.run([MARGINS], {"input": x, "eps": eps})
-        return certified_answers(np.asarray(margins), labels)
+        return certified_answers(self.margins(x), labels)
+
+    def margins(self, x: npt.NDArray[np.float32]) -> Margins:
+        """(B, C, H, W) -> (B, L, L) margin bounds at the manifest's radius; in pieces of
+        `PIECE` images, so that an offline caller's thousands of images stay in memory."""
+        out = [np.zeros((0, self.num_classes, self.num_classes), np.float32)]
+        for i in range(0, len(x), PIECE):
+            part = x[i : i + PIECE]
+            eps = np.full((part.shape[0],), self.eps, np.float32)
+            (m,) = self.session.run([MARGINS], {"input": part, "eps": eps})
+            out.append(np.asarray(m, np.float32))
+        return np.concatenate(out)
+
+
+def with_certificate(
+    scores: Scores, x: npt.NDArray[np.float32], certifier: CertifyGraph | None
+) -> Scores:
+    """The scores of the batch x (B, C, H, W) as the service serves them: with a bound graph,
+    whether each answered label is certified at its radius and whether `decide` requires it;
+    without one, unchanged. The service and the audit both call this."""
+    if certifier is None:
+        return scores
+    return replace(
+        scores,
+        certified=certifier.certify(x, scores.label),
+        certify_eps=certifier.eps,
+        certificate_required=certifier.required,
+    )
 
 
 def _check(session: object, manifest: Manifest) -> None:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable
 from concurrent.futures import Executor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
 from service.batching import INLINE_MAX_IMAGES, ArrivalTracker, Batcher, note_inferred
-from service.certify import CertifyGraph
+from service.certify import CertifyGraph, with_certificate
 from service.config import Settings
 from service.errors import InferenceFailed
 from service.kdensity import KernelSet
@@ -44,13 +44,7 @@ class Scorer:
         if logits.shape[0] != x.shape[0] or (feats is not None and feats.shape[0] != x.shape[0]):
             raise InferenceFailed(f"model returned {logits.shape[0]} rows for {x.shape[0]} images")
         scores = score_logits(logits, self.kernel, self.score, feats, self.kernel_set)
-        if (cert := self.certifier) is not None:
-            scores = replace(
-                scores,
-                certified=cert.certify(x, scores.label),
-                certify_eps=cert.eps,
-                certificate_required=cert.required,
-            )
+        scores = with_certificate(scores, x, self.certifier)
         bounds = [0, *itertools.accumulate(sizes)]
         return [scores.rows(a, b) for a, b in itertools.pairwise(bounds)]
 

@@ -225,14 +225,26 @@ def score_logits(
     )
 
 
+def answered(
+    score: Array,
+    threshold: float,
+    certified: npt.NDArray[np.bool_] | None = None,
+    required: bool = False,
+) -> npt.NDArray[np.bool_]:
+    """(B,) whether each image gets its label: score >= T and, where the model requires a
+    certificate, the label is certified. `decide` and whoever keeps only these arrays use it."""
+    ok = accept(score, threshold)
+    if required:
+        if certified is None:
+            raise ValueError("the model requires a certificate but none was computed")
+        ok = ok & certified
+    return ok
+
+
 def decide(scores: Scores, threshold: float) -> I64:
     """(B,) the decision at T: the predicted label, or NOT_SURE (-1) where score < T, and where
     the model requires a certificate, also where the label is not certified."""
-    ok = accept(scores.score, threshold)
-    if scores.certificate_required:
-        if scores.certified is None:
-            raise ValueError("the model requires a certificate but none was computed")
-        ok = ok & scores.certified
+    ok = answered(scores.score, threshold, scores.certified, scores.certificate_required)
     return np.where(ok, scores.label, NOT_SURE).astype(np.int64)
 
 

@@ -1,9 +1,10 @@
 """`notsure audit`: every plan of the adaptive audit in one table, and `run` to run one.
 
 Four plans attack (their jobs are in `training.audit.jobs`, in order of value), and
-`autoattack` measures robust accuracy without abstention (`training.audit.autoattack`); four
+`autoattack` measures robust accuracy without abstention (`training.audit.autoattack`); five
 attack nothing new and work on the results those saved: sanity checks against independent attacks,
-transfer from other models, a replay through the live service, and the figures and tables.
+transfer from other models, a replay through the live service, what the certificate proves
+beside the worst case (`training.audit.certified`), and the figures and tables.
 Every plan ends by rebuilding the result rows from everything saved and writing them.
 """
 
@@ -16,6 +17,7 @@ from functools import partial
 import torch
 
 from training.audit.autoattack import run_autoattack
+from training.audit.certified import export_tiny, run_certified
 from training.audit.checks import run_checks
 from training.audit.figures import write_figures
 from training.audit.live import live_check
@@ -45,6 +47,11 @@ def _transfer(models: Models) -> Rows:
 
 def _live(models: Models) -> Rows:
     live_check(models, models.cfg.url)
+    return write_rows(models)
+
+
+def _certified(models: Models) -> Rows:
+    run_certified(models)
     return write_rows(models)
 
 
@@ -78,16 +85,24 @@ PLANS: dict[str, Plan] = {
     "checks": Plan("reference PGD, gradient alignment, Square against the white-box wins", _checks),
     "transfer": Plan("images crafted on other models, sent to each model", _transfer),
     "live": Plan("the saved images replayed through the running service", _live),
+    "certified": Plan(
+        "per model with a bound graph and eps 0.1-0.3: certified handled, the worst case, and "
+        "the clean refusals of a certificate policy",
+        _certified,
+    ),
     "figures": Plan("the figures and the tables of docs/robustness.md", _figures),
 }
 
 
 def run(cfg: AuditConfig, models: Models | None = None) -> Rows:
     """Run (or resume) cfg.plan; returns the rows written to cfg.out_json. `models` lends the
-    models another plan has loaded already. A dry run of the tiny models builds them first."""
+    models another plan has loaded already. A dry run of the tiny models builds them first (and
+    for the certified plan, their bound graphs)."""
     if cfg.plan not in PLANS:
         raise ValueError(f"unknown plan {cfg.plan!r}; use one of {', '.join(PLANS)}")
     if cfg.dry_run and set(cfg.models) <= set(TINY_MODELS):
         tiny_repo(cfg.models_dir, cfg.work_dir / "dry-run-runs")
+        if cfg.plan == "certified" and models is None:
+            export_tiny(cfg.models_dir)
     torch.set_num_threads(cfg.threads)
     return PLANS[cfg.plan].run(Models(cfg) if models is None else models.under(cfg))

@@ -3,7 +3,9 @@
 A row: {"model", "score", "attack", "eps", "n", "steps", "restarts", "attack_success",
 "handled", ...} with attack_success = share of the n images whose served answer is a wrong,
 accepted label, and handled = 1 - attack_success (answer right or NOT SURE). Extra keys say
-the norm, the threshold and how many images the planned job covers.
+the norm, the threshold and how many images the planned job covers, and for a model with a
+bound graph the radius its answers are certified at and whether the decision required it
+("certify_eps", "certificate_required").
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from training.audit.jobs import AuditJob
 from training.provenance import run_record
 
 KEYS = ("model", "score", "attack", "norm", "eps", "clean_refusal")
+# Rows with the same KEYS that are not the same figure: other settings, or a model decided with
+# a certificate (its rows never replace those from before it had one).
+SAME_RUN = ("steps", "restarts", "planned_n", "loss", "certify_eps", "certificate_required")
 
 
 def attack_label(job: AuditJob) -> str:
@@ -135,7 +140,7 @@ def merge_rows(path: Path, rows: list[dict[str, object]]) -> list[dict[str, obje
     old = json.loads(path.read_text()) if path.exists() else []
 
     def ident(r: dict[str, object]) -> tuple[str, ...]:
-        return tuple(str(r.get(k)) for k in (*KEYS, "steps", "restarts", "planned_n", "loss"))
+        return tuple(str(r.get(k)) for k in (*KEYS, *SAME_RUN))
 
     merged = {ident(r): r for r in old}
     for r in rows:

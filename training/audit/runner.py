@@ -7,7 +7,10 @@ checkout resumes from them, and the worst case and the cascades read them, when 
 is gone. After each chunk the rows of every job are rebuilt from the
 saved results and written to the JSON file. Wins are counted as the service
 decides them: the saved images go through the ONNX graph and `service.scoring`, not through
-the torch mirror the attack steered by.
+the torch mirror the attack steered by, and for a model with a bound graph through its
+certificate too (with `certify_required`, a win needs a certified answer). Wherever rows are
+built, a win whose certified ball holds its correctly labelled clean original stops the run
+(`training.audit.soundness`).
 """
 
 from __future__ import annotations
@@ -19,14 +22,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from service.scoring import answered
 from training.attacks import get
 from training.attacks.threat import Result, l2_distance
 from training.audit.jobs import L2_BUDGETS, THRESHOLDS, AuditJob, all_jobs, plan_jobs
 from training.audit.rows import job_rows, merge_rows, within_budget, worst_case_rows
+from training.audit.soundness import check_certified_wins
 from training.audit.store import job_dir, keep_results, load_job, missing_ranges
-from training.audit.subject import Model, Models
+from training.audit.subject import Model, Models, decided_wins
 from training.progress import progress_bar
-from training.torch_scoring import served_kind, service_name
+from training.torch_scoring import served_kind
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +72,13 @@ def attack_chunk(
         res.won[todo], res.adv[todo], res.spent[todo] = part.won, part.adv, part.spent
     adv = res.adv.numpy()
     s = model.served(adv)
-    score = s.named(service_name(job.score))
-    served_won = (s.label != y.numpy()) & (score >= threshold) & ~skip
+    served_won = decided_wins(s, y.numpy(), job.score, threshold) & ~skip
+    # Saved only for a model with a bound graph, whose results have their own key.
+    certificate = (
+        {}
+        if s.certified is None
+        else {"certified": s.certified, "certify_eps": np.full(hi - lo, s.certify_eps)}
+    )
     return {
         "idx": np.arange(lo, hi),
         "adv": adv.astype(np.float32),
@@ -79,7 +89,16 @@ def attack_chunk(
         "l2": l2_distance(res.adv, x).numpy(),
         "linf": (res.adv - x).abs().flatten(1).amax(1).numpy(),
         "threshold": np.full(hi - lo, threshold),
+        **certificate,
     }
+
+
+def check_saved(model: Model, job: AuditJob, saved: dict[str, np.ndarray]) -> None:
+    """The soundness check of the certificate on a job's saved wins (when it has one)."""
+    if "certified" in saved and len(saved["idx"]):
+        eps = float(saved["certify_eps"][0])
+        won, cert = saved["served_won"], saved["certified"]
+        check_certified_wins(model, job.name, saved["idx"], won, cert, saved["linf"], eps)
 
 
 def headline_coverage(models: Models, model: Model, job: AuditJob) -> int:
@@ -151,16 +170,19 @@ CLEAN = slice(0, 5000)  # clean accuracy and coverage: the images not used for t
 
 
 def clean_rows(model: Model, work_dir: Path) -> list[dict[str, object]]:
-    """Clean accuracy, coverage and the clean wrong-and-accepted rate at every threshold."""
-    path = work_dir / model.name / f"clean-{model.manifest.sha256[:12]}.npz"
+    """Clean accuracy, coverage and the clean wrong-and-accepted rate at every threshold, as
+    the service decides (with the certificate where the model requires one)."""
+    path = work_dir / model.name / f"clean-{model.key[:12]}.npz"
     has_kd = model.kernel_set is not None
     # Files saved before K-density was audited lack it: score the clean images again.
     if not path.exists() or (has_kd and "k_density" not in np.load(path).files):
         s = model.served(model.data.x[CLEAN].numpy())
         path.parent.mkdir(parents=True, exist_ok=True)
         kd = {} if s.k_density is None else {"k_density": s.k_density}
-        np.savez(path, label=s.label, j=s.j_score, confidence=s.confidence, **kd)
+        cert = {} if s.certified is None else {"certified": s.certified}
+        np.savez(path, label=s.label, j=s.j_score, confidence=s.confidence, **kd, **cert)
     saved = dict(np.load(path))
+    required = model.certifier is not None and model.certifier.required
     y = model.data.y[CLEAN].numpy()
     right = saved["label"] == y
     rows: list[dict[str, object]] = []
@@ -172,7 +194,7 @@ def clean_rows(model: Model, work_dir: Path) -> list[dict[str, object]]:
         if score == "k_density" and not has_kd:
             continue
         t = model.threshold(score, refusal)
-        accepted = saved[score] >= t
+        accepted = answered(saved[score], t, saved.get("certified"), required)
         wrong = float((~right & accepted).mean())
         rows.append(
             {
@@ -206,6 +228,7 @@ def write_rows(models: Models) -> list[dict[str, object]]:
         saved = load_job(cfg, models[job.model], job)
         if saved is None:
             continue
+        check_saved(models[job.model], job, saved)
         groups.setdefault(job.group, []).append((job, saved))
         if not job.cascade:
             rows += job_rows(job, saved, L2_BUDGETS)
@@ -219,4 +242,4 @@ def write_rows(models: Models) -> list[dict[str, object]]:
             rows += worst_case_rows(members, also)
     for model in models:
         rows += clean_rows(model, cfg.work_dir)
-    return merge_rows(cfg.out_json, rows)
+    return merge_rows(cfg.out_json, [{**r, **models[str(r["model"])].certificate} for r in rows])

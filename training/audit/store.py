@@ -18,13 +18,13 @@ if TYPE_CHECKING:
 
 
 def job_dir(cfg: AuditConfig, model: Model, job: AuditJob) -> Path:
-    return cfg.work_dir / model.name / f"{job.name}-{job.key(model.manifest.sha256)}"
+    return cfg.work_dir / model.name / f"{job.name}-{job.key(model.key)}"
 
 
 def results_path(cfg: AuditConfig, model: Model, job: AuditJob) -> Path:
     """The job's results without the images (kept with the docs)."""
     root = cfg.results_dir or cfg.out_json.parent / "results"
-    return root / model.name / f"{job.name}-{job.key(model.manifest.sha256)}.npz"
+    return root / model.name / f"{job.name}-{job.key(model.key)}.npz"
 
 
 IMAGES = "adv"  # the one array of a chunk that the kept results leave out

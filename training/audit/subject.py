@@ -1,21 +1,25 @@
 """What the audit attacks: its configuration and the models under attack, as the attacker (the
-torch net and what it knows of the score) and the server (the ONNX graph and `service.scoring`)
-see them. `Models` loads each once and is handed to whatever needs them."""
+torch net and what it knows of the score) and the server (the ONNX graph, the bound graph when
+the model has one, and `service.scoring`) see them. `Models` loads each once and is handed to
+whatever needs them; `decided_wins` is what counts as a win."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
+from service.certify import CertifyGraph, load_certifier, with_certificate
 from service.kdensity import KernelSet
 from service.manifest import MODEL_FILE, Manifest
 from service.repository import read_kernel_set
 from service.runtime import OnnxModel
-from service.scoring import Scores, score_logits, threshold_for_refuse_rate
+from service.scoring import NOT_SURE, Scores, decide, score_logits, threshold_for_refuse_rate
 from training import data as data_mod
 from training.attacks.threat import Threat
 from training.modelio import load_torch_model, model_version_dir, test_images
@@ -69,6 +73,29 @@ class Model:
     data: data_mod.TensorData
     kernel_set: KernelSet | None = None  # K-density's training features, when the model has one
     thresholds: dict[tuple[str, float | None], float] = field(default_factory=dict)
+    # The bound graph that certifies each served answer, when the manifest names one; with
+    # `certify_required` the service refuses an uncertified answer, and so does the audit.
+    certifier: CertifyGraph | None = None
+
+    @property
+    def key(self) -> str:
+        """What the audit's saved results depend on besides the job: the graph's sha256 and,
+        when the model has one, its certificate (the decision changes with it, and the saved
+        results say whether each answer was certified). A model without a certificate keeps the
+        key its results were saved under."""
+        m = self.manifest
+        if m.certify_eps is None:
+            return m.sha256
+        blob = f"{m.sha256} certify {m.certify_sha256} {m.certify_eps!r} {m.certify_required}"
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    @property
+    def certificate(self) -> dict[str, object]:
+        """A result row's certificate columns: the radius each answer is certified at and
+        whether the decision required it; none for a model without a bound graph."""
+        if self.certifier is None:
+            return {}
+        return {"certify_eps": self.certifier.eps, "certificate_required": self.certifier.required}
 
     def threshold(self, score: str, clean_refusal: float | None) -> float:
         """The manifest's T for the score the model is served on, else the T refusing that
@@ -90,12 +117,14 @@ class Model:
         )
 
     def scores(self, x: np.ndarray, score: str) -> np.ndarray:
-        """(N,) the served score of each image, from the ONNX graph."""
-        return self.served(x).named(service_name(score))  # type: ignore[arg-type]
+        """(N,) the served score of each image, from the ONNX graph (no certificate)."""
+        return self.served(x, certify=False).named(service_name(score))  # type: ignore[arg-type]
 
-    def served(self, x: np.ndarray) -> Scores:
+    def served(self, x: np.ndarray, certify: bool = True) -> Scores:
         """`service.scoring` on the ONNX graph's outputs, K-density included when the model
-        has a kernel set."""
+        has a kernel set, and each answer's certificate (`service.certify.with_certificate`,
+        as the service computes it) when the model has a bound graph, unless `certify` is off
+        (only the scores are wanted)."""
         parts = [
             self.onnx.run_with_features(np.ascontiguousarray(x[i : i + 500], np.float32))
             for i in range(0, len(x), 500)
@@ -103,7 +132,10 @@ class Model:
         logits = np.concatenate([p[0] for p in parts])
         feats = None if self.kernel_set is None else np.concatenate([p[1] for p in parts])  # type: ignore[misc]
         kernel = self.manifest.kernel.to_kernel()
-        return score_logits(logits, kernel, features=feats, kernel_set=self.kernel_set)
+        s = score_logits(logits, kernel, features=feats, kernel_set=self.kernel_set)
+        if not certify:
+            return s
+        return with_certificate(s, np.ascontiguousarray(x, np.float32), self.certifier)
 
     def threat(self, score: str, threshold: float) -> Threat:
         """What the attacker knows about this model, attacking `score` at `threshold`."""
@@ -120,7 +152,19 @@ def load_model(cfg: AuditConfig, name: str) -> Model:
     onnx = OnnxModel(folder / MODEL_FILE, device="cpu", intra_op_threads=cfg.threads)
     n_data = 10000 if not cfg.dry_run else 64
     data = test_images(manifest, cfg.data_dir, n_data)
-    return Model(name, manifest, net, onnx, data, read_kernel_set(manifest, folder))
+    kset = read_kernel_set(manifest, folder)
+    certifier = load_certifier(manifest, folder, "cpu", cfg.threads)
+    return Model(name, manifest, net, onnx, data, kset, certifier=certifier)
+
+
+def decided_wins(
+    s: Scores, y: npt.NDArray[np.int64], score: ScoreKind, threshold: float
+) -> npt.NDArray[np.bool_]:
+    """(N,) the answers an attack has won: the service's decision (`service.scoring.decide`) on
+    `score` at `threshold` gives a label, and not the true one. Where the model requires a
+    certificate, only a certified answer gets a label, so a win needs one."""
+    labels = decide(replace(s, score_name=service_name(score)), threshold)
+    return np.asarray((labels != NOT_SURE) & (labels != y))
 
 
 class Models:

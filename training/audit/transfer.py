@@ -4,7 +4,9 @@ A second test for gradient masking next to Square: if images crafted without the
 gradients (here torchattacks' PGD on another model, all steps, no early stop, so the images sit
 deep inside the wrong class) won images the white-box attack on the target itself lost, the
 target's gradients would be misleading its white-box attack. The win is the audit's: the
-target serves a wrong label and accepts it at its served T.
+target serves a wrong label and accepts it at its served T (and, where it requires one, with a
+certificate; such a win within the certified radius of its clean original raises,
+`training.audit.soundness`).
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import logging
 
 import numpy as np
 
-from service.scoring import accept
 from training.attacks.transfer import craft
 from training.audit.checks import CheckResult, whitebox_wins, write_checks
-from training.audit.subject import AuditConfig, Model, Models
+from training.audit.soundness import check_certified_wins
+from training.audit.subject import AuditConfig, Model, Models, decided_wins
+from training.torch_scoring import served_kind
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +41,17 @@ def cached_craft(cfg: AuditConfig, source: Model, eps: float, n: int, steps: int
     return np.load(path)["adv"]
 
 
-def served_wins(target: Model, adv: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """(N,) the target's served answer is a wrong label that it accepts."""
+def served_wins(target: Model, adv: np.ndarray, y: np.ndarray, job: str) -> np.ndarray:
+    """(N,) the target's served answer to the first N test images' `adv` is a wrong label that
+    it accepts; certified wins are checked against the bounds."""
     s = target.served(adv)
-    return (s.label != y) & accept(s.named(target.manifest.score), target.manifest.threshold)
+    m = target.manifest
+    won = decided_wins(s, y, served_kind(m.score), m.threshold)
+    if s.certified is not None and s.certify_eps is not None:
+        idx = np.arange(len(adv))
+        linf = np.abs(adv - target.data.x[: len(adv)].numpy()).reshape(len(adv), -1).max(1)
+        check_certified_wins(target, job, idx, won, s.certified, linf, s.certify_eps)
+    return won
 
 
 def run_transfer(
@@ -63,7 +73,8 @@ def run_transfer(
                 white = whitebox_wins(models, name, eps, n)
                 if white is None:
                     continue
-                won = served_wins(target, adv, target.data.y[:n].numpy())
+                job = f"transfer-from-{src} eps {eps:g}"
+                won = served_wins(target, adv, target.data.y[:n].numpy(), job)
                 values = {
                     "transfer_success": float(won.mean()),
                     "whitebox_success": float(white.mean()),
