@@ -6,13 +6,14 @@ several thread hops per request on the hot path.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Path, Request
 from starlette.types import Scope
 
 from service.call import Call
 from service.config import Settings
+from service.errors import InvalidInput
 from service.inference import VERSION_MAX
 from service.state import AppState
 
@@ -73,3 +74,35 @@ async def require_key_for_health(state: StateDep, request: Request) -> None:
 async def require_key_for_metrics(state: StateDep, request: Request) -> None:
     if state.settings.protect_metrics:
         check_request_key(state, request)
+
+
+def _query_names(dependant: Any) -> frozenset[str]:
+    """The query parameters a route takes, its dependencies' included."""
+    names = {f.alias for f in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return frozenset(names)
+
+
+_ROUTE_QUERIES: dict[int, frozenset[str]] = {}
+
+
+async def known_query_only(request: Request) -> None:
+    """Refuse query parameters the route does not take: a misspelt switch
+    (`?threshhold=0.5`) is an error naming the ones it takes, never silently ignored."""
+    if not request.url.query:
+        return
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    known = _ROUTE_QUERIES.get(id(route))
+    if known is None:
+        known = _ROUTE_QUERIES[id(route)] = _query_names(dependant)
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        raise InvalidInput(
+            f"unknown query parameter {unknown[0]!r}",
+            field=f"query.{unknown[0]}",
+            fix=f"use {', '.join(sorted(known))}" if known else "send no query parameters",
+        )

@@ -585,3 +585,16 @@ def test_v2_infer_returns_the_models_own_score(client: TestClient, model_repo: P
     assert np.allclose(outs["k_density"], want.k_density, rtol=1e-4, atol=1e-12)
     assert outs["label"].tolist() == np.where(want.confidence >= manifest.threshold,
                                               want.label, -1).tolist()  # fmt: skip
+
+
+def test_a_misspelt_query_parameter_is_refused_naming_the_right_ones(client: TestClient) -> None:
+    r = client.get("/v1/models/tiny-rce/recent?second=5")
+    assert r.status_code == 422
+    assert r.json() == {"error": "unknown query parameter 'second'", "field": "query.second",
+                        "fix": "use seconds"}  # fmt: skip
+    assert client.get("/v1/models/tiny-rce/recent?seconds=5").status_code == 200
+    r = client.get("/v1/models/tiny-rce/calibration?treshold=0.5")
+    assert r.status_code == 422 and r.json()["fix"] == "use threshold, version"
+    png = client.post("/v1/models/tiny-rce/predict/files?probabilites=true",
+                      files={"files": ("a.png", b"\x89PNG", "image/png")})  # fmt: skip
+    assert png.status_code == 422 and "probabilites" in png.text

@@ -10,7 +10,7 @@ import numpy as np
 import orjson
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from fastapi.responses import Response
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile as StarletteUpload
 
 from service.api.deps import NAME, StateDep, call_of, require_key
@@ -150,7 +150,10 @@ async def _read(request: Request) -> PredictRequest:
 
 
 class FilesQuery(BaseModel):
-    """The query of an upload: validated as FastAPI validates the endpoint's Query parameters."""
+    """The query of an upload: validated as FastAPI validates the endpoint's Query parameters;
+    a parameter it does not take is refused, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
 
     resize: bool = False
     version: int | None = Field(default=None, ge=1)

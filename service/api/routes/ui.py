@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, Field
 
-from service.api.deps import NAME, StateDep, require_key
+from service.api.deps import NAME, StateDep, known_query_only, require_key
 from service.errors import InvalidInput
 from service.manifest import ScoreReference, check_threshold
 from service.schemas import API_ERRORS
@@ -42,7 +42,10 @@ CSP = (
 
 page = APIRouter(include_in_schema=False)
 router = APIRouter(
-    prefix="/v1", tags=["native"], dependencies=[Depends(require_key)], responses=API_ERRORS
+    prefix="/v1",
+    tags=["native"],
+    dependencies=[Depends(require_key), Depends(known_query_only)],
+    responses=API_ERRORS,
 )
 
 
