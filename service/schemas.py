@@ -201,7 +201,8 @@ class V2ServerMetadata(BaseModel):
 
 
 class RepositoryIndexRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: {"ready": 0} or {"ready": "yes"} is refused, not read as a boolean.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     ready: bool = Field(default=False, description="true: only the versions ready to infer")
 
@@ -214,7 +215,7 @@ class RepositoryIndexEntry(BaseModel):
 
 
 class RepositoryModelRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     parameters: dict[str, Any] = Field(
         default_factory=dict,

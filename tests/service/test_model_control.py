@@ -100,6 +100,9 @@ def test_none_lists_the_repository_and_refuses_load_and_unload(live_server: Live
         # {"ready": true} (tritonclient has no argument for it): the same two, both ready.
         r = httpx.post(f"{live_server.url}/v2/repository/index", json={"ready": True})
         assert [(e["name"], e["state"]) for e in r.json()] == [(CE, "READY"), (RCE, "READY")]
+        for bad in ({"ready": 0}, {"ready": "yes"}, {"ready": True, "all": True}):
+            r = httpx.post(f"{live_server.url}/v2/repository/index", json=bad)
+            assert r.status_code == 400 and "error" in r.json(), r.text
         for call in (http.load_model, http.unload_model, client.load_model, client.unload_model):
             with pytest.raises(InferenceServerException, match="model_control=none"):
                 call(RCE)
