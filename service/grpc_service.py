@@ -13,18 +13,15 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import grpc
-import numpy as np
-import numpy.typing as npt
-from google.protobuf.message import DecodeError
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from service import accesslog, v2codec, v2extensions, v2infer
+from service import accesslog, grpc_messages, v2extensions, v2infer
 from service.call import Call
 from service.errors import InvalidInput, ServeError, log_level, v2_status
 from service.inference import VERSION_MAX, admit, resolve
@@ -39,118 +36,24 @@ SERVICE = "inference.GRPCInferenceService"
 Context = Any  # grpc.aio.ServicerContext (grpc ships no type hints)
 
 _INTERNAL = {"error": "internal error; this is a bug in notsure"}
-# Typed `contents` field of each datatype the decoder accepts; FP16 travels only as raw bytes.
-_CONTENTS = {
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "UINT8": "uint_contents",
-}
-
-
-@dataclass(frozen=True)
-class Malformed:
-    """A request whose bytes do not parse as the method's message (see `register`)."""
-
-    reason: str
-
-
-def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    """The generated parser, returning Malformed instead of raising: grpc answers a parser
-    exception with INTERNAL, but bytes that are not the message are the client's mistake."""
-
-    def parse_or_mark(raw: bytes) -> Any:
-        try:
-            return parse(raw)
-        except (DecodeError, ValueError, RuntimeError) as exc:
-            return Malformed(str(exc) or type(exc).__name__)
-
-    return parse_or_mark
-
-
-class _Captured:
-    """Stands in for a server to receive the generated method table."""
-
-    handlers: dict[str, Any]
-
-    def add_generic_rpc_handlers(self, handlers: Any) -> None:
-        pass
-
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
-        self.handlers = handlers
 
 
 def register(servicer: InferenceServicer, server: Any) -> None:
     """Add the servicer to a grpc.aio server with the generated method table (names, message
     types, streaming kinds), its request parsers made lenient."""
-    captured = _Captured()
+    captured = grpc_messages.Captured()
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, captured)
     handlers = {
-        name: h._replace(request_deserializer=_lenient(h.request_deserializer))
+        name: h._replace(request_deserializer=grpc_messages.lenient(h.request_deserializer))
         for name, h in captured.handlers.items()
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
 
 
-def _check_parsed(request: Any, method: str) -> None:
-    if isinstance(request, Malformed):
-        raise InvalidInput(
-            f"the request is not a valid {method}Request message: {request.reason}",
-            field="message",
-            fix=f"send a serialized inference.{method}Request (grpc_service.proto)",
-        )
-
-
 def _key_of(context: Context) -> tuple[str | None, str | None]:
     meta = {k.lower(): v for k, v in context.invocation_metadata() or ()}
     return _text(meta.get("authorization")), _text(meta.get("x-api-key"))
-
-
-def _param(p: Any) -> Any:
-    """An InferParameter's value (its oneof)."""
-    which = p.WhichOneof("parameter_choice")
-    return None if which is None else getattr(p, which)
-
-
-def _inputs(req: Any) -> list[tuple[str, npt.NDArray[Any]]]:
-    """The request's tensors, from `raw_input_contents` (one blob per input) or typed
-    `contents`, through the same decoder as the HTTP route."""
-    raw = req.raw_input_contents
-    if raw and len(raw) != len(req.inputs):
-        raise InvalidInput(
-            f"raw_input_contents has {len(raw)} entries for {len(req.inputs)} inputs",
-            field="raw_input_contents",
-            fix="send one raw blob per input, or typed contents for every input",
-        )
-    out = []
-    for i, t in enumerate(req.inputs):
-        field, shape = f"inputs[{i}]", list(t.shape)
-        if raw:
-            arr = v2codec.from_bytes(raw[i], t.datatype, shape, field)
-        else:
-            v2codec.dtype_of(t.datatype, f"{field}.datatype")
-            values = getattr(t.contents, _CONTENTS.get(t.datatype, "fp32_contents"))
-            arr = v2codec.from_values(values, t.datatype, shape, field, f"{field}.contents")
-        out.append((t.name, arr))
-    return out
-
-
-def _response(model_name: str, version: int, req: Any, answer: v2infer.Answer) -> Any:
-    """Outputs as raw little-endian bytes (as Triton answers; tritonclient reads only those)."""
-    resp = pb.ModelInferResponse(model_name=model_name, model_version=str(version), id=req.id)
-    resp.parameters["threshold"].double_param = answer.threshold
-    resp.parameters["score"].string_param = answer.score
-    resp.parameters["calibrated"].bool_param = answer.calibrated
-    if answer.certify_eps is not None:
-        resp.parameters["certify_eps"].double_param = answer.certify_eps
-    for name, arr in answer.outputs:
-        resp.outputs.add(name=name, datatype=v2codec.DATATYPE_OF[arr.dtype], shape=list(arr.shape))
-        resp.raw_output_contents.append(
-            np.ascontiguousarray(arr, arr.dtype.newbyteorder("<")).tobytes()
-        )
-    return resp
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
@@ -178,7 +81,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         try:
             if not health or state.settings.protect_health:
                 state.keys.check(*_key_of(context))
-            _check_parsed(request, method)
+            grpc_messages.check_parsed(request, method)
             return await body(call)
         except asyncio.CancelledError:  # the client went away, or its deadline passed
             remaining = context.time_remaining()
@@ -280,7 +183,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
 
     async def RepositoryIndex(self, request: Any, context: Context) -> Any:
         async def body(call: Call) -> Any:
-            _one_repository(request.repository_name)
+            grpc_messages.one_repository(request.repository_name)
             entries = await self.state.control.index(ready_only=request.ready)
             models = [pb.RepositoryIndexResponse.ModelIndex(**asdict(e)) for e in entries]
             return pb.RepositoryIndexResponse(models=models)
@@ -289,7 +192,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
 
     async def RepositoryModelLoad(self, request: Any, context: Context) -> Any:
         async def body(call: Call) -> Any:
-            _one_repository(request.repository_name)
+            grpc_messages.one_repository(request.repository_name)
             check_parameters("load", request.parameters)
             await self.state.control.load(request.model_name)
             return pb.RepositoryModelLoadResponse()
@@ -298,7 +201,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
 
     async def RepositoryModelUnload(self, request: Any, context: Context) -> Any:
         async def body(call: Call) -> Any:
-            _one_repository(request.repository_name)
+            grpc_messages.one_repository(request.repository_name)
             check_parameters("unload", request.parameters)
             await self.state.control.unload(request.model_name)
             return pb.RepositoryModelUnloadResponse()
@@ -330,12 +233,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     async def _infer(self, request: Any, call: Call, timeout_s: float | None) -> Any:
         state = self.state
         model = admit(state, call, request.model_name, self._version(request.model_version))
-        params = {k: _param(v) for k, v in request.parameters.items()}
+        params = {k: grpc_messages.param(v) for k, v in request.parameters.items()}
         answer = await v2infer.run(
-            state, call, model, _inputs(request), params, [o.name for o in request.outputs],
-            timeout_s,
+            state, call, model, grpc_messages.inputs(request), params,
+            [o.name for o in request.outputs], timeout_s,
         )  # fmt: skip
-        return _response(model.name, model.version, request, answer)
+        return grpc_messages.infer_response(model.name, model.version, request, answer)
 
     async def ModelInfer(self, request: Any, context: Context) -> Any:
         async def body(call: Call) -> Any:
@@ -351,7 +254,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             call, start, code = self._call(context), time.perf_counter(), 200
             try:
                 self.state.keys.check(*_key_of(context))
-                _check_parsed(request, "ModelInfer")
+                grpc_messages.check_parsed(request, "ModelInfer")
                 resp = await self._infer(request, call, context.time_remaining())
                 out = pb.ModelStreamInferResponse(infer_response=resp)
             except ServeError as exc:
@@ -364,16 +267,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             call.close()
             self._record("ModelStreamInfer", call, code, start)
             yield out
-
-
-def _one_repository(name: str) -> None:
-    """The server has one repository, unnamed: a request may name none."""
-    if name:
-        raise InvalidInput(
-            f"no repository named {name!r}: this server has one model repository",
-            field="repository_name",
-            fix="leave repository_name empty",
-        )
 
 
 def _text(value: str | bytes | None) -> str | None:
