@@ -19,11 +19,13 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from service.manifest import CERTIFY_FILE
-from training.certify.bounds import BoundNet
+from training.certify.bounds import BoundNet, head_bounds, input_box, propagate, served_sign
 from training.losses import Objective
+from training.nets import SimpleCNN
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,76 @@ class GraphBounds:
     upper: npt.NDArray[np.float32]  # (B, L)
 
 
+class Negate(nn.Module):
+    """y = -x as a 1x1 depthwise convolution: onnxruntime keeps it, and the addition that
+    follows it, in its blocked (NCHWc) convolution layout, where a subtraction is not."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("weight", -torch.ones(channels, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, groups=self.weight.shape[0])
+
+
+class CornerConvStack(nn.Module):
+    """IBP through a Conv2d / ReLU / MaxPool2d chain, written for onnxruntime's CPU kernels.
+
+    The same bounds as bounds.propagate (the parity check compares them), in another form: each
+    convolution takes u + l and u - l and returns the corners C + Rn and C - Rn of its box (C the
+    centre, Rn = -radius, from the weights -|W|/2), and every subtraction between two
+    convolution outputs is an addition of a Negate. onnxruntime then runs the whole chain in
+    its blocked layout and fuses the negations with the additions and ReLUs that follow them;
+    the centre/radius form with subtractions makes it reorder every tensor back and forth."""
+
+    def __init__(self, layers: nn.Sequential) -> None:
+        super().__init__()
+        self.layers = layers
+        self.negate = nn.ModuleList(
+            Negate(m.out_channels) for m in layers if isinstance(m, nn.Conv2d)
+        )
+
+    def forward(self, lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        k = 0
+        for m in self.layers:
+            if isinstance(m, nn.Conv2d):
+                # The first convolution reads the image's box (plain layout): subtract there.
+                diff = upper - lower if k == 0 else upper + self.negate[k - 1](lower)
+                args = (m.stride, m.padding, m.dilation, m.groups)
+                centre = F.conv2d(upper + lower, m.weight * 0.5, m.bias, *args)
+                neg_radius = F.conv2d(diff, m.weight.abs() * -0.5, None, *args)
+                lower, upper = centre + neg_radius, centre + self.negate[k](neg_radius)
+                k += 1
+            elif isinstance(m, (nn.ReLU, nn.MaxPool2d)):
+                lower, upper = m(lower), m(upper)  # monotone increasing
+            else:
+                raise TypeError(f"{type(m).__name__} in a convolution stack")
+        return lower, upper
+
+
+class ExportBoundNet(nn.Module):
+    """What `certify.onnx` computes: bounds.BoundNet's bounds; for the SmallCNN, its convolution
+    stack through CornerConvStack (the costly part of the graph), the rest as in bounds.py."""
+
+    def __init__(self, net: nn.Module, objective: Objective) -> None:
+        super().__init__()
+        self.net, self.objective = net, objective
+        self.generic = BoundNet(net, objective)
+        self.stack = CornerConvStack(net.conv) if isinstance(net, SimpleCNN) else None
+
+    def forward(
+        self, x: torch.Tensor, eps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.stack is None:
+            return self.generic(x, eps)
+        lower, upper = input_box(x, eps)
+        norm = self.net.normalize
+        lower, upper = self.stack(norm(lower), norm(upper))  # std > 0: monotone increasing
+        box = propagate(self.net.mlp, (lower, upper))
+        b = head_bounds(self.net.fc, box, served_sign(self.objective))
+        return b.margins, b.lower, b.upper
+
+
 def export_certify_graph(
     net: nn.Module,
     objective: Objective,
@@ -55,7 +127,7 @@ def export_certify_graph(
     """Export the IBP bound computation of net (eval mode) with a dynamic batch axis."""
     import onnx
 
-    bound_net = BoundNet(net.eval(), objective).eval()
+    bound_net = ExportBoundNet(net.eval(), objective).eval()
     dummy = (torch.rand((2, *input_shape)), torch.full((2,), 0.1))
     batch = torch.export.Dim("batch", min=1, max=65536)
     with warnings.catch_warnings():
