@@ -127,9 +127,13 @@ class TrainingInfo(BaseModel):
     optimizer: str = ""
     wall_time_s: float = 0.0
     seed: int = 0
-    # The training attack of an adversarially trained model ("fgsm-rs eps 0.3 step 0.375, ...");
-    # empty for standard training.
+    # The training attack of an adversarially trained model ("fgsm-rs eps 0.3 step 0.375, ...")
+    # or the bound of a certified one ("ibp eps 0.4, ..."); empty for standard training.
     adversarial: str = ""
+    epochs: float = 0.0  # passes over the training images: steps * batch_size / train_samples
+    hardware: str = ""  # where it trained: "x86_64, 2 CPU cores, no GPU; torch on cpu"
+    # Which weights were kept when not the last ones: "step 7310 (epoch 17.0): best held-out ...".
+    kept: str = ""
 
 
 class Normalize(BaseModel):

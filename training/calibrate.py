@@ -15,6 +15,7 @@ import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -142,6 +143,50 @@ def pick_threshold(
     return t, f"refuses {a:.1%} of {n} held-out clean training images", None
 
 
+def training_info(tcfg: dict[str, Any], tres: dict[str, Any], n_train: int) -> TrainingInfo:
+    """The manifest's record of how the weights were made, from a run's config and result
+    (`notsure train` or `notsure certify train`)."""
+    samples = int(tres.get("train_samples", n_train))
+    steps, batch = int(tres["steps"]), int(tcfg["batch_size"])
+    if "schedule" in tcfg:  # certified training: the bound, not an attack
+        sch = tcfg["schedule"]
+        recipe = (
+            f"ibp eps {sch['eps']:g}, {sch['warmup_steps']} steps at eps 0, {sch['shape']} ramp "
+            f"over {sch['ramp_steps']} steps, kappa 1 -> {sch['kappa_final']:g}"
+        )
+    else:
+        recipe = AdversarialConfig(**tcfg.get("adversarial", {})).describe()
+    kept = ""
+    best = tres.get("kept") or tres.get("best")
+    if best and "guard_pgd_accuracy" in best:
+        pgd = AdversarialConfig(**tcfg.get("adversarial", {}))
+        kept = (
+            f"step {int(best['step'])} (epoch {best['epoch']:.1f}): best held-out PGD-"
+            f"{pgd.guard_steps} accuracy {best['guard_pgd_accuracy']:.1%} at eps {pgd.eps:g} "
+            f"on {pgd.guard_images} images (clean {best['guard_clean_accuracy']:.1%})"
+        )
+    elif best and "val_verified" in best:
+        kept = (
+            f"step {int(best['step'])} (epoch {best['epoch']:.1f}): best held-out IBP-verified "
+            f"accuracy {best['val_verified']:.1%} at eps {best['eval_eps']:g} (clean "
+            f"{best['val_clean']:.1%})"
+        )
+    return TrainingInfo(
+        dataset=tcfg["dataset"],
+        train_samples=samples,
+        steps=steps,
+        batch_size=batch,
+        optimizer=f"{tcfg['optimizer']} lr {tcfg['lr']} momentum {tcfg['momentum']} "
+        f"wd {tcfg['weight_decay']}",
+        wall_time_s=float(tres["wall_time_s"]),
+        seed=int(tcfg["seed"]),
+        adversarial=recipe,
+        epochs=round(steps * batch / samples, 2) if samples else 0.0,
+        hardware=str(tres.get("hardware", "")),
+        kept=kept,
+    )
+
+
 def calibrate(cfg: CalibrateConfig) -> Manifest:
     """Compute mu, sigma, the kernel set, T and the clean accuracy; write the manifest."""
     prov = json.loads((cfg.model_dir / PROVENANCE_FILE).read_text())
@@ -228,17 +273,7 @@ def calibrate(cfg: CalibrateConfig) -> Manifest:
         else {},
         k_density=kd[1] if kd else None,
         metrics=metrics,
-        training=TrainingInfo(
-            dataset=tcfg["dataset"],
-            train_samples=int(tres.get("train_samples", len(splits.train))),
-            steps=int(tres["steps"]),
-            batch_size=int(tcfg["batch_size"]),
-            optimizer=f"{tcfg['optimizer']} lr {tcfg['lr']} momentum {tcfg['momentum']} "
-            f"wd {tcfg['weight_decay']}",
-            wall_time_s=float(tres["wall_time_s"]),
-            seed=int(tcfg["seed"]),
-            adversarial=AdversarialConfig(**tcfg.get("adversarial", {})).describe(),
-        ),
+        training=training_info(tcfg, tres, len(splits.train)),
         sha256=sha256_file(model_path),
         weights_sha256=sha256_file(weights) if weights.exists() else None,
         command=shlex.join(["notsure", *sys.argv[1:]]) if sys.argv else "",

@@ -25,6 +25,7 @@ from training.adversarial import AdversarialConfig, Adversary
 from training.losses import Objective, objective_loss, served_logits
 from training.nets import build_net, count_parameters
 from training.progress import progress_bar
+from training.provenance import machine
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,19 @@ class TrainResult:
     # Adversarial training only: the guard's PGD checks, and whether it stopped training early.
     guard_checks: list[dict[str, float]] = field(default_factory=list)
     stopped_early: bool = False
+
+
+def kept_check(log_path: Path) -> dict[str, float] | None:
+    """The held-out check whose weights `--keep best` keeps: the last record of the run's log
+    marked best (the log spans every resumed piece of the run); None when there is none."""
+    if not log_path.exists():
+        return None
+    kept = None
+    for line in log_path.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line) if line.strip() else {}
+        if record.get("best"):
+            kept = record
+    return kept
 
 
 def pick_device(requested: str) -> torch.device:
@@ -324,6 +338,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     )
     summary = {k: v for k, v in asdict(result).items() if k != "history"}
     summary["train_samples"] = len(splits.train)
+    summary["hardware"] = f"{machine()}; torch on {device.type}"
+    if cfg.keep == "best":
+        summary["kept"] = kept_check(cfg.out_dir / LOG_FILE)
     summary["config"] = asdict(cfg)
     (cfg.out_dir / RESULT_FILE).write_text(json.dumps(summary, default=str, indent=2))
     log.info("done: test accuracy %.4f after %d steps in %.0f s", result.test_accuracy, step, wall)

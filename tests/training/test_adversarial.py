@@ -311,3 +311,28 @@ def test_cli_trades_dry_run_records_the_recipe(tmp_path: Path) -> None:
         .describe()
         .startswith("trades eps 0.1 steps 10 step 0.025 beta 3")
     )
+
+
+def test_manifest_records_epochs_hardware_and_the_kept_check(tmp_path: Path) -> None:
+    """A run kept at its best held-out check: the manifest says which step that was, how many
+    passes over the data the run made and where it trained."""
+    runner = CliRunner()
+    run, models = tmp_path / "run", tmp_path / "models"
+    argv = ["train", "--dry-run", "--arch", "mlp", "--out", str(run), "--threads", "1",
+            "--adversarial", "pgd", "--adv-eps", "0.1", "--adv-steps", "2", "--adv-guard", "off",
+            "--keep", "best"]  # fmt: skip
+    assert runner.invoke(app, argv).exit_code == 0
+    result = json.loads((run / "result.json").read_text())
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    best = [r for r in log if r.get("best")][-1]
+    assert result["kept"]["step"] == best["step"]
+    assert runner.invoke(app, ["export", str(run), "--name", "dry-kept", "--models-dir",
+                               str(models)]).exit_code == 0  # fmt: skip
+    assert runner.invoke(app, ["calibrate", str(models / "dry-kept" / "1")]).exit_code == 0
+    info = Manifest.load(models / "dry-kept" / "1" / MANIFEST_FILE).training
+    assert info is not None
+    passes = result["steps"] * result["config"]["batch_size"] / result["train_samples"]
+    assert info.epochs == pytest.approx(passes, abs=0.01)
+    assert "CPU cores" in info.hardware and info.hardware.endswith("torch on cpu")
+    assert info.kept.startswith(f"step {best['step']} (epoch {best['epoch']:.1f})")
+    assert f"PGD-10 accuracy {best['guard_pgd_accuracy']:.1%} at eps 0.1" in info.kept

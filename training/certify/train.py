@@ -31,6 +31,7 @@ from training.certify.schedule import Schedule
 from training.losses import Objective, objective_loss, served_logits
 from training.nets import build_net, count_parameters
 from training.progress import progress_bar
+from training.provenance import machine
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +244,7 @@ def train(cfg: CertifyTrainConfig) -> CertifyTrainResult:
         summary = {"steps": step, "best": best, "test_accuracy": clean,
                    "test_verified_accuracy": verified, "eval_eps": cfg.eval_eps,
                    "wall_time_s": wall, "parameters": count_parameters(net),
+                   "hardware": f"{machine()}; torch on {device.type}",
                    "config": asdict(cfg)}  # fmt: skip
         (cfg.out_dir / RESULT_FILE).write_text(json.dumps(summary, default=str, indent=2))
         log.info("done: test clean %.4f, IBP-verified at %.2f %.4f (epoch %.0f kept)", clean,

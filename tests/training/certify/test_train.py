@@ -119,5 +119,12 @@ def test_a_certified_run_exports_and_calibrates_like_any_other(tmp_path: Path) -
     calibrate(CalibrateConfig(model_dir=model))
     manifest = Manifest.load(model / MANIFEST_FILE)
     assert manifest.architecture == "mlp" and manifest.objective == "ce"
+    result = json.loads((run / "result.json").read_text())
+    sch, best = result["config"]["schedule"], result["best"]
+    info = manifest.training
+    assert info is not None and info.adversarial.startswith(f"ibp eps {sch['eps']:g}, ")
+    assert info.kept.startswith(f"step {best['step']} (epoch {best['epoch']:.1f}): best held-out "
+                                f"IBP-verified accuracy {best['val_verified']:.1%}")  # fmt: skip
+    assert "CPU cores" in info.hardware
     path, worst = export_model(model, parity_images=8)
     assert path.exists() and worst < 1e-5
