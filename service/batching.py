@@ -1,8 +1,8 @@
 """Dynamic batching: requests for one model version are queued and run together.
 
-The decision of what to run next is `plan`, a pure function. The `Batcher` around it owns an
-asyncio queue and runs batches in a thread pool (onnxruntime releases the GIL), so the event
-loop keeps accepting requests while a batch runs.
+The decision of what to run next is `service.batch_plan.plan`, a pure function. The `Batcher`
+around it owns an asyncio queue and runs batches in a thread pool (onnxruntime releases the
+GIL), so the event loop keeps accepting requests while a batch runs.
 
 Unlike a fixed-delay batcher, it only waits for more requests when some are known to be on the
 way (parsed but not yet queued), so a request on an idle server runs at once. A batch that has
@@ -22,17 +22,18 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
+from service.batch_plan import ArrivalTracker, plan
+from service.batch_timing import RUNNING_STAMPS, BatchObserver, BatchRun, Stamps, execute
 from service.errors import DeadlineExceeded, InferenceFailed, Overloaded, ServeError, ShuttingDown
 
 log = logging.getLogger(__name__)
@@ -46,91 +47,6 @@ QUIET_S = 0.05
 # What the service runs on the event loop when quiet: batches of at most this many images
 # (about 1 ms for the bundled ResNet-32; larger ones would hold up everything else the loop does).
 INLINE_MAX_IMAGES = 2
-
-
-@dataclass(frozen=True)
-class Plan:
-    take: int  # how many queued requests to run now (0: none)
-    wait_s: float | None = None  # when take == 0: re-plan after this long (None: on arrival)
-
-
-def plan(
-    sizes: Sequence[int],
-    oldest_wait_s: float,
-    *,
-    max_batch: int,
-    max_delay_s: float,
-    arriving: int,
-) -> Plan:
-    """Decide which queued requests to run now, for a free execution slot.
-
-    Args:
-        sizes: images per queued request, oldest first.
-        oldest_wait_s: how long the oldest request has waited.
-        max_batch: images per batch at most (a larger single request is a batch of its own).
-        max_delay_s: longest a request may wait for others to fill the batch.
-        arriving: requests being parsed right now that will be queued soon.
-    """
-    if not sizes:
-        return Plan(0, None)
-    take, images = 0, 0
-    for n in sizes:
-        if take and images + n > max_batch:
-            return Plan(take)  # the next request would overflow: the batch is as full as it gets
-        take, images = take + 1, images + n
-    if images >= max_batch or oldest_wait_s >= max_delay_s or arriving == 0:
-        return Plan(take)
-    return Plan(0, max_delay_s - oldest_wait_s)
-
-
-@dataclass(slots=True)
-class BatchRun:
-    """One batch the batcher ran: its size, and when (time.perf_counter_ns) each step began;
-    the last three are filled in when it ends (all `finished` when it failed)."""
-
-    images: int
-    requests: int
-    wait_ns: int  # the requests' time in the queue, added up
-    started: int  # taken from the queue; its inputs are then joined and handed to a thread
-    ran: int  # the run function began
-    inferred: int  # the model returned (`note_inferred`; the run's end when it never says)
-    finished: int  # the results were back on the event loop
-
-
-class BatchObserver(Protocol):
-    """Receives batching events (the service turns them into Prometheus metrics and the
-    statistics of `service.stats`)."""
-
-    def on_dispatch(self, batch_images: int, waits_s: Sequence[float], queued: int) -> None: ...
-    def on_complete(self, run: BatchRun, failed: bool) -> None: ...
-
-
-@dataclass(slots=True)
-class Stamps:
-    """When (time.perf_counter_ns) a request passed each step of the batcher: queued, its batch
-    started, onnxruntime returned (`note_inferred`) and the batch's results were ready. Only
-    requests that ask for them (tracing) carry them."""
-
-    queued: int = 0
-    started: int = 0
-    inferred: int = 0
-    done: int = 0
-
-
-# The stamps of the batch a run function is running, for `note_inferred`.
-_RUNNING: contextvars.ContextVar[list[Stamps]] = contextvars.ContextVar("notsure_batch_stamps")
-# When the model of the batch running on this thread returned (0: not yet), for `_execute`.
-_THREAD = threading.local()
-
-
-def note_inferred() -> None:
-    """Called by a run function when the model has run (before scoring): marks the batch's
-    time (and its traced requests' stamps)."""
-    now = _THREAD.inferred = time.perf_counter_ns()
-    stamps = _RUNNING.get(None)
-    if stamps:
-        for s in stamps:
-            s.inferred = now
 
 
 @dataclass
@@ -147,15 +63,6 @@ class _Pending(Generic[R]):
 
 
 RunFn = Callable[[F32, list[int]], list[R]]
-
-
-def _execute(run: RunFn[R], x: F32, sizes: list[int]) -> tuple[list[R], int, int]:
-    """Run one batch on this thread: its results, when the run began and when its model
-    returned (perf_counter_ns)."""
-    _THREAD.inferred = 0
-    ran = time.perf_counter_ns()
-    results = run(x, sizes)
-    return results, ran, _THREAD.inferred or time.perf_counter_ns()
 
 
 def _in_context(ctx: contextvars.Context, run: RunFn[R]) -> RunFn[R]:
@@ -314,17 +221,17 @@ class Batcher(Generic[R]):
             for st in stamps:
                 st.started = started
             ctx = contextvars.copy_context()
-            ctx.run(_RUNNING.set, stamps)
+            ctx.run(RUNNING_STAMPS.set, stamps)
             run = _in_context(ctx, run)
         fut: asyncio.Future[tuple[list[R], int, int]]
         if quiet and images <= self.inline_max_images:
             fut = loop.create_future()
             try:
-                fut.set_result(_execute(run, x, sizes))
+                fut.set_result(execute(run, x, sizes))
             except Exception as exc:  # reported by _finish, as from a worker thread
                 fut.set_exception(exc)
         else:
-            fut = loop.run_in_executor(self._executor, _execute, run, x, sizes)
+            fut = loop.run_in_executor(self._executor, execute, run, x, sizes)
         self._running.add(fut)
         # What the observers learn of the batch when it ends, besides its times.
         batch = BatchRun(images, len(items), int(sum(waits) * 1e9), started, 0, 0, 0)
@@ -391,14 +298,3 @@ class Batcher(Generic[R]):
         ) and time.monotonic() < deadline:
             self._dispatch()
             await asyncio.sleep(0.01)
-
-
-class ArrivalTracker:
-    """Counts inference requests that the server has started to receive but not yet queued.
-
-    An ASGI middleware increments it when a request arrives and the handler decrements it when
-    the request is queued (or fails before), so the count spans the body read.
-    """
-
-    def __init__(self) -> None:
-        self.count = 0

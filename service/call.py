@@ -14,7 +14,8 @@ from typing import Any
 
 from prometheus_client import Gauge
 
-from service.batching import ArrivalTracker, Batcher
+from service.batch_plan import ArrivalTracker
+from service.batching import Batcher
 from service.stats import ModelStats
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from service.batching import Stamps
+from service.batch_timing import Stamps
 from service.call import Call
 from service.errors import DeadlineExceeded, Overloaded, ShuttingDown
 from service.runner import LoadedModel

@@ -17,7 +17,7 @@ from starlette.requests import ClientDisconnect
 
 from service.api import handlers
 from service.api.routes import health, native, repository, ui, v2
-from service.batching import ArrivalTracker
+from service.batch_plan import ArrivalTracker
 from service.config import Settings, get_settings
 from service.errors import ServeError
 from service.metrics import Metrics

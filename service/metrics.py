@@ -26,7 +26,7 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from service.batching import BatchRun
+from service.batch_timing import BatchRun
 from service.procmetrics import WorkerProcessCollector
 from service.scoring import ScoreName
 from service.version import service_version

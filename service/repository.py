@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import ValidationError
 
-from service.batching import ArrivalTracker
+from service.batch_plan import ArrivalTracker
 from service.certify import CertifyLoadError, load_certifier
 from service.config import Settings
 from service.errors import ModelNotFound, ModelNotReady

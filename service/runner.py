@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.batching import INLINE_MAX_IMAGES, ArrivalTracker, Batcher, note_inferred
+from service.batch_plan import ArrivalTracker
+from service.batch_timing import note_inferred
+from service.batching import INLINE_MAX_IMAGES, Batcher
 from service.certify import CertifyGraph, with_certificate
 from service.config import Settings
 from service.errors import InferenceFailed

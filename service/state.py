@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from service.batching import ArrivalTracker
+from service.batch_plan import ArrivalTracker
 from service.config import Settings
 from service.metrics import Metrics
 from service.model_control import ModelControl

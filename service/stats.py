@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from service.batching import BatchRun
+from service.batch_timing import BatchRun
 
 # The steps of inference_stats, in the protocol's order; cache_hit/cache_miss stay zero (notsure
 # keeps no response cache) but are reported, as clients read them unconditionally.

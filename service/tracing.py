@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from service.batching import Stamps
+from service.batch_timing import Stamps
 from service.call import Call
 
 if TYPE_CHECKING:

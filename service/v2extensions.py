@@ -105,7 +105,7 @@ def model_config(model: LoadedModel, settings: Settings) -> dict[str, Any]:
         delay_ms = settings.batching_for(model.name).max_queue_delay_ms
         config["dynamic_batching"] = {
             # The batcher runs a batch as soon as it holds this many images; it waits up to
-            # the delay only while more requests are on their way (service.batching.plan).
+            # the delay only while more requests are on their way (service.batch_plan.plan).
             "preferred_batch_size": [max_batch],
             "max_queue_delay_microseconds": round(delay_ms * 1000),
         }

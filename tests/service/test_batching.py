@@ -11,7 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from service.batching import QUIET_S, ArrivalTracker, Batcher, Plan, RunFn, plan
+from service.batch_plan import ArrivalTracker, Plan, plan
+from service.batching import QUIET_S, Batcher, RunFn
 from service.errors import (
     DeadlineExceeded,
     InferenceFailed,

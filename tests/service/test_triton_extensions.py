@@ -23,7 +23,8 @@ from tritonclient.grpc import model_config_pb2 as mc  # noqa: E402
 from tritonclient.grpc import service_pb2 as pb  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from service.batching import Batcher, note_inferred  # noqa: E402
+from service.batch_timing import note_inferred  # noqa: E402
+from service.batching import Batcher  # noqa: E402
 from service.config import BatchingSettings, Settings  # noqa: E402
 from service.errors import InferenceFailed  # noqa: E402
 from service.main import create_app  # noqa: E402
