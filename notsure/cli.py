@@ -151,8 +151,9 @@ def train(
     keep: Annotated[
         str | None,
         typer.Option(
-            help="adversarial runs: keep the last weights or those of the best held-out PGD "
-            "check (robust overfitting) [default: last]"
+            help="adversarial runs: keep the last weights, or (best) those of the best epoch of "
+            "the held-out PGD check unless the last ones do better on a final check with the "
+            "whole held-out split (robust overfitting) [default: last]"
         ),
     ] = None,
 ) -> None:

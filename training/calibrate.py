@@ -158,14 +158,9 @@ def training_info(tcfg: dict[str, Any], tres: dict[str, Any], n_train: int) -> T
         recipe = AdversarialConfig(**tcfg.get("adversarial", {})).describe()
     kept = ""
     best = tres.get("kept") or tres.get("best")
-    if best and "guard_pgd_accuracy" in best:
-        pgd = AdversarialConfig(**tcfg.get("adversarial", {}))
-        kept = (
-            f"step {int(best['step'])} (epoch {best['epoch']:.1f}): best held-out PGD-"
-            f"{pgd.guard_steps} accuracy {best['guard_pgd_accuracy']:.1%} at eps {pgd.eps:g} "
-            f"on {pgd.guard_images} images (clean {best['guard_clean_accuracy']:.1%})"
-        )
-    elif best and "val_verified" in best:
+    if best and "why" in best:  # `notsure train --keep best`
+        kept = f"step {int(best['step'])} (epoch {best['epoch']:.1f}): {best['why']}"
+    elif best and "val_verified" in best:  # `notsure certify train`
         kept = (
             f"step {int(best['step'])} (epoch {best['epoch']:.1f}): best held-out IBP-verified "
             f"accuracy {best['val_verified']:.1%} at eps {best['eval_eps']:g} (clean "

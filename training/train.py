@@ -22,6 +22,7 @@ from torch import nn
 
 from training import data as data_mod
 from training.adversarial import AdversarialConfig, Adversary
+from training.keep import keep_best_or_last
 from training.losses import Objective, objective_loss, served_logits
 from training.nets import build_net, count_parameters
 from training.progress import progress_bar
@@ -90,19 +91,6 @@ class TrainResult:
     # Adversarial training only: the guard's PGD checks, and whether it stopped training early.
     guard_checks: list[dict[str, float]] = field(default_factory=list)
     stopped_early: bool = False
-
-
-def kept_check(log_path: Path) -> dict[str, float] | None:
-    """The held-out check whose weights `--keep best` keeps: the last record of the run's log
-    marked best (the log spans every resumed piece of the run); None when there is none."""
-    if not log_path.exists():
-        return None
-    kept = None
-    for line in log_path.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line) if line.strip() else {}
-        if record.get("best"):
-            kept = record
-    return kept
 
 
 def pick_device(requested: str) -> torch.device:
@@ -320,10 +308,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     save_checkpoint()
     log_file.close()
     wall = time.perf_counter() - t0
+    kept: dict[str, Any] | None = None
     if cfg.keep == "best" and (cfg.out_dir / BEST_FILE).exists():
-        net.load_state_dict(load_file(str(cfg.out_dir / BEST_FILE), device=str(device)))
-        log.info("keeping the weights of the best held-out check (PGD accuracy %.4f)",
-                 adversary.best if adversary is not None else float("nan"))  # fmt: skip
+        best = load_file(str(cfg.out_dir / BEST_FILE), device=str(device))
+        kept = keep_best_or_last(net, best, step, n_train / cfg.batch_size,
+                                 cfg.out_dir / LOG_FILE, splits.val, cfg.objective, adv,
+                                 device)  # fmt: skip
     save_weights(cfg.out_dir / "weights.safetensors")
     result = TrainResult(
         out_dir=cfg.out_dir,
@@ -339,8 +329,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     summary = {k: v for k, v in asdict(result).items() if k != "history"}
     summary["train_samples"] = len(splits.train)
     summary["hardware"] = f"{machine()}; torch on {device.type}"
-    if cfg.keep == "best":
-        summary["kept"] = kept_check(cfg.out_dir / LOG_FILE)
+    if kept is not None:
+        summary["kept"] = kept
     summary["config"] = asdict(cfg)
     (cfg.out_dir / RESULT_FILE).write_text(json.dumps(summary, default=str, indent=2))
     log.info("done: test accuracy %.4f after %d steps in %.0f s", result.test_accuracy, step, wall)

@@ -26,7 +26,7 @@ from training.adversarial import (
 )
 from training.data import synthetic
 from training.nets import build_net
-from training.train import TrainConfig, lr_at, train
+from training.train import TrainConfig, evaluate, lr_at, train
 
 torchattacks = pytest.importorskip("torchattacks")
 
@@ -270,7 +270,8 @@ def test_learning_rate_schedules() -> None:
 
 
 def test_keep_best_writes_the_weights_of_the_best_check(tmp_path: Path) -> None:
-    """The final weights are the best held-out check's, not the last step's."""
+    """The in-training check flags its best epoch and saves its weights; the run keeps those or
+    the last ones, whichever the final check on the whole held-out split prefers."""
     from safetensors.torch import load_file
 
     adv = AdversarialConfig(kind="pgd", eps=0.2, steps=3, guard="off", guard_every=10,
@@ -287,11 +288,14 @@ def test_keep_best_writes_the_weights_of_the_best_check(tmp_path: Path) -> None:
     assert all(
         "guard_clean_accuracy" in r and "epoch" in r for r in log if "guard_pgd_accuracy" in r
     )
-    kept, best = (
-        load_file(str(tmp_path / "run" / "weights.safetensors")),
-        load_file(str(tmp_path / "run" / "best.safetensors")),
+    kept = load_file(str(tmp_path / "run" / "weights.safetensors"))
+    summary = json.loads((tmp_path / "run" / "result.json").read_text())["kept"]
+    want = (
+        load_file(str(tmp_path / "run" / "best.safetensors"))
+        if summary["choice"] == "best"
+        else torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]
     )
-    assert all(torch.equal(kept[k], best[k]) for k in kept)
+    assert all(torch.equal(kept[k], want[k]) for k in kept)
 
 
 def test_cli_trades_dry_run_records_the_recipe(tmp_path: Path) -> None:
@@ -314,8 +318,8 @@ def test_cli_trades_dry_run_records_the_recipe(tmp_path: Path) -> None:
 
 
 def test_manifest_records_epochs_hardware_and_the_kept_check(tmp_path: Path) -> None:
-    """A run kept at its best held-out check: the manifest says which step that was, how many
-    passes over the data the run made and where it trained."""
+    """A run kept at its best held-out check: the manifest says which step that was, why, how
+    many passes over the data the run made and where it trained."""
     runner = CliRunner()
     run, models = tmp_path / "run", tmp_path / "models"
     argv = ["train", "--dry-run", "--arch", "mlp", "--out", str(run), "--threads", "1",
@@ -324,8 +328,13 @@ def test_manifest_records_epochs_hardware_and_the_kept_check(tmp_path: Path) -> 
     assert runner.invoke(app, argv).exit_code == 0
     result = json.loads((run / "result.json").read_text())
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
-    best = [r for r in log if r.get("best")][-1]
-    assert result["kept"]["step"] == best["step"]
+    flagged = [r for r in log if r.get("best")][-1]
+    kept, figures = result["kept"], result["kept"]["candidates"]
+    assert figures["best"]["step"] == flagged["step"] and figures["last"]["step"] == 20
+    # The larger final check decides, the last weights on a tie.
+    pgd = {k: v["held_out_pgd"] for k, v in figures.items()}
+    assert kept["choice"] == ("best" if pgd["best"] > pgd["last"] else "last")
+    assert kept["step"] == figures[kept["choice"]]["step"]
     assert runner.invoke(app, ["export", str(run), "--name", "dry-kept", "--models-dir",
                                str(models)]).exit_code == 0  # fmt: skip
     assert runner.invoke(app, ["calibrate", str(models / "dry-kept" / "1")]).exit_code == 0
@@ -334,5 +343,43 @@ def test_manifest_records_epochs_hardware_and_the_kept_check(tmp_path: Path) -> 
     passes = result["steps"] * result["config"]["batch_size"] / result["train_samples"]
     assert info.epochs == pytest.approx(passes, abs=0.01)
     assert "CPU cores" in info.hardware and info.hardware.endswith("torch on cpu")
-    assert info.kept.startswith(f"step {best['step']} (epoch {best['epoch']:.1f})")
-    assert f"PGD-10 accuracy {best['guard_pgd_accuracy']:.1%} at eps 0.1" in info.kept
+    assert info.kept.startswith(f"step {kept['step']} (epoch {kept['epoch']:.1f}): ")
+    assert f"held-out PGD-20 accuracy {pgd[kept['choice']]:.2%} at eps 0.1" in info.kept
+
+
+def test_the_final_check_keeps_the_weights_that_hold_better(tmp_path: Path) -> None:
+    """Between the in-training check's best epoch and the last weights, the one with the
+    higher robust accuracy on the whole held-out split is loaded, whichever it is."""
+    from training.export import load_run
+    from training.keep import keep_best_or_last
+
+    adv = AdversarialConfig(kind="pgd", eps=0.2, steps=5, guard_steps=2, guard_every=50,
+                            guard_images=128)  # fmt: skip
+    cfg = replace(BASE, steps=100, lr_drops=(), eval_every=100)
+    held = synthetic(256, seed=1)
+    nets = {
+        "plain": load_run(train(replace(cfg, out_dir=tmp_path / "plain")).out_dir)[0],
+        "robust": load_run(
+            train(replace(cfg, out_dir=tmp_path / "robust", adversarial=adv)).out_dir
+        )[0],
+    }
+    acc = {k: robust_accuracy(n, held.x, held.y, "rce", 0.2, 4) for k, n in nets.items()}
+    assert acc["robust"] > acc["plain"]
+    log = tmp_path / "log.jsonl"
+    log.write_text(json.dumps({"step": 7, "epoch": 1.5, "best": 1.0}) + "\n")
+    for best, last, want in (("robust", "plain", "best"), ("plain", "robust", "last")):
+        net = build_net("mlp", (1, 28, 28), 10)
+        net.load_state_dict(nets[last].state_dict())
+        kept = keep_best_or_last(net, nets[best].state_dict(), 60, 30.0, log, held, "rce", adv,
+                                 torch.device("cpu"))  # fmt: skip
+        assert kept["choice"] == want, kept
+        assert kept["step"] == (7 if want == "best" else 60)
+        chosen = nets[best] if want == "best" else nets[last]
+        want_state = chosen.state_dict()
+        assert all(torch.equal(v, want_state[k]) for k, v in net.state_dict().items())
+        assert kept["candidates"]["best"]["held_out_pgd"] == pytest.approx(
+            robust_accuracy(nets[best], held.x, held.y, "rce", 0.2, 4)
+        )
+        assert kept["candidates"]["last"]["held_out_clean"] == pytest.approx(
+            evaluate(nets[last], held, "rce", torch.device("cpu"))
+        )
