@@ -17,19 +17,30 @@ import torch
 from service.kdensity import KernelSet
 from service.scoring import Kernel, ScoreName
 
-ScoreKind = Literal["j", "confidence", "k_density"]
-SCORES: tuple[ScoreKind, ...] = ("j", "confidence", "k_density")
+ScoreKind = Literal["j", "confidence", "energy", "k_density"]
+SCORES: tuple[ScoreKind, ...] = ("j", "confidence", "energy", "k_density")
 # The manifest's score names for the scores this mirror covers.
 _MANIFEST_SCORES: dict[str, ScoreKind] = {
     "j_score": "j",
     "confidence": "confidence",
+    "energy": "energy",
     "k_density": "k_density",
 }
 _SERVICE_NAMES: dict[ScoreKind, ScoreName] = {
     "j": "j_score",
     "confidence": "confidence",
+    "energy": "energy",
     "k_density": "k_density",
 }
+
+
+def log_threshold(kind: ScoreKind, threshold: float) -> float:
+    """T in the space the mirror's scores are in: log T, except for the energy, which is a
+    logarithm already (logsumexp of the logits) and is compared with T as it is. A score in
+    [0, 1] against T <= 0: -inf, every answer accepted."""
+    if kind == "energy":
+        return threshold
+    return math.log(threshold) if threshold > 0 else -math.inf
 
 
 def served_kind(manifest_score: str) -> ScoreKind:
@@ -100,11 +111,14 @@ def non_me_at(log_p: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
 def log_score_at(
     served_logits: torch.Tensor, cls: torch.Tensor, kernel: Kernel, kind: ScoreKind = "j"
 ) -> torch.Tensor:
-    """log J (Eq. 5 times confidence) or log confidence of class `cls`: (B, L), (B,) -> (B,).
+    """log J (Eq. 5 times confidence) or log confidence of class `cls`: (B, L), (B,) -> (B,);
+    for the energy, logsumexp of the logits (Liu et al. 2020), the same for every class.
 
     K-density is not a function of the logits: use `log_k_density_at` on the features."""
     if kind == "k_density":
         raise ValueError("k_density is computed from the features: use log_k_density_at")
+    if kind == "energy":
+        return torch.logsumexp(served_logits.double(), dim=-1)
     log_p = torch.log_softmax(served_logits.double(), dim=-1)  # (B, L)
     log_conf = log_p.gather(-1, cls[:, None])[:, 0]
     if kind == "confidence":

@@ -3,6 +3,8 @@ and its gradients are right."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from training.torch_scoring import (
     KernelTensors,
     log_k_density_at,
     log_score_at,
+    log_threshold,
     non_me_at,
     served,
     served_kind,
@@ -146,5 +149,17 @@ def test_k_density_is_not_a_function_of_the_logits() -> None:
 
 def test_served_kind_knows_every_score_the_mirror_covers() -> None:
     assert [served_kind(service_name(k)) for k in SCORES] == list(SCORES)
-    with pytest.raises(ValueError, match="energy"):
-        served_kind("energy")
+    with pytest.raises(ValueError, match="entropy"):
+        served_kind("entropy")
+
+
+def test_energy_mirror_equals_the_service_and_t_is_taken_as_it_is() -> None:
+    z = _logits("ce", seed=5)
+    ref = score_logits(z.numpy(), KERNELS[0], "energy")
+    got = served(z, KERNELS[0], "energy")
+    np.testing.assert_array_equal(got.label.numpy(), ref.label)
+    np.testing.assert_allclose(got.log_score.numpy(), ref.energy, rtol=1e-12)
+    # The energy is a logarithm already: T is compared as it is (and may be negative).
+    assert log_threshold("energy", -2.5) == -2.5
+    assert log_threshold("confidence", 0.5) == pytest.approx(math.log(0.5))
+    assert log_threshold("j", 0.0) == -math.inf

@@ -35,9 +35,9 @@ def targeted_loss(
 ) -> torch.Tensor:
     """(B,) to minimise: CE towards `target` plus lam times the hinge on its log score."""
     loss = F.cross_entropy(logits, target, reduction="none").double()
-    if threat.threshold <= 0:
+    if threat.log_threshold == -math.inf:
         return loss
-    log_goal = math.log(threat.threshold) + cfg.log_margin
+    log_goal = threat.log_threshold + cfg.log_margin
     hinge = (log_goal - threat.log_score(logits, target, features)).clamp(min=0)
     return loss + lam * hinge
 

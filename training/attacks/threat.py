@@ -21,7 +21,13 @@ from torch import nn
 from service.scoring import Kernel
 from training.attacks.registry import names
 from training.losses import Objective, served_logits
-from training.torch_scoring import KernelTensors, ScoreKind, log_k_density_at, log_score_at
+from training.torch_scoring import (
+    KernelTensors,
+    ScoreKind,
+    log_k_density_at,
+    log_score_at,
+    log_threshold,
+)
 
 ClassLoss = Literal["margin", "ce"]
 Norm = Literal["linf", "l2"]
@@ -56,6 +62,11 @@ class Threat:
         feats = self.net.features(x)  # type: ignore[operator]
         return served_logits(self.objective, self.net.fc(feats)), feats  # type: ignore[operator]
 
+    @property
+    def log_threshold(self) -> float:
+        """T where `log_score` lives (log T; T itself for the energy; -inf: accept all)."""
+        return log_threshold(self.score, self.threshold)
+
     def log_score(
         self, logits: torch.Tensor, cls: torch.Tensor, features: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -73,8 +84,7 @@ class Threat:
         label = logits.detach().argmax(-1)
         feats = None if features is None else features.detach()
         log_score = self.log_score(logits.detach(), label, feats)
-        log_t = math.log(self.threshold) if self.threshold > 0 else -math.inf
-        return (label != y) & (log_score >= log_t)
+        return (label != y) & (log_score >= self.log_threshold)
 
 
 @dataclass(frozen=True)
@@ -168,9 +178,9 @@ def score_loss(
     """(B,) hinge max(0, log T' - log score), the score taken at the strongest wrong class
     (the one the attack aims at) or, with at_served, at the served label (what is detected).
     For K-density that class picks the kernel set the features are pulled towards."""
-    if threat.threshold <= 0:
+    if threat.log_threshold == -math.inf:
         return torch.zeros(len(y), dtype=torch.float64, device=logits.device)
-    log_target = math.log(threat.threshold) + cfg.log_margin
+    log_target = threat.log_threshold + cfg.log_margin
     cls = logits.argmax(-1) if at_served else wrong_class(logits, y)
     return (log_target - threat.log_score(logits, cls, features)).clamp(min=0)
 

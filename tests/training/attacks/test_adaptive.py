@@ -395,3 +395,26 @@ def test_gradient_alignment_reports_the_cosines_of_misclassified_images(
     cos = (gc[both] * gs[both]).sum(1) / (nc[both] * ns[both])
     lower_median = np.sort(cos)[(len(cos) - 1) // 2]  # torch's median of an even count
     assert r.values["median_cosine"] == pytest.approx(float(lower_median), abs=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["rce", "ce"])
+def test_energy_served_models_are_attacked_on_the_energy(
+    model_repo: Path, images: data_mod.TensorData, objective: str
+) -> None:
+    """A model served on the energy (logsumexp of the logits, compared with T as it is, not
+    its log): the attack's wins are the wins the service's scoring decides on the energy."""
+    net, m = load_torch_model(model_repo / f"tiny-{objective}" / "1")
+    for p in net.parameters():
+        p.requires_grad_(False)
+    kernel = m.kernel.to_kernel()
+    with torch.no_grad():
+        clean = score_logits(ServedNet(net, m.objective)(images.x).numpy(), kernel, "energy")
+    t = float(np.quantile(clean.energy, 0.25))  # a quarter of the clean images refused
+    threat = Threat(net, m.objective, kernel, t, "energy")
+    res = pgd_batch(threat, images.x, images.y, AdaptiveConfig(eps=0.3, steps=20, restarts=2),
+                    _gen())  # fmt: skip
+    assert ((res.adv - images.x).abs() <= 0.3 + 1e-6).all()
+    with torch.no_grad():
+        s = score_logits(threat.logits(res.adv).numpy(), kernel, "energy")
+    np.testing.assert_array_equal(res.won.numpy(), (s.label != images.y.numpy()) & (s.energy >= t))
+    assert res.won.any()
