@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.data import TensorData
 from training.losses import Objective, objective_loss, served_logits
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,20 @@ def trades_attack(
             x_adv = x_adv + step_size * grad.sign()
             x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
     return x_adv.detach()
+
+
+@torch.no_grad()
+def evaluate(net: nn.Module, ds: TensorData, objective: Objective, device: torch.device) -> float:
+    """Accuracy of the served prediction argmax softmax(served logits)."""
+    if len(ds) == 0:
+        return float("nan")
+    net.eval()
+    correct = 0
+    for i in range(0, len(ds), 500):
+        x = ds.x[i : i + 500].to(device)
+        pred = served_logits(objective, net(x)).argmax(dim=1).cpu()
+        correct += int((pred == ds.y[i : i + 500]).sum())
+    return correct / len(ds)
 
 
 def robust_accuracy(

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.adversarial import AdversarialConfig, robust_accuracy
+from training.adversarial import AdversarialConfig, evaluate, robust_accuracy
 from training.data import TensorData
-from training.losses import Objective, served_logits
+from training.losses import Objective
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +36,6 @@ def best_check(log_path: Path) -> dict[str, Any] | None:
         if record.get("best"):
             kept = record
     return kept
-
-
-@torch.no_grad()
-def _clean(net: nn.Module, data: TensorData, objective: Objective, device: torch.device) -> float:
-    right = 0
-    for i in range(0, len(data), 500):
-        x, y = data.x[i : i + 500].to(device), data.y[i : i + 500].to(device)
-        right += int((served_logits(objective, net(x)).argmax(1) == y).sum())
-    return right / max(len(data), 1)
 
 
 def keep_best_or_last(
@@ -82,7 +73,7 @@ def keep_best_or_last(
             "step": step,
             "epoch": epoch,
             "held_out_pgd": robust_accuracy(net, x, y, objective, adv.eps, steps),
-            "held_out_clean": _clean(net, held_out, objective, device),
+            "held_out_clean": evaluate(net, held_out, objective, device),
         }
     choice = "best" if figures["best"]["held_out_pgd"] > figures["last"]["held_out_pgd"] else "last"
     net.load_state_dict(candidates[choice][0])

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from training import data as data_mod
-from training.adversarial import AdversarialConfig, Adversary
+from training.adversarial import AdversarialConfig, Adversary, evaluate
 from training.keep import keep_best_or_last
 from training.losses import Objective, objective_loss, served_logits
 from training.nets import build_net, count_parameters
@@ -113,22 +113,6 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
         return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * step / cfg.steps))
     drops = sum(step >= math.floor(f * cfg.steps) for f in cfg.lr_drops)
     return cfg.lr * (0.1**drops)
-
-
-@torch.no_grad()
-def evaluate(
-    net: nn.Module, ds: data_mod.TensorData, objective: Objective, device: torch.device
-) -> float:
-    """Accuracy of the served prediction argmax softmax(served logits)."""
-    if len(ds) == 0:
-        return float("nan")
-    net.eval()
-    correct = 0
-    for i in range(0, len(ds), 500):
-        x = ds.x[i : i + 500].to(device)
-        pred = served_logits(objective, net(x)).argmax(dim=1).cpu()
-        correct += int((pred == ds.y[i : i + 500]).sum())
-    return correct / len(ds)
 
 
 @torch.no_grad()
